@@ -1,0 +1,1 @@
+//! api layer (to be written).

@@ -1,0 +1,1 @@
+//! Image encoding and decoding (to be written).

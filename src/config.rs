@@ -1,0 +1,1 @@
+//! Typed settings (to be written).

@@ -1,0 +1,64 @@
+//! Error types of the layers below the HTTP API. The API maps them to status codes
+//! in one table (`api::error`); the messages here are written for users.
+
+use std::path::PathBuf;
+
+/// Loading a model from disk went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model path {0} does not exist")]
+    NotFound(PathBuf),
+    #[error(
+        "{0} is a pickle file (.ckpt/.bin/.pt/.pth); loading pickles can run arbitrary code, \
+         so sdserve only loads .safetensors: convert it first"
+    )]
+    PickleRefused(PathBuf),
+    #[error("{path} is not a valid safetensors file: {reason}")]
+    InvalidSafetensors { path: PathBuf, reason: String },
+    #[error("unrecognised model layout in {path}: {reason}")]
+    UnknownLayout { path: PathBuf, reason: String },
+    #[error("bad config {path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("weights of {component} do not fit its config: {source}")]
+    Weights {
+        component: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// A request that failed validation: `field` names the offending request field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ValidationError { field: field.into(), message: message.into() }
+    }
+}
+
+/// Running the pipeline went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The observer asked to stop; no images were produced.
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+}

@@ -1,0 +1,14 @@
+//! sdserve: an HTTP image-generation service for Stable Diffusion 1.x / 2.x / SDXL.
+//!
+//! Layers (see DESIGN.md): `api` → `jobs` → `workers` → `pipeline` → `models`, `samplers`.
+//! Dependencies point one way; `pipeline` and below know nothing about HTTP.
+
+pub mod api;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod models;
+pub mod pipeline;
+pub mod samplers;
+pub mod workers;

@@ -1,0 +1,2 @@
+//! The `sdserve` command line: serve | generate | print-openapi.
+fn main() {}

@@ -1,0 +1,273 @@
+//! The generation request as a typestate: every API dialect and the CLI fill a
+//! [`GenerationParams`] (anything may be missing or wrong), and only
+//! [`GenerationParams::validate`] makes a [`GenerationRequest`], in which every default is
+//! filled in and every value is in range. Only validated requests reach the pipeline.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ValidationError;
+use crate::models::ModelFamily;
+use crate::samplers::SamplerKind;
+
+/// Limits a deployment puts on requests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_steps: u32,
+    pub max_n: u32,
+    /// Maximum prompt length in characters (prompt and negative prompt each).
+    pub max_prompt_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_width: 2048, max_height: 2048, max_steps: 150, max_n: 8, max_prompt_chars: 10_000 }
+    }
+}
+
+/// What validation needs to know about the chosen model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelDefaults {
+    /// The model's registry name.
+    pub name: String,
+    pub family: ModelFamily,
+    /// The model's native image size (UNet sample size × 8).
+    pub width: u32,
+    pub height: u32,
+}
+
+/// An unvalidated request, as any API dialect or the CLI parsed it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GenerationParams {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub steps: Option<u32>,
+    pub guidance_scale: Option<f64>,
+    pub guidance_rescale: Option<f64>,
+    /// Sampler id, A1111 display name or alias.
+    pub sampler: Option<String>,
+    /// Absent or negative: a random seed is chosen (and reported).
+    pub seed: Option<i64>,
+    pub n: Option<u32>,
+    /// A1111 semantics: 1 = last layer, 2 = penultimate, ...
+    pub clip_skip: Option<u32>,
+    pub original_size: Option<(u32, u32)>,
+    pub crop_top_left: Option<(u32, u32)>,
+    pub target_size: Option<(u32, u32)>,
+    pub aesthetic_score: Option<f64>,
+    pub negative_aesthetic_score: Option<f64>,
+}
+
+/// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SdxlConditioning {
+    /// (width, height)
+    pub original_size: (u32, u32),
+    /// (x, y) — sent to the model as (top, left) = (y, x) as diffusers does.
+    pub crop_top_left: (u32, u32),
+    /// (width, height)
+    pub target_size: (u32, u32),
+    /// Refiner only.
+    pub aesthetic_score: f64,
+    /// Refiner only.
+    pub negative_aesthetic_score: f64,
+}
+
+/// A validated request: every default filled in, every value in range.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRequest {
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f64,
+    pub guidance_rescale: f64,
+    pub sampler: SamplerKind,
+    /// Image `i` of the request uses seed `seed + i`.
+    pub seed: u64,
+    pub n: u32,
+    pub clip_skip: u32,
+    pub sdxl: SdxlConditioning,
+}
+
+/// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
+pub const DEFAULT_STEPS: u32 = 30;
+/// Default classifier-free guidance scale.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
+
+impl GenerationParams {
+    /// Checks every field and fills in every default.
+    pub fn validate(self, model: &ModelDefaults, limits: &Limits) -> Result<GenerationRequest, ValidationError> {
+        let width = self.width.unwrap_or(model.width);
+        let height = self.height.unwrap_or(model.height);
+        for (field, value, max) in [("width", width, limits.max_width), ("height", height, limits.max_height)] {
+            if value == 0 || value % 8 != 0 {
+                return Err(ValidationError::new(field, format!("must be a positive multiple of 8, got {value}")));
+            }
+            if value > max {
+                return Err(ValidationError::new(field, format!("must be at most {max}, got {value}")));
+            }
+        }
+        let steps = self.steps.unwrap_or(DEFAULT_STEPS);
+        if steps == 0 || steps > limits.max_steps {
+            return Err(ValidationError::new("steps", format!("must be between 1 and {}, got {steps}", limits.max_steps)));
+        }
+        let guidance_scale = self.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+        if !guidance_scale.is_finite() || !(0.0..=100.0).contains(&guidance_scale) {
+            return Err(ValidationError::new("guidance_scale", format!("must be between 0 and 100, got {guidance_scale}")));
+        }
+        let guidance_rescale = self.guidance_rescale.unwrap_or(0.0);
+        if !guidance_rescale.is_finite() || !(0.0..=1.0).contains(&guidance_rescale) {
+            return Err(ValidationError::new(
+                "guidance_rescale",
+                format!("must be between 0 and 1, got {guidance_rescale}"),
+            ));
+        }
+        let sampler = match self.sampler.as_deref() {
+            None | Some("") => SamplerKind::EulerA,
+            Some(name) => SamplerKind::from_name(name).ok_or_else(|| {
+                let valid: Vec<&str> = SamplerKind::ALL.iter().map(|s| s.id()).collect();
+                ValidationError::new(
+                    "sampler",
+                    format!("unknown sampler {name:?}; valid samplers: {}", valid.join(", ")),
+                )
+            })?,
+        };
+        let seed = match self.seed {
+            Some(seed) if seed >= 0 => seed as u64,
+            _ => u64::from(rand::random::<u32>()),
+        };
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > limits.max_n {
+            return Err(ValidationError::new("n", format!("must be between 1 and {}, got {n}", limits.max_n)));
+        }
+        let clip_skip = self.clip_skip.unwrap_or(1);
+        if !(1..=12).contains(&clip_skip) {
+            return Err(ValidationError::new("clip_skip", format!("must be between 1 and 12, got {clip_skip}")));
+        }
+        let negative_prompt = self.negative_prompt.unwrap_or_default();
+        for (field, text) in [("prompt", &self.prompt), ("negative_prompt", &negative_prompt)] {
+            if text.chars().count() > limits.max_prompt_chars {
+                return Err(ValidationError::new(
+                    field,
+                    format!("must be at most {} characters", limits.max_prompt_chars),
+                ));
+            }
+        }
+        for (field, size) in [("original_size", self.original_size), ("target_size", self.target_size)] {
+            if let Some((w, h)) = size {
+                if w == 0 || h == 0 || w > 16384 || h > 16384 {
+                    return Err(ValidationError::new(field, format!("must be between 1 and 16384 per side, got {w}x{h}")));
+                }
+            }
+        }
+        let crop_top_left = self.crop_top_left.unwrap_or((0, 0));
+        if crop_top_left.0 > 16384 || crop_top_left.1 > 16384 {
+            return Err(ValidationError::new("crop_top_left", "must be at most 16384 per coordinate"));
+        }
+        let aesthetic_score = self.aesthetic_score.unwrap_or(6.0);
+        let negative_aesthetic_score = self.negative_aesthetic_score.unwrap_or(2.5);
+        for (field, score) in [("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)] {
+            if !score.is_finite() || !(0.0..=10.0).contains(&score) {
+                return Err(ValidationError::new(field, format!("must be between 0 and 10, got {score}")));
+            }
+        }
+        Ok(GenerationRequest {
+            model: model.name.clone(),
+            prompt: self.prompt,
+            negative_prompt,
+            width,
+            height,
+            steps,
+            guidance_scale,
+            guidance_rescale,
+            sampler,
+            seed,
+            n,
+            clip_skip,
+            sdxl: SdxlConditioning {
+                original_size: self.original_size.unwrap_or((width, height)),
+                crop_top_left,
+                target_size: self.target_size.unwrap_or((width, height)),
+                aesthetic_score,
+                negative_aesthetic_score,
+            },
+        })
+    }
+}
+
+impl GenerationRequest {
+    /// The A1111-style "parameters" text for image `index` (written into PNGs).
+    pub fn infotext(&self, index: u32) -> String {
+        let mut text = self.prompt.clone();
+        if !self.negative_prompt.is_empty() {
+            text.push_str("\nNegative prompt: ");
+            text.push_str(&self.negative_prompt);
+        }
+        text.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+            self.steps,
+            self.sampler.display_name(),
+            self.guidance_scale,
+            self.seed + u64::from(index),
+            self.width,
+            self.height,
+            self.model
+        ));
+        if self.clip_skip > 1 {
+            text.push_str(&format!(", Clip skip: {}", self.clip_skip));
+        }
+        if self.guidance_rescale > 0.0 {
+            text.push_str(&format!(", Guidance rescale: {}", self.guidance_rescale));
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelDefaults {
+        ModelDefaults { name: "tiny".into(), family: ModelFamily::Sd1, width: 64, height: 64 }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let request = GenerationParams { prompt: "a cat".into(), seed: Some(3), ..Default::default() }
+            .validate(&model(), &Limits::default())
+            .unwrap();
+        assert_eq!((request.width, request.height, request.steps, request.n, request.seed), (64, 64, 30, 1, 3));
+        assert_eq!(request.sdxl.original_size, (64, 64));
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases: Vec<(GenerationParams, &str)> = vec![
+            (GenerationParams { width: Some(65), ..Default::default() }, "width"),
+            (GenerationParams { steps: Some(0), ..Default::default() }, "steps"),
+            (GenerationParams { sampler: Some("nope".into()), ..Default::default() }, "sampler"),
+            (GenerationParams { n: Some(0), ..Default::default() }, "n"),
+            (GenerationParams { guidance_scale: Some(f64::NAN), ..Default::default() }, "guidance_scale"),
+        ];
+        for (params, field) in cases {
+            let error = params.validate(&model(), &Limits::default()).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+        }
+    }
+
+    #[test]
+    fn sampler_names_resolve() {
+        for name in ["euler_a", "Euler a", "EulerAncestralDiscreteScheduler"] {
+            let request = GenerationParams { sampler: Some(name.into()), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+            assert_eq!(request.sampler, SamplerKind::EulerA);
+        }
+    }
+}

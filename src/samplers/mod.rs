@@ -1,0 +1,105 @@
+//! Samplers: noise schedules, timestep spacings, solvers and the torch-compatible RNG.
+//!
+//! Pure math on tensors; this module imports neither `pipeline` nor `models`.
+//! Every sampler follows a named reference (a diffusers scheduler class) and says so in
+//! its module docs.
+
+pub mod rng;
+pub mod schedule;
+
+pub mod ddim;
+pub mod euler;
+pub mod euler_ancestral;
+
+use candle_core::{Result, Tensor};
+
+pub use rng::TorchGenerator;
+pub use schedule::{PredictionType, SchedulerConfig, TimestepSpacing};
+
+/// The samplers this build knows, by id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    /// DDIM (diffusers `DDIMScheduler`), with `eta`.
+    Ddim,
+    /// Euler (diffusers `EulerDiscreteScheduler`).
+    Euler,
+    /// Euler ancestral, A1111's "Euler a" (diffusers `EulerAncestralDiscreteScheduler`).
+    EulerA,
+}
+
+impl SamplerKind {
+    /// Every sampler, in the order they are listed to users.
+    pub const ALL: [SamplerKind; 3] = [SamplerKind::Ddim, SamplerKind::Euler, SamplerKind::EulerA];
+
+    /// The id used in requests and responses.
+    pub fn id(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim => "ddim",
+            SamplerKind::Euler => "euler",
+            SamplerKind::EulerA => "euler_a",
+        }
+    }
+
+    /// The name AUTOMATIC1111 shows.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim => "DDIM",
+            SamplerKind::Euler => "Euler",
+            SamplerKind::EulerA => "Euler a",
+        }
+    }
+
+    /// Other names users send for this sampler (ComfyUI, diffusers class names).
+    pub fn aliases(self) -> &'static [&'static str] {
+        match self {
+            SamplerKind::Ddim => &["DDIMScheduler"],
+            SamplerKind::Euler => &["EulerDiscreteScheduler"],
+            SamplerKind::EulerA => &["euler_ancestral", "EulerAncestralDiscreteScheduler", "k_euler_a"],
+        }
+    }
+
+    /// Looks a name up among ids, display names and aliases (case-insensitive).
+    pub fn from_name(name: &str) -> Option<SamplerKind> {
+        let wanted = name.trim();
+        SamplerKind::ALL.into_iter().find(|kind| {
+            kind.id().eq_ignore_ascii_case(wanted)
+                || kind.display_name().eq_ignore_ascii_case(wanted)
+                || kind.aliases().iter().any(|a| a.eq_ignore_ascii_case(wanted))
+        })
+    }
+
+    /// Builds the sampler for one generation of `steps` steps.
+    pub fn build(self, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Sampler>> {
+        let _ = (config, steps);
+        todo!("samplers: ddim::Ddim, euler::Euler, euler_ancestral::EulerAncestral")
+    }
+}
+
+/// One denoising run: built per job for a fixed number of steps, driven by the pipeline.
+///
+/// The pipeline calls, for each `step_index` in `0..timesteps().len()`:
+/// `scale_model_input`, then the model at `timesteps()[step_index]`, then `step`.
+pub trait Sampler: Send {
+    /// The model timesteps, one per step, in the order they are visited (descending).
+    fn timesteps(&self) -> &[f64];
+
+    /// The factor the initial unit-variance noise is multiplied by.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// Scales the latent before it enters the model at `step_index`
+    /// (identity for DDIM; divides by sqrt(sigma^2 + 1) for the Euler family).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+
+    /// Takes one step: from `sample` at `step_index` and the model output there (already
+    /// after classifier-free guidance; its meaning is given by the prediction type of the
+    /// config) to the sample at the next step. Stochastic samplers draw their noise from
+    /// `generator`, in the same order diffusers does.
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        generator: &mut TorchGenerator,
+    ) -> Result<Tensor>;
+}

@@ -1,0 +1,1 @@
+//! workers layer (to be written).
