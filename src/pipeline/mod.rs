@@ -3,9 +3,11 @@
 //!
 //! Used by the worker threads of the service and by the `generate` CLI command.
 
+pub mod generate;
 pub mod request;
 pub mod tokenizer;
 
+pub use generate::{parse_device, probe, LoadOptions, Pipeline};
 pub use request::{GenerationParams, GenerationRequest, Limits, ModelDefaults};
 
 /// Receives progress from a running generation and can stop it.

@@ -66,7 +66,7 @@ pub struct GenerationParams {
 pub struct SdxlConditioning {
     /// (width, height)
     pub original_size: (u32, u32),
-    /// (x, y) — sent to the model as (top, left) = (y, x) as diffusers does.
+    /// (top, left) in pixels, as diffusers' `crops_coords_top_left`.
     pub crop_top_left: (u32, u32),
     /// (width, height)
     pub target_size: (u32, u32),

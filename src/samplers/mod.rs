@@ -94,12 +94,14 @@ pub trait Sampler: Send {
     /// Takes one step: from `sample` at `step_index` and the model output there (already
     /// after classifier-free guidance; its meaning is given by the prediction type of the
     /// config) to the sample at the next step. Stochastic samplers draw their noise from
-    /// `generator`, in the same order diffusers does.
+    /// `generators`, in the same order diffusers does: batch item `i` draws its noise (of
+    /// the per-item shape) from `generators[i]`, as diffusers does with a list of
+    /// generators; `generators.len()` equals the batch size of `sample`.
     fn step(
         &mut self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        generator: &mut TorchGenerator,
+        generators: &mut [TorchGenerator],
     ) -> Result<Tensor>;
 }
