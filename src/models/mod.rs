@@ -2,6 +2,7 @@
 //! diffusers `config.json`, and the loaders for the layouts users have on disk.
 
 pub mod clip;
+pub mod common;
 pub mod loader;
 pub mod single_file;
 pub mod unet;

@@ -1,1 +1,550 @@
-//! (to be written)
+//! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x / SDXL, configured from the
+//! component's `config.json`: cross-attention down/up blocks, the mid block, and SDXL's
+//! `text_time` additional embedding.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use super::common::{conv2d, timestep_embedding, Attention, PerBlock, ResnetBlock, TimestepMlp};
+
+/// The fields of a diffusers `UNet2DConditionModel` config that shape the network.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+    #[serde(default = "default_channels")]
+    pub in_channels: usize,
+    #[serde(default = "default_channels")]
+    pub out_channels: usize,
+    #[serde(default = "default_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "default_layers_per_block")]
+    pub layers_per_block: PerBlock,
+    #[serde(default = "default_norm_groups")]
+    pub norm_num_groups: usize,
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    pub cross_attention_dim: PerBlock,
+    #[serde(default = "default_one")]
+    pub transformer_layers_per_block: PerBlock,
+    /// diffusers' historical name for the number of heads (used when
+    /// `num_attention_heads` is absent).
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub only_cross_attention: serde_json::Value,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub downsample_padding: Option<usize>,
+}
+
+fn default_sample_size() -> usize {
+    64
+}
+fn default_channels() -> usize {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+fn default_layers_per_block() -> PerBlock {
+    PerBlock::One(2)
+}
+fn default_norm_groups() -> usize {
+    32
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_one() -> PerBlock {
+    PerBlock::One(1)
+}
+fn default_attention_head_dim() -> PerBlock {
+    PerBlock::One(8)
+}
+
+impl UNetConfig {
+    /// Rejects configurations this implementation does not run, with the reason.
+    pub fn check_supported(&self) -> std::result::Result<(), String> {
+        let blocks = self.block_out_channels.len();
+        if blocks == 0 || self.down_block_types.len() != blocks || self.up_block_types.len() != blocks
+        {
+            return Err(format!(
+                "down_block_types ({}), up_block_types ({}) and block_out_channels ({}) must have the same length",
+                self.down_block_types.len(),
+                self.up_block_types.len(),
+                blocks
+            ));
+        }
+        for kind in &self.down_block_types {
+            if kind != "CrossAttnDownBlock2D" && kind != "DownBlock2D" {
+                return Err(format!("unsupported down block type {kind}"));
+            }
+        }
+        for kind in &self.up_block_types {
+            if kind != "CrossAttnUpBlock2D" && kind != "UpBlock2D" {
+                return Err(format!("unsupported up block type {kind}"));
+            }
+        }
+        match self.mid_block_type.as_deref() {
+            None | Some("UNetMidBlock2DCrossAttn") => {}
+            Some(other) => return Err(format!("unsupported mid block type {other}")),
+        }
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") => {
+                if self.addition_time_embed_dim.is_none()
+                    || self.projection_class_embeddings_input_dim.is_none()
+                {
+                    return Err("text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
+                }
+            }
+            Some(other) => return Err(format!("unsupported addition_embed_type {other}")),
+        }
+        if let Some(kind) = &self.class_embed_type {
+            return Err(format!("unsupported class_embed_type {kind}"));
+        }
+        if self.time_cond_proj_dim.is_some() {
+            return Err("time_cond_proj_dim (LCM-distilled UNets) is not supported yet".into());
+        }
+        if matches!(self.only_cross_attention, serde_json::Value::Bool(true)) {
+            return Err("only_cross_attention is not supported".into());
+        }
+        Ok(())
+    }
+
+    fn heads(&self) -> &PerBlock {
+        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim)
+    }
+
+    /// True for SDXL-style UNets that take pooled text embeddings and time ids.
+    pub fn uses_text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
+    }
+}
+
+/// SDXL conditioning beside the text: pooled text embeddings and the six time ids.
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    /// `[batch, projection_dim]`
+    pub text_embeds: Tensor,
+    /// `[batch, 6]`
+    pub time_ids: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    project_in: Linear,
+    project_out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(FeedForward {
+            project_in: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    /// GEGLU: half of the projection gates the other half through an exact GELU.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let projected = self.project_in.forward(x)?;
+        let half = projected.dim(D::Minus1)? / 2;
+        let hidden = projected.narrow(D::Minus1, 0, half)?;
+        let gate = projected.narrow(D::Minus1, half, half)?;
+        self.project_out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize, upcast: bool) -> Result<Self> {
+        let head_dim = dim / heads;
+        Ok(TransformerBlock {
+            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
+            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, false, upcast)?,
+            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+    }
+}
+
+/// Either a 1×1 convolution (SD 1.x) or a linear layer (`use_linear_projection`).
+#[derive(Debug, Clone)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel`: group norm, projection in, transformer blocks,
+/// projection out, residual.
+#[derive(Debug, Clone)]
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        context_dim: usize,
+        groups: usize,
+        linear_projection: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        let projection = |name: &str| -> Result<Projection> {
+            if linear_projection {
+                Ok(Projection::Linear(candle_nn::linear(channels, channels, vb.pp(name))?))
+            } else {
+                Ok(Projection::Conv(conv2d(vb.pp(name), channels, channels, 1, 0, 1)?))
+            }
+        };
+        let blocks = (0..layers)
+            .map(|i| {
+                TransformerBlock::new(
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    channels,
+                    heads,
+                    context_dim,
+                    upcast,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SpatialTransformer {
+            norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let residual = x;
+        let h = self.norm.forward(x)?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            t.permute((0, 2, 3, 1))?.reshape((batch, height * width, channels))
+        };
+        let mut h = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&h)?)?,
+            Projection::Linear(linear) => linear.forward(&to_tokens(h)?)?,
+        };
+        for block in &self.blocks {
+            h = block.forward(&h, context)?;
+        }
+        let to_image = |t: Tensor| -> Result<Tensor> {
+            t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let h = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(h)?)?,
+            Projection::Linear(linear) => to_image(linear.forward(&h)?)?,
+        };
+        h + residual
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    downsampler: Option<Conv2d>,
+}
+
+#[derive(Debug, Clone)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    upsampler: Option<Conv2d>,
+}
+
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnet_in: ResnetBlock,
+    attention: SpatialTransformer,
+    resnet_out: ResnetBlock,
+}
+
+/// The denoising UNet.
+#[derive(Debug, Clone)]
+pub struct UNet {
+    conv_in: Conv2d,
+    time_embedding: TimestepMlp,
+    add_embedding: Option<TimestepMlp>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    config: UNetConfig,
+}
+
+impl UNet {
+    /// Builds the UNet from `config`, loading weights with diffusers' names from `vb`.
+    pub fn new(vb: VarBuilder, config: &UNetConfig) -> Result<Self> {
+        config.check_supported().map_err(candle_core::Error::Msg)?;
+        let blocks = config.block_out_channels.len();
+        let channels = &config.block_out_channels;
+        let layers_per_block = config.layers_per_block.expand(blocks, "layers_per_block")?;
+        let heads = config.heads().expand(blocks, "num_attention_heads")?;
+        let transformer_layers =
+            config.transformer_layers_per_block.expand(blocks, "transformer_layers_per_block")?;
+        let context_dims = config.cross_attention_dim.expand(blocks, "cross_attention_dim")?;
+        let groups = config.norm_num_groups;
+        let eps = config.norm_eps;
+        let time_embed_dim = channels[0] * 4;
+        let linear = config.use_linear_projection;
+        let upcast = config.upcast_attention;
+
+        let conv_in = conv2d(vb.pp("conv_in"), config.in_channels, channels[0], 3, 1, 1)?;
+        let time_embedding = TimestepMlp::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
+        let add_embedding = if config.uses_text_time() {
+            let input = config.projection_class_embeddings_input_dim.expect("checked in check_supported; this is a bug");
+            Some(TimestepMlp::new(vb.pp("add_embedding"), input, time_embed_dim)?)
+        } else {
+            None
+        };
+
+        let mut down_blocks = Vec::with_capacity(blocks);
+        let mut output_channels = channels[0];
+        for (i, kind) in config.down_block_types.iter().enumerate() {
+            let input_channels = output_channels;
+            output_channels = channels[i];
+            let vb_block = vb.pp(format!("down_blocks.{i}"));
+            let cross = kind == "CrossAttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers_per_block[i] {
+                let resnet_in = if j == 0 { input_channels } else { output_channels };
+                resnets.push(ResnetBlock::new(
+                    vb_block.pp(format!("resnets.{j}")),
+                    resnet_in,
+                    output_channels,
+                    Some(time_embed_dim),
+                    groups,
+                    eps,
+                )?);
+                if cross {
+                    attentions.push(SpatialTransformer::new(
+                        vb_block.pp(format!("attentions.{j}")),
+                        output_channels,
+                        heads[i],
+                        transformer_layers[i],
+                        context_dims[i],
+                        groups,
+                        linear,
+                        upcast,
+                    )?);
+                }
+            }
+            let downsampler = if i + 1 < blocks {
+                let padding = config.downsample_padding.unwrap_or(1);
+                Some(conv2d(vb_block.pp("downsamplers.0.conv"), output_channels, output_channels, 3, padding, 2)?)
+            } else {
+                None
+            };
+            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+        }
+
+        let last = blocks - 1;
+        let mid_channels = channels[last];
+        let vb_mid = vb.pp("mid_block");
+        let mid_block = MidBlock {
+            resnet_in: ResnetBlock::new(vb_mid.pp("resnets.0"), mid_channels, mid_channels, Some(time_embed_dim), groups, eps)?,
+            attention: SpatialTransformer::new(
+                vb_mid.pp("attentions.0"),
+                mid_channels,
+                heads[last],
+                transformer_layers[last],
+                context_dims[last],
+                groups,
+                linear,
+                upcast,
+            )?,
+            resnet_out: ResnetBlock::new(vb_mid.pp("resnets.1"), mid_channels, mid_channels, Some(time_embed_dim), groups, eps)?,
+        };
+
+        let reversed_channels: Vec<usize> = channels.iter().rev().copied().collect();
+        let reversed_heads: Vec<usize> = heads.iter().rev().copied().collect();
+        let reversed_layers: Vec<usize> = layers_per_block.iter().rev().copied().collect();
+        let reversed_transformer_layers: Vec<usize> = transformer_layers.iter().rev().copied().collect();
+        let reversed_context: Vec<usize> = context_dims.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(blocks);
+        let mut output_channels = reversed_channels[0];
+        for (i, kind) in config.up_block_types.iter().enumerate() {
+            let previous_output = output_channels;
+            output_channels = reversed_channels[i];
+            let input_channels = reversed_channels[(i + 1).min(blocks - 1)];
+            let vb_block = vb.pp(format!("up_blocks.{i}"));
+            let cross = kind == "CrossAttnUpBlock2D";
+            let count = reversed_layers[i] + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..count {
+                let skip = if j == count - 1 { input_channels } else { output_channels };
+                let resnet_in = if j == 0 { previous_output } else { output_channels };
+                resnets.push(ResnetBlock::new(
+                    vb_block.pp(format!("resnets.{j}")),
+                    resnet_in + skip,
+                    output_channels,
+                    Some(time_embed_dim),
+                    groups,
+                    eps,
+                )?);
+                if cross {
+                    attentions.push(SpatialTransformer::new(
+                        vb_block.pp(format!("attentions.{j}")),
+                        output_channels,
+                        reversed_heads[i],
+                        reversed_transformer_layers[i],
+                        reversed_context[i],
+                        groups,
+                        linear,
+                        upcast,
+                    )?);
+                }
+            }
+            let upsampler = if i + 1 < blocks {
+                Some(conv2d(vb_block.pp("upsamplers.0.conv"), output_channels, output_channels, 3, 1, 1)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+        }
+
+        Ok(UNet {
+            conv_in,
+            time_embedding,
+            add_embedding,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: candle_nn::group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(vb.pp("conv_out"), channels[0], config.out_channels, 3, 1, 1)?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Predicts from `sample` (`[batch, in_channels, h, w]`) at `timestep` with the text
+    /// `context` (`[batch, tokens, cross_attention_dim]`) and, for SDXL, the added
+    /// conditions.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+    ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let dtype = sample.dtype();
+        let device = sample.device();
+        let timesteps = Tensor::full(timestep as f32, batch, device)?;
+        let projected = timestep_embedding(
+            &timesteps,
+            self.config.block_out_channels[0],
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .to_dtype(dtype)?;
+        let mut temb = self.time_embedding.forward(&projected)?;
+        if let Some(add_embedding) = &self.add_embedding {
+            let Some(added) = added else {
+                candle_core::bail!("this UNet (text_time) needs pooled text embeddings and time ids");
+            };
+            let time_dim = self.config.addition_time_embed_dim.expect("checked in check_supported; this is a bug");
+            let ids = added.time_ids.flatten_all()?;
+            let time_embeds = timestep_embedding(&ids, time_dim, self.config.flip_sin_to_cos, self.config.freq_shift)?
+                .reshape((batch, ()))?
+                .to_dtype(dtype)?;
+            let add_input = Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time_embeds], D::Minus1)?;
+            temb = (temb + add_embedding.forward(&add_input)?)?;
+        }
+
+        let mut x = self.conv_in.forward(sample)?;
+        let mut skips = vec![x.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(&x, Some(&temb))?;
+                if let Some(attention) = block.attentions.get(j) {
+                    x = attention.forward(&x, context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(downsampler) = &block.downsampler {
+                x = downsampler.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+
+        x = self.mid_block.resnet_in.forward(&x, Some(&temb))?;
+        x = self.mid_block.attention.forward(&x, context)?;
+        x = self.mid_block.resnet_out.forward(&x, Some(&temb))?;
+
+        for block in &self.up_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("skip connections match the blocks; this is a bug");
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
+                if let Some(attention) = block.attentions.get(j) {
+                    x = attention.forward(&x, context)?;
+                }
+            }
+            if let Some(upsampler) = &block.upsampler {
+                let (_, _, height, width) = x.dims4()?;
+                x = upsampler.forward(&x.upsample_nearest2d(height * 2, width * 2)?)?;
+            }
+        }
+
+        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        self.conv_out.forward(&x)
+    }
+}

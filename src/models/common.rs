@@ -1,0 +1,248 @@
+//! Building blocks shared by the networks: multi-head attention as batched matmuls,
+//! ResNet blocks, sinusoidal timestep embeddings and config helpers.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// A config value diffusers allows as one number for all blocks or a list per block.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    /// The value for block `index` of `blocks` blocks; `None` when a list is too short.
+    pub fn for_block(&self, index: usize) -> Option<usize> {
+        match self {
+            PerBlock::One(value) => Some(*value),
+            PerBlock::Each(values) => values.get(index).copied(),
+        }
+    }
+
+    /// Expands to one value per block, checking a list's length.
+    pub fn expand(&self, blocks: usize, name: &str) -> Result<Vec<usize>> {
+        match self {
+            PerBlock::One(value) => Ok(vec![*value; blocks]),
+            PerBlock::Each(values) if values.len() == blocks => Ok(values.clone()),
+            PerBlock::Each(values) => candle_core::bail!(
+                "config {name} lists {} values for {blocks} blocks",
+                values.len()
+            ),
+        }
+    }
+}
+
+/// Scaled dot-product attention over `[batch, heads, tokens, head_dim]` tensors, as two
+/// batched matmuls around a fused softmax. With `upcast`, scores are computed in f32
+/// (diffusers' `upcast_attention`, which matters for f16/bf16 weights).
+pub fn scaled_dot_product_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> Result<Tensor> {
+    let head_dim = query.dim(D::Minus1)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let in_dtype = query.dtype();
+    let (query, key) = if upcast && in_dtype != DType::F32 {
+        (query.to_dtype(DType::F32)?, key.to_dtype(DType::F32)?)
+    } else {
+        (query.clone(), key.clone())
+    };
+    let mut scores = (query.matmul(&key.t()?)? * scale)?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probabilities = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(in_dtype)?;
+    probabilities.matmul(value)
+}
+
+/// `[batch, tokens, heads * head_dim]` → `[batch, heads, tokens, head_dim]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (batch, tokens, width) = x.dims3()?;
+    x.reshape((batch, tokens, heads, width / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// `[batch, heads, tokens, head_dim]` → `[batch, tokens, heads * head_dim]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (batch, heads, tokens, head_dim) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((batch, tokens, heads * head_dim))
+}
+
+/// diffusers' `Attention` with separate q/k/v projections (`to_q`, `to_k`, `to_v`,
+/// `to_out.0`), used for self- and cross-attention in UNets and for the VAE mid block.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    upcast: bool,
+}
+
+impl Attention {
+    /// `query_dim` wide queries, `context_dim` wide keys/values, `heads` heads of
+    /// `head_dim`; `qkv_bias` for the VAE, which has biases on q/k/v.
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv_bias: bool,
+        upcast: bool,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        let make = |name: &str, input: usize| {
+            if qkv_bias {
+                candle_nn::linear(input, inner, vb.pp(name))
+            } else {
+                candle_nn::linear_no_bias(input, inner, vb.pp(name))
+            }
+        };
+        Ok(Attention {
+            to_q: make("to_q", query_dim)?,
+            to_k: make("to_k", context_dim)?,
+            to_v: make("to_v", context_dim)?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            upcast,
+        })
+    }
+
+    /// Attends `x` (`[batch, tokens, query_dim]`) to `context` (itself when `None`).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let query = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let key = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let value = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let attended = scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
+        self.to_out.forward(&merge_heads(&attended)?)
+    }
+}
+
+/// A 3×3 (or other) convolution loaded from `vb` with the given padding and stride.
+pub fn conv2d(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+) -> Result<Conv2d> {
+    let config = Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)
+}
+
+/// diffusers' `ResnetBlock2D` (default time-embedding mode: added after conv1).
+#[derive(Debug, Clone)]
+pub struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let conv_shortcut = if in_channels != out_channels {
+            Some(conv2d(vb.pp("conv_shortcut"), in_channels, out_channels, 1, 0, 1)?)
+        } else {
+            None
+        };
+        let time_emb_proj = match temb_channels {
+            Some(channels) => Some(candle_nn::linear(channels, out_channels, vb.pp("time_emb_proj"))?),
+            None => None,
+        };
+        Ok(ResnetBlock {
+            norm1: candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
+            conv1: conv2d(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
+            time_emb_proj,
+            norm2: candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
+            conv2: conv2d(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
+            conv_shortcut,
+        })
+    }
+
+    /// `temb` is the already-computed time embedding `[batch, temb_channels]`.
+    pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = projection.forward(&candle_nn::ops::silu(temb)?)?;
+            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        shortcut + h
+    }
+}
+
+/// Sinusoidal embedding of `timesteps` (`[batch]`, f32) into `dim` channels, as diffusers'
+/// `get_timestep_embedding` (max period 10000).
+pub fn timestep_embedding(
+    timesteps: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let device = timesteps.device();
+    // Same rounding steps as diffusers: multiply by -ln(10000), then a true division.
+    let divisor = Tensor::new(&[(half as f64 - downscale_freq_shift) as f32], device)?;
+    let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)?
+        * (-(10000f64.ln())))?
+        .broadcast_div(&divisor)?;
+    let frequencies = exponent.exp()?;
+    let arguments = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&frequencies.unsqueeze(0)?)?;
+    let (sin, cos) = (arguments.sin()?, arguments.cos()?);
+    let embedding = if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], D::Minus1)?
+    } else {
+        Tensor::cat(&[sin, cos], D::Minus1)?
+    };
+    if dim % 2 == 1 {
+        embedding.pad_with_zeros(D::Minus1, 0, 1)
+    } else {
+        Ok(embedding)
+    }
+}
+
+/// diffusers' `TimestepEmbedding`: linear → SiLU → linear.
+#[derive(Debug, Clone)]
+pub struct TimestepMlp {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepMlp {
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(TimestepMlp {
+            linear_1: candle_nn::linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&candle_nn::ops::silu(&self.linear_1.forward(x)?)?)
+    }
+}
