@@ -31,6 +31,8 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("device: {0}")]
+    BadDevice(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -630,6 +630,16 @@ def run_case(pipe, base_scheduler_config, family: str, spec: dict, output_type: 
     )
     if spec["sampler"] == "ddim":
         kwargs["eta"] = 0.0
+    if spec["diffusers_clip_skip"] is not None and family != "sdxl":
+        # diffusers applies clip_skip to the prompt only; AUTOMATIC1111 (whose setting
+        # "clip skip" is) applies it to the negative prompt too, and so does sdserve. Give
+        # diffusers the negative embeddings encoded with the same clip skip.
+        with torch.no_grad():
+            negative_embeds, _ = pipe.encode_prompt(
+                spec["negative_prompt"], "cpu", 1, False, clip_skip=spec["diffusers_clip_skip"]
+            )
+        kwargs["negative_prompt"] = None
+        kwargs["negative_prompt_embeds"] = negative_embeds
     if family == "sdxl":
         for key, arg in (
             ("original_size_hw", "original_size"),

@@ -175,6 +175,11 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.position_embedding.device()
+    }
+
     /// The final layer norm, for embeddings taken from an earlier layer (clip skip).
     pub fn final_layer_norm(&self, x: &Tensor) -> Result<Tensor> {
         self.final_layer_norm.forward(x)

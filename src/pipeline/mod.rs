@@ -5,6 +5,7 @@
 
 pub mod generate;
 pub mod request;
+pub mod text;
 pub mod tokenizer;
 
 pub use generate::{parse_device, probe, LoadOptions, Pipeline};
