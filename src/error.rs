@@ -31,6 +31,9 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    /// The CLIP tokenizer could not be built from its vocabulary files.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -45,7 +48,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ValidationError { field: field.into(), message: message.into() }
+        ValidationError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
