@@ -411,6 +411,12 @@ mod tests {
     }
 
     #[test]
+    fn can_be_shared_between_worker_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ClipTokenizer>();
+    }
+
+    #[test]
     fn special_ids_are_the_clip_ones() {
         let eot = eot_tokenizer();
         assert_eq!(
