@@ -31,8 +31,12 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
+    /// The device name is not one this build can use.
     #[error("device: {0}")]
     BadDevice(String),
+    /// The CLIP tokenizer could not be built from its vocabulary files.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
