@@ -87,11 +87,7 @@ pub enum CodecError {
     #[error("image is {bytes} bytes, more than the limit of {max_bytes} bytes")]
     TooLarge { bytes: usize, max_bytes: usize },
     #[error("image is {width}x{height} pixels, more than the limit of {max_pixels} pixels")]
-    TooManyPixels {
-        width: u32,
-        height: u32,
-        max_pixels: u64,
-    },
+    TooManyPixels { width: u32, height: u32, max_pixels: u64 },
     #[error("unsupported image format {0}: send PNG, JPEG or WebP")]
     UnsupportedFormat(String),
     #[error("image data could not be decoded: {0}")]
@@ -148,9 +144,7 @@ pub fn encode_image(
 
 fn check_rgb_buffer(rgb: &[u8], width: u32, height: u32) -> Result<(), CodecError> {
     if width == 0 || height == 0 {
-        return Err(CodecError::InvalidInput(format!(
-            "image size {width}x{height} is empty"
-        )));
+        return Err(CodecError::InvalidInput(format!("image size {width}x{height} is empty")));
     }
     let expected = width as u64 * height as u64 * 3;
     if rgb.len() as u64 != expected {
@@ -181,13 +175,9 @@ fn encode_png(
     encoder.set_compression(png::Compression::Fast);
     if let Some(text) = parameters {
         if is_latin1(text) {
-            encoder
-                .add_text_chunk(PARAMETERS_KEYWORD.into(), text.into())
-                .map_err(failed)?;
+            encoder.add_text_chunk(PARAMETERS_KEYWORD.into(), text.into()).map_err(failed)?;
         } else {
-            encoder
-                .add_itxt_chunk(PARAMETERS_KEYWORD.into(), text.into())
-                .map_err(failed)?;
+            encoder.add_itxt_chunk(PARAMETERS_KEYWORD.into(), text.into()).map_err(failed)?;
         }
     }
     let mut writer = encoder.write_header().map_err(failed)?;
@@ -211,17 +201,11 @@ fn write_with_exif(
     if let Some(text) = parameters {
         encoder
             .set_exif_metadata(exif_user_comment(text))
-            .map_err(|e| CodecError::Encode {
-                format,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| CodecError::Encode { format, reason: e.to_string() })?;
     }
     encoder
         .write_image(rgb, width, height, ExtendedColorType::Rgb8)
-        .map_err(|e| CodecError::Encode {
-            format,
-            reason: e.to_string(),
-        })
+        .map_err(|e| CodecError::Encode { format, reason: e.to_string() })
 }
 
 /// A minimal big-endian TIFF/EXIF block: IFD0 holding only the pointer to an EXIF IFD
@@ -252,17 +236,8 @@ fn exif_user_comment(text: &str) -> Vec<u8> {
     };
     ifd_with_one_entry(TAG_EXIF_IFD_POINTER, TYPE_LONG, 1, EXIF_IFD_OFFSET);
     let comment_len = u32::try_from(comment.len()).unwrap_or(u32::MAX);
-    ifd_with_one_entry(
-        TAG_USER_COMMENT,
-        TYPE_UNDEFINED,
-        comment_len,
-        COMMENT_OFFSET,
-    );
-    debug_assert_eq!(
-        tiff.len(),
-        COMMENT_OFFSET as usize,
-        "EXIF layout offsets are a bug"
-    );
+    ifd_with_one_entry(TAG_USER_COMMENT, TYPE_UNDEFINED, comment_len, COMMENT_OFFSET);
+    debug_assert_eq!(tiff.len(), COMMENT_OFFSET as usize, "EXIF layout offsets are a bug");
     tiff.extend_from_slice(&comment);
     tiff
 }
@@ -274,9 +249,7 @@ fn exif_user_comment(text: &str) -> Vec<u8> {
 pub fn png_parameters(bytes: &[u8]) -> Option<String> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     // Pixel data is decoded only on the slow path below; cap it like user uploads.
-    decoder.set_limits(png::Limits {
-        bytes: 256 * 1024 * 1024,
-    });
+    decoder.set_limits(png::Limits { bytes: 256 * 1024 * 1024 });
     let mut reader = decoder.read_info().ok()?;
     if let Some(text) = find_parameters(reader.info()) {
         return Some(text);
@@ -342,23 +315,16 @@ fn strip_data_uri(data: &str) -> Result<&str, CodecError> {
     let mut parts = header.split(';');
     let mime = parts.next().unwrap_or_default().trim();
     if !mime.is_empty() && !mime.to_ascii_lowercase().starts_with("image/") {
-        return Err(CodecError::InvalidDataUri(format!(
-            "media type {mime:?} is not an image"
-        )));
+        return Err(CodecError::InvalidDataUri(format!("media type {mime:?} is not an image")));
     }
     if !parts.any(|part| part.trim().eq_ignore_ascii_case("base64")) {
-        return Err(CodecError::InvalidDataUri(
-            "only base64 data URIs are accepted".into(),
-        ));
+        return Err(CodecError::InvalidDataUri("only base64 data URIs are accepted".into()));
     }
     Ok(payload)
 }
 
 fn decode_base64_limited(payload: &str, max_bytes: usize) -> Result<Vec<u8>, CodecError> {
-    let compact: String = payload
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
+    let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     if compact.is_empty() {
         return Err(CodecError::InvalidBase64("the image data is empty".into()));
     }
@@ -367,30 +333,20 @@ fn decode_base64_limited(payload: &str, max_bytes: usize) -> Result<Vec<u8>, Cod
     let padding = compact.bytes().rev().take_while(|&b| b == b'=').count();
     let estimated = (compact.len() * 3 / 4).saturating_sub(padding);
     if estimated > max_bytes {
-        return Err(CodecError::TooLarge {
-            bytes: estimated,
-            max_bytes,
-        });
+        return Err(CodecError::TooLarge { bytes: estimated, max_bytes });
     }
     let url_safe = compact.contains(['-', '_']);
     let config = base64::engine::GeneralPurposeConfig::new()
         .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
         .with_decode_allow_trailing_bits(true);
-    let alphabet = if url_safe {
-        &base64::alphabet::URL_SAFE
-    } else {
-        &base64::alphabet::STANDARD
-    };
+    let alphabet = if url_safe { &base64::alphabet::URL_SAFE } else { &base64::alphabet::STANDARD };
     let engine = base64::engine::GeneralPurpose::new(alphabet, config);
     let mut bytes = Vec::with_capacity(decoded_upper_bound.min(max_bytes));
     engine
         .decode_vec(compact.as_bytes(), &mut bytes)
         .map_err(|e| CodecError::InvalidBase64(e.to_string()))?;
     if bytes.len() > max_bytes {
-        return Err(CodecError::TooLarge {
-            bytes: bytes.len(),
-            max_bytes,
-        });
+        return Err(CodecError::TooLarge { bytes: bytes.len(), max_bytes });
     }
     Ok(bytes)
 }
@@ -403,9 +359,7 @@ fn decode_image_bytes(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, Cod
         format,
         image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP
     ) {
-        return Err(CodecError::UnsupportedFormat(
-            format!("{format:?}").to_ascii_lowercase(),
-        ));
+        return Err(CodecError::UnsupportedFormat(format!("{format:?}").to_ascii_lowercase()));
     }
     let corrupt = |e: image::ImageError| CodecError::Corrupt(e.to_string());
 
@@ -413,29 +367,17 @@ fn decode_image_bytes(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, Cod
     let mut limits = image::Limits::default();
     // RGBA16 is the widest layout these decoders produce: 8 bytes per pixel, plus slack
     // for the decoders' own buffers.
-    limits.max_alloc = Some(
-        max_pixels
-            .saturating_mul(8)
-            .saturating_add(64 * 1024 * 1024),
-    );
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 * 1024 * 1024));
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     let (width, height) = decoder.dimensions();
     if width as u64 * height as u64 > max_pixels {
-        return Err(CodecError::TooManyPixels {
-            width,
-            height,
-            max_pixels,
-        });
+        return Err(CodecError::TooManyPixels { width, height, max_pixels });
     }
     if width == 0 || height == 0 {
-        return Err(CodecError::Corrupt(format!(
-            "image size {width}x{height} is empty"
-        )));
+        return Err(CodecError::Corrupt(format!("image size {width}x{height} is empty")));
     }
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = image::DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     image.apply_orientation(orientation);
 
@@ -480,11 +422,7 @@ mod tests {
     }
 
     fn max_abs_diff(a: &[u8], b: &[u8]) -> u8 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| x.abs_diff(*y))
-            .max()
-            .unwrap_or(0)
+        a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
     }
 
     #[test]
@@ -492,10 +430,7 @@ mod tests {
         assert_eq!(ImageFormat::from_name("JPG"), Some(ImageFormat::Jpeg));
         assert_eq!(ImageFormat::from_name(" webp "), Some(ImageFormat::Webp));
         assert_eq!(ImageFormat::from_name("gif"), None);
-        assert_eq!(
-            serde_json::to_string(&ImageFormat::Jpeg).unwrap(),
-            "\"jpeg\""
-        );
+        assert_eq!(serde_json::to_string(&ImageFormat::Jpeg).unwrap(), "\"jpeg\"");
         let parsed: ImageFormat = serde_json::from_str("\"jpg\"").unwrap();
         assert_eq!(parsed, ImageFormat::Jpeg);
         assert_eq!(ImageFormat::Png.mime_type(), "image/png");
@@ -561,9 +496,7 @@ mod tests {
     }
 
     fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        haystack
-            .windows(needle.len())
-            .any(|window| window == needle)
+        haystack.windows(needle.len()).any(|window| window == needle)
     }
 
     #[test]
@@ -615,14 +548,7 @@ mod tests {
         assert!(matches!(err, CodecError::TooLarge { .. }), "{err}");
         assert!(decode_base64_image(&b64, png.len(), MAX_PIXELS).is_ok());
         let err = decode_base64_image(&b64, MAX_BYTES, 255).unwrap_err();
-        assert_eq!(
-            err,
-            CodecError::TooManyPixels {
-                width: 16,
-                height: 16,
-                max_pixels: 255
-            }
-        );
+        assert_eq!(err, CodecError::TooManyPixels { width: 16, height: 16, max_pixels: 255 });
         assert!(err.to_string().contains("16x16"));
 
         let gif = base64_encode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;");
@@ -651,9 +577,7 @@ mod tests {
             encoder.set_color(png::ColorType::Rgba);
             encoder.set_depth(png::BitDepth::Eight);
             let mut writer = encoder.write_header().unwrap();
-            writer
-                .write_image_data(&[255, 0, 0, 255, 0, 0, 0, 0])
-                .unwrap();
+            writer.write_image_data(&[255, 0, 0, 255, 0, 0, 0, 0]).unwrap();
         }
         let decoded = decode_base64_image(&base64_encode(&png), MAX_BYTES, MAX_PIXELS).unwrap();
         assert_eq!(decoded.rgb, vec![255, 0, 0, 255, 255, 255]);

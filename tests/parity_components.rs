@@ -25,7 +25,16 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     let a = a.to_dtype(DType::F32).unwrap();
     let b = b.to_dtype(DType::F32).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
@@ -34,7 +43,12 @@ fn assert_close(name: &str, actual: &Tensor, expected: &Tensor) {
     assert!(diff <= TOLERANCE, "{name}: max |Δ| = {diff} > {TOLERANCE}");
 }
 
-fn check_text_encoder(family: &str, name: &str, encoder: &ClipTextModel, refs: &HashMap<String, Tensor>) {
+fn check_text_encoder(
+    family: &str,
+    name: &str,
+    encoder: &ClipTextModel,
+    refs: &HashMap<String, Tensor>,
+) {
     let ids = refs[&format!("{name}.input_ids")].to_dtype(DType::U32).unwrap();
     let output = encoder.forward(&ids).unwrap();
     assert_close(
@@ -52,7 +66,11 @@ fn check_text_encoder(family: &str, name: &str, encoder: &ClipTextModel, refs: &
         assert_close(&format!("{family} {name} pooled"), &output.pooled, expected);
     }
     if let Some(expected) = refs.get(&format!("{name}.text_embeds")) {
-        assert_close(&format!("{family} {name} text_embeds"), output.text_embeds.as_ref().unwrap(), expected);
+        assert_close(
+            &format!("{family} {name} text_embeds"),
+            output.text_embeds.as_ref().unwrap(),
+            expected,
+        );
     }
 }
 
@@ -73,7 +91,12 @@ fn check_family(family: &str) {
     });
     let output = model
         .unet
-        .forward(&refs["unet.sample"], timestep, &refs["unet.encoder_hidden_states"], added.as_ref())
+        .forward(
+            &refs["unet.sample"],
+            timestep,
+            &refs["unet.encoder_hidden_states"],
+            added.as_ref(),
+        )
         .unwrap();
     assert_close(&format!("{family} unet"), &output, &refs["unet.output"]);
 
@@ -81,7 +104,11 @@ fn check_family(family: &str) {
     assert_close(&format!("{family} vae decode"), &decoded, &refs["vae.decoded"]);
     let encoded = model.vae.encode(&refs["vae.image"]).unwrap();
     assert_close(&format!("{family} vae encode mean"), &encoded.mean, &refs["vae.encoded_mean"]);
-    assert_close(&format!("{family} vae encode logvar"), &encoded.logvar, &refs["vae.encoded_logvar"]);
+    assert_close(
+        &format!("{family} vae encode logvar"),
+        &encoded.logvar,
+        &refs["vae.encoded_logvar"],
+    );
 }
 
 #[test]

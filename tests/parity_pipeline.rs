@@ -49,7 +49,16 @@ fn params_for(case: &Value) -> GenerationParams {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn load(path: &Path) -> Pipeline {
@@ -65,12 +74,15 @@ const NOT_COMPARED: &[&str] = &[
 ];
 
 fn check_family(family: &str) {
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("reference/{family}.json"))).unwrap())
-            .unwrap();
-    let refs: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixtures().join(format!("reference/{family}.safetensors")), &Device::Cpu)
-            .unwrap();
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("reference/{family}.json"))).unwrap(),
+    )
+    .unwrap();
+    let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
+        fixtures().join(format!("reference/{family}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let pipeline = load(&fixtures().join(family));
     let mut failures = Vec::new();
     for (name, case) in meta["cases"].as_object().unwrap() {
@@ -86,7 +98,9 @@ fn check_family(family: &str) {
         let actual: Vec<u8> = images.concat();
         assert_eq!(actual.len(), expected.len(), "{family}/{name}: image size");
         let image_diff = actual.iter().zip(&expected).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
-        println!("{family}/{name}: latents max |Δ| = {latent_diff:e}, image max |Δ| = {image_diff}/255");
+        println!(
+            "{family}/{name}: latents max |Δ| = {latent_diff:e}, image max |Δ| = {image_diff}/255"
+        );
         if latent_diff > LATENT_TOLERANCE || image_diff > IMAGE_TOLERANCE {
             failures.push(format!("{name}: latents {latent_diff}, image {image_diff}"));
         }

@@ -80,12 +80,20 @@ impl EncoderLayer {
         let hidden = config.hidden_size;
         let attention = vb.pp("self_attn");
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: candle_nn::layer_norm(
+                hidden,
+                config.layer_norm_eps,
+                vb.pp("layer_norm1"),
+            )?,
             q_proj: candle_nn::linear(hidden, hidden, attention.pp("q_proj"))?,
             k_proj: candle_nn::linear(hidden, hidden, attention.pp("k_proj"))?,
             v_proj: candle_nn::linear(hidden, hidden, attention.pp("v_proj"))?,
             out_proj: candle_nn::linear(hidden, hidden, attention.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: candle_nn::layer_norm(
+                hidden,
+                config.layer_norm_eps,
+                vb.pp("layer_norm2"),
+            )?,
             fc1: candle_nn::linear(hidden, config.intermediate_size, vb.pp("mlp.fc1"))?,
             fc2: candle_nn::linear(config.intermediate_size, hidden, vb.pp("mlp.fc2"))?,
             heads: config.num_attention_heads,
@@ -244,7 +252,9 @@ impl ClipTextModel {
 
     /// Width of `text_embeds`, when the encoder has a projection.
     pub fn projection_dim(&self) -> Option<usize> {
-        self.text_projection.as_ref().map(|_| self.config.projection_dim.unwrap_or(self.config.hidden_size))
+        self.text_projection
+            .as_ref()
+            .map(|_| self.config.projection_dim.unwrap_or(self.config.hidden_size))
     }
 
     /// Index helper: the hidden state `from_end` layers before the last

@@ -165,7 +165,9 @@ impl ResnetBlock {
             None
         };
         let time_emb_proj = match temb_channels {
-            Some(channels) => Some(candle_nn::linear(channels, out_channels, vb.pp("time_emb_proj"))?),
+            Some(channels) => {
+                Some(candle_nn::linear(channels, out_channels, vb.pp("time_emb_proj"))?)
+            }
             None => None,
         };
         Ok(ResnetBlock {
@@ -208,12 +210,10 @@ pub fn timestep_embedding(
     let divisor = Tensor::new(&[(half as f64 - downscale_freq_shift) as f32], device)?;
     let exponent = (Tensor::arange(0u32, half as u32, device)?.to_dtype(DType::F32)?
         * (-(10000f64.ln())))?
-        .broadcast_div(&divisor)?;
+    .broadcast_div(&divisor)?;
     let frequencies = exponent.exp()?;
-    let arguments = timesteps
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&frequencies.unsqueeze(0)?)?;
+    let arguments =
+        timesteps.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&frequencies.unsqueeze(0)?)?;
     let (sin, cos) = (arguments.sin()?, arguments.cos()?);
     let embedding = if flip_sin_to_cos {
         Tensor::cat(&[cos, sin], D::Minus1)?

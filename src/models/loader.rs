@@ -75,7 +75,11 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
         .map_err(|e| ModelError::BadConfig { path: path.to_path_buf(), reason: e.to_string() })
 }
 
-fn parse_config<T: DeserializeOwned>(value: &Value, path: &Path, component: &str) -> Result<T, ModelError> {
+fn parse_config<T: DeserializeOwned>(
+    value: &Value,
+    path: &Path,
+    component: &str,
+) -> Result<T, ModelError> {
     serde_json::from_value(value.clone()).map_err(|e| ModelError::BadConfig {
         path: path.to_path_buf(),
         reason: format!("{component}: {e}"),
@@ -83,7 +87,11 @@ fn parse_config<T: DeserializeOwned>(value: &Value, path: &Path, component: &str
 }
 
 /// Infers the family from the configs of a folder or sidecar.
-fn family_of(unet: &UNetConfig, has_text_encoder: bool, text_encoder: Option<&ClipTextConfig>) -> ModelFamily {
+fn family_of(
+    unet: &UNetConfig,
+    has_text_encoder: bool,
+    text_encoder: Option<&ClipTextConfig>,
+) -> ModelFamily {
     if unet.uses_text_time() {
         if has_text_encoder {
             ModelFamily::Sdxl
@@ -136,7 +144,10 @@ pub fn read_layout(path: &Path) -> Result<ModelLayout, ModelError> {
         unet,
         vae,
         scheduler,
-        force_zeros_for_empty_prompt: matches!(family, ModelFamily::Sdxl | ModelFamily::SdxlRefiner),
+        force_zeros_for_empty_prompt: matches!(
+            family,
+            ModelFamily::Sdxl | ModelFamily::SdxlRefiner
+        ),
         native_size,
         source: Source::SingleFile { path: path.to_path_buf(), text_encoders },
     })
@@ -231,7 +242,11 @@ fn component_weights(folder: &Path, stem: &str, dtype: DType) -> Result<Vec<Path
 }
 
 /// Memory-maps safetensors files, turning a corrupt or truncated file into a clear error.
-fn mmap_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>, ModelError> {
+fn mmap_var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, ModelError> {
     for file in files {
         single_file::check_safetensors(file)?;
     }
@@ -278,19 +293,35 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
         // SD 1.x's tokenizer pads with <|endoftext|>; OpenCLIP-based ones (SD 2.x and
         // SDXL's second encoder) with "!".
         let open_clip = name == "text_encoder_2" || layout.family == ModelFamily::Sd2;
-        TokenizerSource::Bundled { pad_token: if open_clip { "!" } else { "<|endoftext|>" }.to_string() }
+        TokenizerSource::Bundled {
+            pad_token: if open_clip { "!" } else { "<|endoftext|>" }.to_string(),
+        }
     };
     match layout.source.clone() {
         Source::Folder { root, text_encoders } => {
-            let unet_vb = mmap_var_builder(&component_weights(&root.join("unet"), "diffusion_pytorch_model", dtype)?, dtype, device)?;
+            let unet_vb = mmap_var_builder(
+                &component_weights(&root.join("unet"), "diffusion_pytorch_model", dtype)?,
+                dtype,
+                device,
+            )?;
             let unet = UNet::new(unet_vb, &layout.unet).map_err(weights_error("unet"))?;
             let vdtype = vae_dtype(&layout.vae, dtype);
-            let vae_vb = mmap_var_builder(&component_weights(&root.join("vae"), "diffusion_pytorch_model", dtype)?, vdtype, device)?;
-            let vae = AutoencoderKl::new(vae_var_builder(vae_vb), &layout.vae).map_err(weights_error("vae"))?;
+            let vae_vb = mmap_var_builder(
+                &component_weights(&root.join("vae"), "diffusion_pytorch_model", dtype)?,
+                vdtype,
+                device,
+            )?;
+            let vae = AutoencoderKl::new(vae_var_builder(vae_vb), &layout.vae)
+                .map_err(weights_error("vae"))?;
             let mut encoders: HashMap<String, ClipTextModel> = HashMap::new();
             for (name, config) in &text_encoders {
-                let vb = mmap_var_builder(&component_weights(&root.join(name), "model", dtype)?, dtype, device)?;
-                let model = ClipTextModel::new(vb, config, name == "text_encoder_2").map_err(weights_error(name))?;
+                let vb = mmap_var_builder(
+                    &component_weights(&root.join(name), "model", dtype)?,
+                    dtype,
+                    device,
+                )?;
+                let model = ClipTextModel::new(vb, config, name == "text_encoder_2")
+                    .map_err(weights_error(name))?;
                 encoders.insert(name.clone(), model);
             }
             let tokenizer_for = |encoder: &str, folder: &str| {
@@ -317,19 +348,26 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
         }
         Source::SingleFile { path, text_encoders } => {
             let mut converted = single_file::load_single_file(&path, device, dtype)?;
-            let mut take = |name: &str, component_dtype: DType| -> Result<VarBuilder<'static>, ModelError> {
-                let tensors: HashMap<String, Tensor> = converted.components.remove(name).ok_or_else(|| {
-                    ModelError::UnknownLayout { path: path.clone(), reason: format!("checkpoint has no {name} weights") }
-                })?;
+            let mut take = |name: &str,
+                            component_dtype: DType|
+             -> Result<VarBuilder<'static>, ModelError> {
+                let tensors: HashMap<String, Tensor> =
+                    converted.components.remove(name).ok_or_else(|| ModelError::UnknownLayout {
+                        path: path.clone(),
+                        reason: format!("checkpoint has no {name} weights"),
+                    })?;
                 Ok(VarBuilder::from_tensors(tensors, component_dtype, device))
             };
-            let unet = UNet::new(take("unet", dtype)?, &layout.unet).map_err(weights_error("unet"))?;
+            let unet =
+                UNet::new(take("unet", dtype)?, &layout.unet).map_err(weights_error("unet"))?;
             let vae_vb = take("vae", vae_dtype(&layout.vae, dtype))?;
             let vae = AutoencoderKl::new(vae_vb, &layout.vae).map_err(weights_error("vae"))?;
             let mut text_encoder = None;
             let mut text_encoder_2 = None;
             for (name, config) in &text_encoders {
-                let model = ClipTextModel::new(take(name, dtype)?, config, name == "text_encoder_2").map_err(weights_error(name))?;
+                let model =
+                    ClipTextModel::new(take(name, dtype)?, config, name == "text_encoder_2")
+                        .map_err(weights_error(name))?;
                 if name == "text_encoder" {
                     text_encoder = Some(model);
                 } else {
@@ -338,7 +376,15 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
             }
             let tokenizer = text_encoder.as_ref().map(|_| tokenizer_pad("text_encoder"));
             let tokenizer_2 = text_encoder_2.as_ref().map(|_| tokenizer_pad("text_encoder_2"));
-            Ok(LoadedModel { layout, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2 })
+            Ok(LoadedModel {
+                layout,
+                unet,
+                vae,
+                text_encoder,
+                text_encoder_2,
+                tokenizer,
+                tokenizer_2,
+            })
         }
     }
 }

@@ -15,12 +15,18 @@ pub struct ConvertedCheckpoint {
     pub configs: BTreeMap<String, serde_json::Value>,
 }
 
-pub fn load_single_file(path: &Path, device: &Device, dtype: DType) -> Result<ConvertedCheckpoint, ModelError> {
+pub fn load_single_file(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<ConvertedCheckpoint, ModelError> {
     let _ = (path, device, dtype);
     todo!("single-file loading")
 }
 
-pub fn read_configs(path: &Path) -> Result<(ModelFamily, BTreeMap<String, serde_json::Value>), ModelError> {
+pub fn read_configs(
+    path: &Path,
+) -> Result<(ModelFamily, BTreeMap<String, serde_json::Value>), ModelError> {
     let _ = path;
     todo!("single-file configs")
 }

@@ -90,7 +90,9 @@ impl UNetConfig {
     /// Rejects configurations this implementation does not run, with the reason.
     pub fn check_supported(&self) -> std::result::Result<(), String> {
         let blocks = self.block_out_channels.len();
-        if blocks == 0 || self.down_block_types.len() != blocks || self.up_block_types.len() != blocks
+        if blocks == 0
+            || self.down_block_types.len() != blocks
+            || self.up_block_types.len() != blocks
         {
             return Err(format!(
                 "down_block_types ({}), up_block_types ({}) and block_out_channels ({}) must have the same length",
@@ -191,13 +193,27 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, context_dim: usize, upcast: bool) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        context_dim: usize,
+        upcast: bool,
+    ) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(TransformerBlock {
             norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
             norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, false, upcast)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                head_dim,
+                false,
+                upcast,
+            )?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
@@ -343,9 +359,12 @@ impl UNet {
         let upcast = config.upcast_attention;
 
         let conv_in = conv2d(vb.pp("conv_in"), config.in_channels, channels[0], 3, 1, 1)?;
-        let time_embedding = TimestepMlp::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
+        let time_embedding =
+            TimestepMlp::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
         let add_embedding = if config.uses_text_time() {
-            let input = config.projection_class_embeddings_input_dim.expect("checked in check_supported; this is a bug");
+            let input = config
+                .projection_class_embeddings_input_dim
+                .expect("checked in check_supported; this is a bug");
             Some(TimestepMlp::new(vb.pp("add_embedding"), input, time_embed_dim)?)
         } else {
             None
@@ -385,7 +404,14 @@ impl UNet {
             }
             let downsampler = if i + 1 < blocks {
                 let padding = config.downsample_padding.unwrap_or(1);
-                Some(conv2d(vb_block.pp("downsamplers.0.conv"), output_channels, output_channels, 3, padding, 2)?)
+                Some(conv2d(
+                    vb_block.pp("downsamplers.0.conv"),
+                    output_channels,
+                    output_channels,
+                    3,
+                    padding,
+                    2,
+                )?)
             } else {
                 None
             };
@@ -396,7 +422,14 @@ impl UNet {
         let mid_channels = channels[last];
         let vb_mid = vb.pp("mid_block");
         let mid_block = MidBlock {
-            resnet_in: ResnetBlock::new(vb_mid.pp("resnets.0"), mid_channels, mid_channels, Some(time_embed_dim), groups, eps)?,
+            resnet_in: ResnetBlock::new(
+                vb_mid.pp("resnets.0"),
+                mid_channels,
+                mid_channels,
+                Some(time_embed_dim),
+                groups,
+                eps,
+            )?,
             attention: SpatialTransformer::new(
                 vb_mid.pp("attentions.0"),
                 mid_channels,
@@ -407,13 +440,21 @@ impl UNet {
                 linear,
                 upcast,
             )?,
-            resnet_out: ResnetBlock::new(vb_mid.pp("resnets.1"), mid_channels, mid_channels, Some(time_embed_dim), groups, eps)?,
+            resnet_out: ResnetBlock::new(
+                vb_mid.pp("resnets.1"),
+                mid_channels,
+                mid_channels,
+                Some(time_embed_dim),
+                groups,
+                eps,
+            )?,
         };
 
         let reversed_channels: Vec<usize> = channels.iter().rev().copied().collect();
         let reversed_heads: Vec<usize> = heads.iter().rev().copied().collect();
         let reversed_layers: Vec<usize> = layers_per_block.iter().rev().copied().collect();
-        let reversed_transformer_layers: Vec<usize> = transformer_layers.iter().rev().copied().collect();
+        let reversed_transformer_layers: Vec<usize> =
+            transformer_layers.iter().rev().copied().collect();
         let reversed_context: Vec<usize> = context_dims.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(blocks);
         let mut output_channels = reversed_channels[0];
@@ -451,7 +492,14 @@ impl UNet {
                 }
             }
             let upsampler = if i + 1 < blocks {
-                Some(conv2d(vb_block.pp("upsamplers.0.conv"), output_channels, output_channels, 3, 1, 1)?)
+                Some(conv2d(
+                    vb_block.pp("upsamplers.0.conv"),
+                    output_channels,
+                    output_channels,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             };
@@ -499,14 +547,25 @@ impl UNet {
         let mut temb = self.time_embedding.forward(&projected)?;
         if let Some(add_embedding) = &self.add_embedding {
             let Some(added) = added else {
-                candle_core::bail!("this UNet (text_time) needs pooled text embeddings and time ids");
+                candle_core::bail!(
+                    "this UNet (text_time) needs pooled text embeddings and time ids"
+                );
             };
-            let time_dim = self.config.addition_time_embed_dim.expect("checked in check_supported; this is a bug");
+            let time_dim = self
+                .config
+                .addition_time_embed_dim
+                .expect("checked in check_supported; this is a bug");
             let ids = added.time_ids.flatten_all()?;
-            let time_embeds = timestep_embedding(&ids, time_dim, self.config.flip_sin_to_cos, self.config.freq_shift)?
-                .reshape((batch, ()))?
-                .to_dtype(dtype)?;
-            let add_input = Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time_embeds], D::Minus1)?;
+            let time_embeds = timestep_embedding(
+                &ids,
+                time_dim,
+                self.config.flip_sin_to_cos,
+                self.config.freq_shift,
+            )?
+            .reshape((batch, ()))?
+            .to_dtype(dtype)?;
+            let add_input =
+                Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time_embeds], D::Minus1)?;
             temb = (temb + add_embedding.forward(&add_input)?)?;
         }
 

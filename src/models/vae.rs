@@ -81,9 +81,23 @@ impl MidBlock {
             None
         };
         Ok(MidBlock {
-            resnet_in: ResnetBlock::new(vb.pp("resnets.0"), channels, channels, None, groups, VAE_EPS)?,
+            resnet_in: ResnetBlock::new(
+                vb.pp("resnets.0"),
+                channels,
+                channels,
+                None,
+                groups,
+                VAE_EPS,
+            )?,
             attention,
-            resnet_out: ResnetBlock::new(vb.pp("resnets.1"), channels, channels, None, groups, VAE_EPS)?,
+            resnet_out: ResnetBlock::new(
+                vb.pp("resnets.1"),
+                channels,
+                channels,
+                None,
+                groups,
+                VAE_EPS,
+            )?,
         })
     }
 
@@ -91,13 +105,10 @@ impl MidBlock {
         let mut x = self.resnet_in.forward(x, None)?;
         if let Some((norm, attention)) = &self.attention {
             let (batch, channels, height, width) = x.dims4()?;
-            let tokens = norm
-                .forward(&x)?
-                .reshape((batch, channels, height * width))?
-                .transpose(1, 2)?;
+            let tokens =
+                norm.forward(&x)?.reshape((batch, channels, height * width))?.transpose(1, 2)?;
             let attended = attention.forward(&tokens, None)?;
-            let attended =
-                attended.transpose(1, 2)?.reshape((batch, channels, height, width))?;
+            let attended = attended.transpose(1, 2)?.reshape((batch, channels, height, width))?;
             x = (attended + x)?;
         }
         self.resnet_out.forward(&x, None)
@@ -126,11 +137,25 @@ impl Encoder {
             let resnets = (0..config.layers_per_block)
                 .map(|j| {
                     let resnet_in = if j == 0 { input_channels } else { output_channels };
-                    ResnetBlock::new(vb_block.pp(format!("resnets.{j}")), resnet_in, output_channels, None, groups, VAE_EPS)
+                    ResnetBlock::new(
+                        vb_block.pp(format!("resnets.{j}")),
+                        resnet_in,
+                        output_channels,
+                        None,
+                        groups,
+                        VAE_EPS,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let downsampler = if i + 1 < channels.len() {
-                Some(conv2d(vb_block.pp("downsamplers.0.conv"), output_channels, output_channels, 3, 0, 2)?)
+                Some(conv2d(
+                    vb_block.pp("downsamplers.0.conv"),
+                    output_channels,
+                    output_channels,
+                    3,
+                    0,
+                    2,
+                )?)
             } else {
                 None
             };
@@ -184,11 +209,25 @@ impl Decoder {
             let resnets = (0..config.layers_per_block + 1)
                 .map(|j| {
                     let resnet_in = if j == 0 { previous_output } else { output_channels };
-                    ResnetBlock::new(vb_block.pp(format!("resnets.{j}")), resnet_in, output_channels, None, groups, VAE_EPS)
+                    ResnetBlock::new(
+                        vb_block.pp(format!("resnets.{j}")),
+                        resnet_in,
+                        output_channels,
+                        None,
+                        groups,
+                        VAE_EPS,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             let upsampler = if i + 1 < reversed.len() {
-                Some(conv2d(vb_block.pp("upsamplers.0.conv"), output_channels, output_channels, 3, 1, 1)?)
+                Some(conv2d(
+                    vb_block.pp("upsamplers.0.conv"),
+                    output_channels,
+                    output_channels,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             };

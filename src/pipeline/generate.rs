@@ -121,17 +121,22 @@ impl Pipeline {
         if !guided {
             return Ok((positive, None));
         }
-        let negative = if request.negative_prompt.is_empty() && self.layout.force_zeros_for_empty_prompt {
-            positive.zeros_like()?
-        } else {
-            self.prompts.encode(&request.negative_prompt, request.clip_skip)?
-        };
+        let negative =
+            if request.negative_prompt.is_empty() && self.layout.force_zeros_for_empty_prompt {
+                positive.zeros_like()?
+            } else {
+                self.prompts.encode(&request.negative_prompt, request.clip_skip)?
+            };
         Ok((positive, Some(negative)))
     }
 
     /// SDXL's time ids for one half of the guidance batch: `[1, 6]` (base) or `[1, 5]`
     /// (refiner, with an aesthetic score).
-    fn time_ids(&self, request: &GenerationRequest, negative: bool) -> Result<Tensor, PipelineError> {
+    fn time_ids(
+        &self,
+        request: &GenerationRequest,
+        negative: bool,
+    ) -> Result<Tensor, PipelineError> {
         let sdxl = &request.sdxl;
         let (original_w, original_h) = sdxl.original_size;
         let (crop_top, crop_left) = sdxl.crop_top_left;
@@ -170,9 +175,15 @@ impl Pipeline {
         let (positive, negative) = self.conditioning(request, guided)?;
 
         // The guidance batch is [negative × n, positive × n], as diffusers lays it out.
-        let repeat = |t: &Tensor| t.repeat(vec![n].into_iter().chain(std::iter::repeat_n(1, t.rank() - 1)).collect::<Vec<_>>());
+        let repeat = |t: &Tensor| {
+            t.repeat(
+                vec![n].into_iter().chain(std::iter::repeat_n(1, t.rank() - 1)).collect::<Vec<_>>(),
+            )
+        };
         let context = match &negative {
-            Some(negative) => Tensor::cat(&[repeat(&negative.context)?, repeat(&positive.context)?], 0)?,
+            Some(negative) => {
+                Tensor::cat(&[repeat(&negative.context)?, repeat(&positive.context)?], 0)?
+            }
             None => repeat(&positive.context)?,
         }
         .to_dtype(self.dtype)?;
@@ -204,7 +215,8 @@ impl Pipeline {
         let mut generators: Vec<TorchGenerator> =
             (0..n).map(|i| TorchGenerator::new(request.seed.wrapping_add(i as u64))).collect();
         let latent_channels = self.unet.config().in_channels.min(self.vae.config().latent_channels);
-        let latent_shape = (1, latent_channels, request.height as usize / 8, request.width as usize / 8);
+        let latent_shape =
+            (1, latent_channels, request.height as usize / 8, request.width as usize / 8);
         let noise = generators
             .iter_mut()
             .map(|g| g.randn_tensor(latent_shape, &self.device))
@@ -216,7 +228,8 @@ impl Pipeline {
             if observer.should_cancel() {
                 return Err(PipelineError::Cancelled);
             }
-            let model_input = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let model_input =
+                if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = sampler.scale_model_input(&model_input, index)?;
             let prediction = self
                 .unet
@@ -225,7 +238,8 @@ impl Pipeline {
             let guided_prediction = if guided {
                 let unconditional = prediction.narrow(0, 0, n)?;
                 let conditional = prediction.narrow(0, n, n)?;
-                let combined = (&unconditional + ((&conditional - &unconditional)? * request.guidance_scale)?)?;
+                let combined = (&unconditional
+                    + ((&conditional - &unconditional)? * request.guidance_scale)?)?;
                 if request.guidance_rescale > 0.0 {
                     rescale_guidance(&combined, &conditional, request.guidance_rescale)?
                 } else {
@@ -262,10 +276,19 @@ impl Pipeline {
     }
 
     fn vae_dtype(&self) -> DType {
-        self.vae.config().force_upcast.then_some(DType::F32).filter(|_| self.dtype == DType::F16).unwrap_or(self.dtype)
+        self.vae
+            .config()
+            .force_upcast
+            .then_some(DType::F32)
+            .filter(|_| self.dtype == DType::F16)
+            .unwrap_or(self.dtype)
     }
 
-    fn decode(&self, latents: &Tensor, request: &GenerationRequest) -> Result<Vec<GeneratedImage>, PipelineError> {
+    fn decode(
+        &self,
+        latents: &Tensor,
+        request: &GenerationRequest,
+    ) -> Result<Vec<GeneratedImage>, PipelineError> {
         let pixels = self.decode_latents_to_rgb(latents)?;
         Ok(pixels
             .into_iter()
@@ -284,7 +307,11 @@ impl Pipeline {
 /// diffusers' `rescale_noise_cfg` (Lin et al., "Common Diffusion Noise Schedules and
 /// Sample Steps are Flawed", §3.4): rescales the guided prediction to the standard
 /// deviation of the text-conditioned one, blended by `factor`.
-fn rescale_guidance(guided: &Tensor, conditional: &Tensor, factor: f64) -> candle_core::Result<Tensor> {
+fn rescale_guidance(
+    guided: &Tensor,
+    conditional: &Tensor,
+    factor: f64,
+) -> candle_core::Result<Tensor> {
     let std = |t: &Tensor| -> candle_core::Result<Tensor> {
         let batch = t.dim(0)?;
         let flat = t.reshape((batch, ()))?;
@@ -309,15 +336,23 @@ pub fn parse_device(name: &str) -> Result<Device, ModelError> {
     let name = name.trim().to_ascii_lowercase();
     let (kind, ordinal) = match name.split_once(':') {
         Some((kind, index)) => {
-            let ordinal = index.parse::<usize>().map_err(|_| ModelError::BadDevice(format!("bad device index in {name:?}")))?;
+            let ordinal = index
+                .parse::<usize>()
+                .map_err(|_| ModelError::BadDevice(format!("bad device index in {name:?}")))?;
             (kind.to_string(), ordinal)
         }
         None => (name.clone(), 0),
     };
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(ordinal).map_err(|e| ModelError::BadDevice(format!("{name}: {e}"))),
-        "metal" => Device::new_metal(ordinal).map_err(|e| ModelError::BadDevice(format!("{name}: {e}"))),
-        _ => Err(ModelError::BadDevice(format!("unknown device {name:?}; use cpu, cuda[:N] or metal[:N]"))),
+        "cuda" => {
+            Device::new_cuda(ordinal).map_err(|e| ModelError::BadDevice(format!("{name}: {e}")))
+        }
+        "metal" => {
+            Device::new_metal(ordinal).map_err(|e| ModelError::BadDevice(format!("{name}: {e}")))
+        }
+        _ => Err(ModelError::BadDevice(format!(
+            "unknown device {name:?}; use cpu, cuda[:N] or metal[:N]"
+        ))),
     }
 }

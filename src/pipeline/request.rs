@@ -22,7 +22,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_width: 2048, max_height: 2048, max_steps: 150, max_n: 8, max_prompt_chars: 10_000 }
+        Limits {
+            max_width: 2048,
+            max_height: 2048,
+            max_steps: 150,
+            max_n: 8,
+            max_prompt_chars: 10_000,
+        }
     }
 }
 
@@ -102,24 +108,42 @@ pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 
 impl GenerationParams {
     /// Checks every field and fills in every default.
-    pub fn validate(self, model: &ModelDefaults, limits: &Limits) -> Result<GenerationRequest, ValidationError> {
+    pub fn validate(
+        self,
+        model: &ModelDefaults,
+        limits: &Limits,
+    ) -> Result<GenerationRequest, ValidationError> {
         let width = self.width.unwrap_or(model.width);
         let height = self.height.unwrap_or(model.height);
-        for (field, value, max) in [("width", width, limits.max_width), ("height", height, limits.max_height)] {
+        for (field, value, max) in
+            [("width", width, limits.max_width), ("height", height, limits.max_height)]
+        {
             if value == 0 || value % 8 != 0 {
-                return Err(ValidationError::new(field, format!("must be a positive multiple of 8, got {value}")));
+                return Err(ValidationError::new(
+                    field,
+                    format!("must be a positive multiple of 8, got {value}"),
+                ));
             }
             if value > max {
-                return Err(ValidationError::new(field, format!("must be at most {max}, got {value}")));
+                return Err(ValidationError::new(
+                    field,
+                    format!("must be at most {max}, got {value}"),
+                ));
             }
         }
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > limits.max_steps {
-            return Err(ValidationError::new("steps", format!("must be between 1 and {}, got {steps}", limits.max_steps)));
+            return Err(ValidationError::new(
+                "steps",
+                format!("must be between 1 and {}, got {steps}", limits.max_steps),
+            ));
         }
         let guidance_scale = self.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
         if !guidance_scale.is_finite() || !(0.0..=100.0).contains(&guidance_scale) {
-            return Err(ValidationError::new("guidance_scale", format!("must be between 0 and 100, got {guidance_scale}")));
+            return Err(ValidationError::new(
+                "guidance_scale",
+                format!("must be between 0 and 100, got {guidance_scale}"),
+            ));
         }
         let guidance_rescale = self.guidance_rescale.unwrap_or(0.0);
         if !guidance_rescale.is_finite() || !(0.0..=1.0).contains(&guidance_rescale) {
@@ -144,11 +168,17 @@ impl GenerationParams {
         };
         let n = self.n.unwrap_or(1);
         if n == 0 || n > limits.max_n {
-            return Err(ValidationError::new("n", format!("must be between 1 and {}, got {n}", limits.max_n)));
+            return Err(ValidationError::new(
+                "n",
+                format!("must be between 1 and {}, got {n}", limits.max_n),
+            ));
         }
         let clip_skip = self.clip_skip.unwrap_or(1);
         if !(1..=12).contains(&clip_skip) {
-            return Err(ValidationError::new("clip_skip", format!("must be between 1 and 12, got {clip_skip}")));
+            return Err(ValidationError::new(
+                "clip_skip",
+                format!("must be between 1 and 12, got {clip_skip}"),
+            ));
         }
         let negative_prompt = self.negative_prompt.unwrap_or_default();
         for (field, text) in [("prompt", &self.prompt), ("negative_prompt", &negative_prompt)] {
@@ -159,22 +189,36 @@ impl GenerationParams {
                 ));
             }
         }
-        for (field, size) in [("original_size", self.original_size), ("target_size", self.target_size)] {
+        for (field, size) in
+            [("original_size", self.original_size), ("target_size", self.target_size)]
+        {
             if let Some((w, h)) = size {
                 if w == 0 || h == 0 || w > 16384 || h > 16384 {
-                    return Err(ValidationError::new(field, format!("must be between 1 and 16384 per side, got {w}x{h}")));
+                    return Err(ValidationError::new(
+                        field,
+                        format!("must be between 1 and 16384 per side, got {w}x{h}"),
+                    ));
                 }
             }
         }
         let crop_top_left = self.crop_top_left.unwrap_or((0, 0));
         if crop_top_left.0 > 16384 || crop_top_left.1 > 16384 {
-            return Err(ValidationError::new("crop_top_left", "must be at most 16384 per coordinate"));
+            return Err(ValidationError::new(
+                "crop_top_left",
+                "must be at most 16384 per coordinate",
+            ));
         }
         let aesthetic_score = self.aesthetic_score.unwrap_or(6.0);
         let negative_aesthetic_score = self.negative_aesthetic_score.unwrap_or(2.5);
-        for (field, score) in [("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)] {
+        for (field, score) in [
+            ("aesthetic_score", aesthetic_score),
+            ("negative_aesthetic_score", negative_aesthetic_score),
+        ] {
             if !score.is_finite() || !(0.0..=10.0).contains(&score) {
-                return Err(ValidationError::new(field, format!("must be between 0 and 10, got {score}")));
+                return Err(ValidationError::new(
+                    field,
+                    format!("must be between 0 and 10, got {score}"),
+                ));
             }
         }
         Ok(GenerationRequest {
@@ -239,10 +283,14 @@ mod tests {
 
     #[test]
     fn defaults_are_filled_in() {
-        let request = GenerationParams { prompt: "a cat".into(), seed: Some(3), ..Default::default() }
-            .validate(&model(), &Limits::default())
-            .unwrap();
-        assert_eq!((request.width, request.height, request.steps, request.n, request.seed), (64, 64, 30, 1, 3));
+        let request =
+            GenerationParams { prompt: "a cat".into(), seed: Some(3), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+        assert_eq!(
+            (request.width, request.height, request.steps, request.n, request.seed),
+            (64, 64, 30, 1, 3)
+        );
         assert_eq!(request.sdxl.original_size, (64, 64));
     }
 
@@ -253,7 +301,10 @@ mod tests {
             (GenerationParams { steps: Some(0), ..Default::default() }, "steps"),
             (GenerationParams { sampler: Some("nope".into()), ..Default::default() }, "sampler"),
             (GenerationParams { n: Some(0), ..Default::default() }, "n"),
-            (GenerationParams { guidance_scale: Some(f64::NAN), ..Default::default() }, "guidance_scale"),
+            (
+                GenerationParams { guidance_scale: Some(f64::NAN), ..Default::default() },
+                "guidance_scale",
+            ),
         ];
         for (params, field) in cases {
             let error = params.validate(&model(), &Limits::default()).unwrap_err();

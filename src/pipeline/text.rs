@@ -70,7 +70,10 @@ impl PromptEncoder {
     pub fn encode(&self, text: &str, clip_skip: u32) -> Result<TextConditioning, PipelineError> {
         let skip = clip_skip.saturating_sub(1) as usize;
         if !self.sdxl {
-            let stage = self.first.as_ref().expect("SD 1.x/2.x pipelines have a first encoder; this is a bug");
+            let stage = self
+                .first
+                .as_ref()
+                .expect("SD 1.x/2.x pipelines have a first encoder; this is a bug");
             let output = Self::run(stage, text)?;
             let context = if skip == 0 {
                 output.last_hidden_state

@@ -72,14 +72,10 @@ impl ClipTokenizer {
     pub fn from_files(vocab: &Path, merges: &Path, pad_token: &str) -> Result<Self, ModelError> {
         let vocab_text = read_text(vocab)?;
         let merges_text = read_text(merges)?;
-        let vocab_map = parse_vocab(&vocab_text).map_err(|reason| ModelError::BadConfig {
-            path: vocab.to_path_buf(),
-            reason,
-        })?;
-        let merge_list = parse_merges(&merges_text).map_err(|reason| ModelError::BadConfig {
-            path: merges.to_path_buf(),
-            reason,
-        })?;
+        let vocab_map = parse_vocab(&vocab_text)
+            .map_err(|reason| ModelError::BadConfig { path: vocab.to_path_buf(), reason })?;
+        let merge_list = parse_merges(&merges_text)
+            .map_err(|reason| ModelError::BadConfig { path: merges.to_path_buf(), reason })?;
         Self::build(vocab_map, merge_list, pad_token)
     }
 
@@ -156,9 +152,7 @@ impl ClipTokenizer {
         ]);
 
         let mut tokenizer = Tokenizer::new(model);
-        tokenizer
-            .with_normalizer(Some(normalizer))
-            .with_pre_tokenizer(Some(pre_tokenizer));
+        tokenizer.with_normalizer(Some(normalizer)).with_pre_tokenizer(Some(pre_tokenizer));
         // Same order as transformers registers them, so a pad token missing from the
         // vocabulary gets the same new id.
         let specials: Vec<AddedToken> = [BOS_TOKEN, EOS_TOKEN, pad_token]
@@ -234,10 +228,7 @@ fn read_text(path: &Path) -> Result<String, ModelError> {
         if source.kind() == std::io::ErrorKind::NotFound {
             ModelError::NotFound(path.to_path_buf())
         } else {
-            ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
+            ModelError::Io { path: path.to_path_buf(), source }
         }
     })
 }
@@ -293,10 +284,7 @@ fn read_pad_token(dir: &Path) -> Result<String, ModelError> {
             Some(serde_json::Value::Object(token)) => {
                 return match token.get("content") {
                     Some(serde_json::Value::String(content)) => Ok(content.clone()),
-                    _ => Err(bad_config(
-                        &path,
-                        "pad_token object has no string \"content\"",
-                    )),
+                    _ => Err(bad_config(&path, "pad_token object has no string \"content\"")),
                 }
             }
             Some(other) => {
@@ -311,10 +299,7 @@ fn read_pad_token(dir: &Path) -> Result<String, ModelError> {
 }
 
 fn bad_config(path: &Path, reason: impl Into<String>) -> ModelError {
-    ModelError::BadConfig {
-        path: PathBuf::from(path),
-        reason: reason.into(),
-    }
+    ModelError::BadConfig { path: PathBuf::from(path), reason: reason.into() }
 }
 
 #[cfg(test)]
@@ -341,10 +326,7 @@ mod tests {
     }
 
     fn cases() -> CaseFile {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/tokenizer/cases.json"
-        );
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizer/cases.json");
         let text = std::fs::read_to_string(path).expect("fixture cases.json is readable");
         serde_json::from_str(&text).expect("fixture cases.json parses")
     }
@@ -371,16 +353,8 @@ mod tests {
         let mut failures = Vec::new();
         for case in &file.cases {
             let checks = [
-                (
-                    "ids (pad <|endoftext|>)",
-                    eot_tokenizer().encode(&case.text),
-                    &case.ids,
-                ),
-                (
-                    "ids (pad !)",
-                    bang_tokenizer().encode(&case.text),
-                    &case.ids_pad_bang,
-                ),
+                ("ids (pad <|endoftext|>)", eot_tokenizer().encode(&case.text), &case.ids),
+                ("ids (pad !)", bang_tokenizer().encode(&case.text), &case.ids_pad_bang),
                 (
                     "padded (pad <|endoftext|>)",
                     eot_tokenizer().encode_padded(&case.text, MAX_LEN),
@@ -402,12 +376,7 @@ mod tests {
                 }
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} mismatches:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
     }
 
     #[test]
@@ -419,10 +388,7 @@ mod tests {
     #[test]
     fn special_ids_are_the_clip_ones() {
         let eot = eot_tokenizer();
-        assert_eq!(
-            (eot.bos_id(), eot.eos_id(), eot.pad_id()),
-            (49406, 49407, 49407)
-        );
+        assert_eq!((eot.bos_id(), eot.eos_id(), eot.pad_id()), (49406, 49407, 49407));
         assert_eq!(bang_tokenizer().pad_id(), 0);
         assert_eq!(eot.token_id("cat</w>"), Some(2368));
         assert_eq!(eot.token_id("no such token"), None);
@@ -460,11 +426,8 @@ mod tests {
         assert_eq!(ClipTokenizer::from_folder(&dir).unwrap().pad_id(), 0);
 
         // tokenizer_config.json wins, and local vocab/merges are used when present.
-        std::fs::write(
-            dir.join("tokenizer_config.json"),
-            r#"{"pad_token": "<|endoftext|>"}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{"pad_token": "<|endoftext|>"}"#)
+            .unwrap();
         let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/clip-tokenizer");
         std::fs::copy(assets.join("vocab.json"), dir.join("vocab.json")).unwrap();
         std::fs::copy(assets.join("merges.txt"), dir.join("merges.txt")).unwrap();
@@ -477,10 +440,7 @@ mod tests {
 
         // Half a vocabulary is an error, not a silent fallback.
         std::fs::remove_file(dir.join("merges.txt")).unwrap();
-        assert!(matches!(
-            ClipTokenizer::from_folder(&dir),
-            Err(ModelError::NotFound(_))
-        ));
+        assert!(matches!(ClipTokenizer::from_folder(&dir), Err(ModelError::NotFound(_))));
 
         std::fs::write(dir.join("tokenizer_config.json"), r#"{"pad_token": 3}"#).unwrap();
         let err = ClipTokenizer::from_folder(&dir).unwrap_err();
@@ -491,9 +451,7 @@ mod tests {
 
     #[test]
     fn broken_vocabulary_files_are_reported() {
-        assert!(parse_merges("#version: 0.2\na b c\n")
-            .unwrap_err()
-            .contains("line 2"));
+        assert!(parse_merges("#version: 0.2\na b c\n").unwrap_err().contains("line 2"));
         assert_eq!(parse_merges("#version: 0.2\na b\n\n").unwrap().len(), 1);
         assert!(parse_vocab("[1, 2]").is_err());
         let missing = ClipTokenizer::from_files(

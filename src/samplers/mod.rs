@@ -55,7 +55,9 @@ impl SamplerKind {
         match self {
             SamplerKind::Ddim => &["DDIMScheduler"],
             SamplerKind::Euler => &["EulerDiscreteScheduler"],
-            SamplerKind::EulerA => &["euler_ancestral", "EulerAncestralDiscreteScheduler", "k_euler_a"],
+            SamplerKind::EulerA => {
+                &["euler_ancestral", "EulerAncestralDiscreteScheduler", "k_euler_a"]
+            }
         }
     }
 
