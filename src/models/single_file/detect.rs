@@ -74,7 +74,9 @@ fn describe_foreign(header: &Header) -> String {
     {
         "this looks like a textual-inversion embedding".to_string()
     } else if any(&|name| {
-        name.starts_with("first_stage_model.") || name.starts_with("encoder.down.")
+        name.starts_with("first_stage_model.")
+            || name.starts_with("encoder.down.")
+            || name.starts_with("encoder.down_blocks.")
     }) {
         "this looks like a VAE-only file".to_string()
     } else if any(&|name| name.starts_with("control_model.") || name.starts_with("controlnet_")) {

@@ -87,9 +87,9 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
         "post_quant_conv.".into(),
         Part::Layer,
     );
-    for level in 0..levels {
+    for (level, &width) in channels.iter().enumerate() {
         let resnet = Part::Resnet {
-            out_channels: channels[level],
+            out_channels: width,
         };
         for layer in 0..layers {
             add(
