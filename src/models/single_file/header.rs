@@ -159,6 +159,9 @@ pub(crate) fn read_header(path: &Path) -> Result<Header, ModelError> {
             ),
         ));
     }
+    if header_len == 0 {
+        return Err(invalid(path, "the header is empty"));
+    }
     if header_len > MAX_HEADER_BYTES {
         return Err(invalid(
             path,
@@ -417,6 +420,7 @@ mod tests {
                 "needs 12 bytes",
             ),
             ("array", with_header("[1,2]", &[]), "not a JSON object"),
+            ("empty", 0u64.to_le_bytes().to_vec(), "header is empty"),
         ];
         for (name, bytes, expected) in cases {
             let path = write(&dir, &format!("{name}.safetensors"), &bytes);
