@@ -26,27 +26,16 @@ fn weights_file(folder: &Path, component: &str) -> PathBuf {
 fn load_folder_component(folder: &Path, component: &str) -> HashMap<String, Tensor> {
     let path = weights_file(folder, component);
     candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|err| {
-        panic!(
-            "reading {}: {err} (are the fixtures merged?)",
-            path.display()
-        )
+        panic!("reading {}: {err} (are the fixtures merged?)", path.display())
     })
 }
 
 fn as_f32(tensor: &Tensor) -> Vec<f32> {
-    tensor
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    tensor.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn assert_matches_folder(stem: &str, family: ModelFamily, components: &[&str]) {
-    let single = fixtures()
-        .join("single")
-        .join(format!("{stem}.safetensors"));
+    let single = fixtures().join("single").join(format!("{stem}.safetensors"));
     let folder = fixtures().join(stem);
     assert_eq!(detect_family(&single).unwrap(), family, "{stem}");
 
@@ -59,12 +48,8 @@ fn assert_matches_folder(stem: &str, family: ModelFamily, components: &[&str]) {
     assert_eq!(names, expected_names, "{stem}: components");
 
     let sidecar: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            fixtures()
-                .join("single")
-                .join(format!("{stem}.config.json")),
-        )
-        .unwrap(),
+        &std::fs::read_to_string(fixtures().join("single").join(format!("{stem}.config.json")))
+            .unwrap(),
     )
     .unwrap();
     for component in components.iter().chain(&["scheduler"]) {
@@ -84,31 +69,14 @@ fn assert_matches_folder(stem: &str, family: ModelFamily, components: &[&str]) {
             let expected = reference
                 .get(name)
                 .unwrap_or_else(|| panic!("{stem}/{component}: {name} is not in the folder"));
-            assert_eq!(
-                tensor.dims(),
-                expected.dims(),
-                "{stem}/{component}: shape of {name}"
-            );
-            assert_eq!(
-                tensor.dtype(),
-                DType::F32,
-                "{stem}/{component}: dtype of {name}"
-            );
-            assert_eq!(
-                as_f32(tensor),
-                as_f32(expected),
-                "{stem}/{component}: values of {name}"
-            );
+            assert_eq!(tensor.dims(), expected.dims(), "{stem}/{component}: shape of {name}");
+            assert_eq!(tensor.dtype(), DType::F32, "{stem}/{component}: dtype of {name}");
+            assert_eq!(as_f32(tensor), as_f32(expected), "{stem}/{component}: values of {name}");
         }
-        let mut missing: Vec<&String> = reference
-            .keys()
-            .filter(|name| !tensors.contains_key(*name))
-            .collect();
+        let mut missing: Vec<&String> =
+            reference.keys().filter(|name| !tensors.contains_key(*name)).collect();
         missing.sort();
-        assert!(
-            missing.is_empty(),
-            "{stem}/{component}: not converted: {missing:?}"
-        );
+        assert!(missing.is_empty(), "{stem}/{component}: not converted: {missing:?}");
     }
 }
 
@@ -142,9 +110,7 @@ fn pickle_checkpoints_are_refused() {
     let dir = scratch("pickle");
     let path = dir.join("model.ckpt");
     std::fs::write(&path, b"\x80\x02}q\x00.").unwrap();
-    let error = load_single_file(&path, &Device::Cpu, DType::F32)
-        .err()
-        .unwrap();
+    let error = load_single_file(&path, &Device::Cpu, DType::F32).err().unwrap();
     assert!(matches!(error, ModelError::PickleRefused(_)), "{error}");
     assert!(error.to_string().contains("arbitrary code"), "{error}");
 }
@@ -159,11 +125,7 @@ fn missing_file_is_not_found() {
 fn truncated_checkpoint_is_invalid_not_a_panic() {
     let bytes = std::fs::read(fixtures().join("single/sd1.safetensors")).unwrap();
     let dir = scratch("truncated");
-    for (name, keep) in [
-        ("cut-data", bytes.len() - 1000),
-        ("cut-header", 100),
-        ("cut-length", 5),
-    ] {
+    for (name, keep) in [("cut-data", bytes.len() - 1000), ("cut-header", 100), ("cut-length", 5)] {
         let path = dir.join(format!("{name}.safetensors"));
         std::fs::write(&path, &bytes[..keep]).unwrap();
         for result in [
@@ -202,19 +164,14 @@ fn tiny_checkpoint_without_its_sidecar_asks_for_one() {
     let path = dir.join("tiny.safetensors");
     std::fs::copy(fixtures().join("single/sd1.safetensors"), &path).unwrap();
     let message = read_configs(&path).unwrap_err().to_string();
-    assert!(
-        message.contains("sidecar") && message.contains("tiny.config.json"),
-        "{message}"
-    );
+    assert!(message.contains("sidecar") && message.contains("tiny.config.json"), "{message}");
 }
 
 /// Writes a header-only safetensors file with the tensor names and shapes of a full-size
 /// model (tests/fixtures/single_file_layouts/, made by tools/single_file_layouts.py); the
 /// data section is a sparse hole, so gigabytes cost no disk.
 fn sparse_checkpoint(layout: &str, dir: &Path, metadata: &[(&str, &str)]) -> PathBuf {
-    let list = fixtures()
-        .join("single_file_layouts")
-        .join(format!("{layout}.json"));
+    let list = fixtures().join("single_file_layouts").join(format!("{layout}.json"));
     let shapes: std::collections::BTreeMap<String, Vec<usize>> =
         serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
     let mut header = serde_json::Map::new();
@@ -226,10 +183,8 @@ fn sparse_checkpoint(layout: &str, dir: &Path, metadata: &[(&str, &str)]) -> Pat
         offset += bytes;
     }
     if !metadata.is_empty() {
-        let metadata: serde_json::Map<String, serde_json::Value> = metadata
-            .iter()
-            .map(|(key, value)| (key.to_string(), (*value).into()))
-            .collect();
+        let metadata: serde_json::Map<String, serde_json::Value> =
+            metadata.iter().map(|(key, value)| (key.to_string(), (*value).into())).collect();
         header.insert("__metadata__".into(), metadata.into());
     }
     let header = serde_json::to_vec(&header).unwrap();
@@ -249,22 +204,14 @@ fn full_size_layouts_resolve_to_the_published_configs() {
         ("sd15", ModelFamily::Sd1, 64, serde_json::Value::Null),
         ("sd21", ModelFamily::Sd2, 96, "v_prediction".into()),
         ("sdxl_base", ModelFamily::Sdxl, 128, "epsilon".into()),
-        (
-            "sdxl_refiner",
-            ModelFamily::SdxlRefiner,
-            128,
-            "epsilon".into(),
-        ),
+        ("sdxl_refiner", ModelFamily::SdxlRefiner, 128, "epsilon".into()),
     ] {
         let path = sparse_checkpoint(layout, &dir, &[]);
         assert_eq!(detect_family(&path).unwrap(), family, "{layout}");
         let (found, configs) = read_configs(&path).unwrap_or_else(|err| panic!("{layout}: {err}"));
         assert_eq!(found, family, "{layout}");
         assert_eq!(configs["unet"]["sample_size"], sample_size, "{layout}");
-        assert_eq!(
-            configs["scheduler"]["prediction_type"], prediction,
-            "{layout}"
-        );
+        assert_eq!(configs["scheduler"]["prediction_type"], prediction, "{layout}");
     }
     // SD 2 base has the same tensors as 2.1-v; a prediction-type marker selects it.
     let sub = dir.join("base");

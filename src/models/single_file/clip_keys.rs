@@ -70,18 +70,11 @@ pub(crate) fn hf_clip_plan(
     required("text_model.embeddings.position_embedding.weight")?;
     required("text_model.final_layer_norm.weight")?;
     for layer in 0..shape.layers {
-        for module in [
-            "layer_norm1",
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-        ]
-        .iter()
-        .chain(&["self_attn.out_proj", "layer_norm2", "mlp.fc1", "mlp.fc2"])
+        for module in ["layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+            .iter()
+            .chain(&["self_attn.out_proj", "layer_norm2", "mlp.fc1", "mlp.fc2"])
         {
-            required(&format!(
-                "text_model.encoder.layers.{layer}.{module}.weight"
-            ))?;
+            required(&format!("text_model.encoder.layers.{layer}.{module}.weight"))?;
         }
     }
     check_embeddings(header, &plan, &shape, component)?;
@@ -104,20 +97,15 @@ pub(crate) fn open_clip_plan(
             continue;
         };
         let (diffusers, reshape) = match rest {
-            "token_embedding.weight" => (
-                "text_model.embeddings.token_embedding.weight".to_string(),
-                Reshape::AsIs,
-            ),
-            "positional_embedding" => (
-                "text_model.embeddings.position_embedding.weight".to_string(),
-                Reshape::AsIs,
-            ),
+            "token_embedding.weight" => {
+                ("text_model.embeddings.token_embedding.weight".to_string(), Reshape::AsIs)
+            }
+            "positional_embedding" => {
+                ("text_model.embeddings.position_embedding.weight".to_string(), Reshape::AsIs)
+            }
             "ln_final.weight" | "ln_final.bias" => {
                 let param = &rest["ln_final.".len()..];
-                (
-                    format!("text_model.final_layer_norm.{param}"),
-                    Reshape::AsIs,
-                )
+                (format!("text_model.final_layer_norm.{param}"), Reshape::AsIs)
             }
             "text_projection" if with_projection => {
                 ("text_projection.weight".to_string(), Reshape::Transpose)
@@ -151,14 +139,8 @@ pub(crate) fn open_clip_plan(
             format!("missing tensor {prefix}{source} (the {component} is incomplete)")
         })
     };
-    required(
-        "token_embedding.weight",
-        "text_model.embeddings.token_embedding.weight",
-    )?;
-    required(
-        "positional_embedding",
-        "text_model.embeddings.position_embedding.weight",
-    )?;
+    required("token_embedding.weight", "text_model.embeddings.token_embedding.weight")?;
+    required("positional_embedding", "text_model.embeddings.position_embedding.weight")?;
     required("ln_final.weight", "text_model.final_layer_norm.weight")?;
     if with_projection {
         required("text_projection", "text_projection.weight")?;

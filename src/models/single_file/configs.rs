@@ -130,10 +130,8 @@ pub(crate) struct Sidecar {
 
 /// `dir/model.safetensors` → `dir/model.config.json`.
 pub(crate) fn sidecar_path(checkpoint: &Path) -> PathBuf {
-    let stem = checkpoint
-        .file_stem()
-        .map(|stem| stem.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem =
+        checkpoint.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
     checkpoint.with_file_name(format!("{stem}.config.json"))
 }
 
@@ -145,24 +143,13 @@ pub(crate) fn read_sidecar(checkpoint: &Path) -> Result<Option<Sidecar>, ModelEr
     if !path.exists() {
         return Ok(None);
     }
-    let bad = |reason: String| ModelError::BadConfig {
-        path: path.clone(),
-        reason,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    let bad = |reason: String| ModelError::BadConfig { path: path.clone(), reason };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|source| ModelError::Io { path: path.clone(), source })?;
     let json: Value =
         serde_json::from_str(&text).map_err(|err| bad(format!("invalid JSON: {err}")))?;
-    let object = json
-        .as_object()
-        .ok_or_else(|| bad("the sidecar must be a JSON object".into()))?;
-    let mut sidecar = Sidecar {
-        path: path.clone(),
-        family: None,
-        components: BTreeMap::new(),
-    };
+    let object = json.as_object().ok_or_else(|| bad("the sidecar must be a JSON object".into()))?;
+    let mut sidecar = Sidecar { path: path.clone(), family: None, components: BTreeMap::new() };
     for (key, value) in object {
         if key == "family" {
             let family = serde_json::from_value(value.clone()).map_err(|_| {
@@ -211,10 +198,7 @@ mod tests {
         let base = KnownModel::Sd2Base.configs();
         assert_eq!(base["scheduler"]["prediction_type"], "epsilon");
         assert_eq!(base["unet"]["sample_size"], 64);
-        assert_eq!(
-            KnownModel::SdxlBase.configs()["vae"]["scaling_factor"],
-            0.13025
-        );
+        assert_eq!(KnownModel::SdxlBase.configs()["vae"]["scaling_factor"], 0.13025);
     }
 
     #[test]

@@ -23,10 +23,7 @@ pub(crate) const REFINER_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.0.model
 /// The family, or a sentence saying what the file looks like instead.
 pub(crate) fn detect(header: &Header) -> Result<ModelFamily, String> {
     if !header.has_prefix(UNET_PREFIX) {
-        return Err(format!(
-            "no {UNET_PREFIX}* keys: {}",
-            describe_foreign(header)
-        ));
+        return Err(format!("no {UNET_PREFIX}* keys: {}", describe_foreign(header)));
     }
     if header.has_prefix(SDXL_CLIP_PREFIX) && header.has_prefix(SDXL_OPEN_CLIP_PREFIX) {
         return Ok(ModelFamily::Sdxl);
@@ -68,9 +65,7 @@ fn describe_foreign(header: &Header) -> String {
     }) {
         "this looks like a LoRA; load it as an adapter".to_string()
     } else if any(&|name| name.starts_with("string_to_param") || name.starts_with("emb_params"))
-        || names
-            .iter()
-            .all(|name| matches!(*name, "clip_l" | "clip_g"))
+        || names.iter().all(|name| matches!(*name, "clip_l" | "clip_g"))
     {
         "this looks like a textual-inversion embedding".to_string()
     } else if any(&|name| {
@@ -87,10 +82,7 @@ fn describe_foreign(header: &Header) -> String {
             .to_string()
     } else {
         let sample: Vec<&str> = names.iter().take(5).copied().collect();
-        format!(
-            "this is not a Stable Diffusion checkpoint (first keys: {})",
-            sample.join(", ")
-        )
+        format!("this is not a Stable Diffusion checkpoint (first keys: {})", sample.join(", "))
     };
     what
 }

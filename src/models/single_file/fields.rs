@@ -19,10 +19,7 @@ impl<'a> Fields<'a> {
     }
 
     fn bad(&self, name: &str, expected: &str) -> String {
-        format!(
-            "{} config field {name:?} must be {expected}",
-            self.component
-        )
+        format!("{} config field {name:?} must be {expected}", self.component)
     }
 
     pub fn usize(&self, name: &str, default: usize) -> Result<usize, String> {
@@ -89,19 +86,14 @@ impl<'a> Fields<'a> {
     pub fn string(&self, name: &str) -> Result<Option<&'a str>, String> {
         match self.get(name) {
             None => Ok(None),
-            Some(value) => value
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| self.bad(name, "a string")),
+            Some(value) => value.as_str().map(Some).ok_or_else(|| self.bad(name, "a string")),
         }
     }
 
     pub fn bool(&self, name: &str, default: bool) -> Result<bool, String> {
         match self.get(name) {
             None => Ok(default),
-            Some(value) => value
-                .as_bool()
-                .ok_or_else(|| self.bad(name, "true or false")),
+            Some(value) => value.as_bool().ok_or_else(|| self.bad(name, "true or false")),
         }
     }
 }

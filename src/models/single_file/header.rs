@@ -55,17 +55,11 @@ impl Header {
 }
 
 fn invalid(path: &Path, reason: impl Into<String>) -> ModelError {
-    ModelError::InvalidSafetensors {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    ModelError::InvalidSafetensors { path: path.to_path_buf(), reason: reason.into() }
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> ModelError {
-    ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    ModelError::Io { path: path.to_path_buf(), source }
 }
 
 /// Bytes per element of a safetensors dtype name, or None for dtypes candle cannot hold.
@@ -114,17 +108,11 @@ pub(crate) fn check_path(path: &Path) -> Result<(), ModelError> {
         .and_then(|ext| ext.to_str())
         .map(str::to_ascii_lowercase)
         .unwrap_or_default();
-    if matches!(
-        extension.as_str(),
-        "ckpt" | "pt" | "pth" | "bin" | "pkl" | "pickle"
-    ) {
+    if matches!(extension.as_str(), "ckpt" | "pt" | "pth" | "bin" | "pkl" | "pickle") {
         return Err(ModelError::PickleRefused(path.to_path_buf()));
     }
     if path.is_dir() {
-        return Err(invalid(
-            path,
-            "this is a directory, not a single-file checkpoint",
-        ));
+        return Err(invalid(path, "this is a directory, not a single-file checkpoint"));
     }
     Ok(())
 }
@@ -133,10 +121,7 @@ pub(crate) fn check_path(path: &Path) -> Result<(), ModelError> {
 pub(crate) fn read_header(path: &Path) -> Result<Header, ModelError> {
     check_path(path)?;
     let mut file = File::open(path).map_err(|source| io_error(path, source))?;
-    let file_len = file
-        .metadata()
-        .map_err(|source| io_error(path, source))?
-        .len();
+    let file_len = file.metadata().map_err(|source| io_error(path, source))?.len();
     let mut prefix = [0u8; 9];
     let prefix_len = read_up_to(&mut file, &mut prefix).map_err(|source| io_error(path, source))?;
     if looks_like_pickle(&prefix[..prefix_len]) {
@@ -163,16 +148,12 @@ pub(crate) fn read_header(path: &Path) -> Result<Header, ModelError> {
         return Err(invalid(path, "the header is empty"));
     }
     if header_len > MAX_HEADER_BYTES {
-        return Err(invalid(
-            path,
-            format!("header of {header_len} bytes is implausibly large"),
-        ));
+        return Err(invalid(path, format!("header of {header_len} bytes is implausibly large")));
     }
     let mut header_bytes = vec![0u8; header_len as usize];
     header_bytes[0] = prefix[8];
     if header_len > 1 {
-        file.read_exact(&mut header_bytes[1..])
-            .map_err(|source| io_error(path, source))?;
+        file.read_exact(&mut header_bytes[1..]).map_err(|source| io_error(path, source))?;
     }
     let data_len = file_len - 8 - header_len;
     parse_header(path, &header_bytes, data_len, 8 + header_len as usize)
@@ -199,13 +180,9 @@ fn parse_header(
         .map_err(|err| invalid(path, format!("the header is not UTF-8: {err}")))?;
     let json: serde_json::Value = serde_json::from_str(text.trim_end_matches(' '))
         .map_err(|err| invalid(path, format!("the header is not valid JSON: {err}")))?;
-    let object = json
-        .as_object()
-        .ok_or_else(|| invalid(path, "the header is not a JSON object"))?;
-    let mut header = Header {
-        data_start,
-        ..Header::default()
-    };
+    let object =
+        json.as_object().ok_or_else(|| invalid(path, "the header is not a JSON object"))?;
+    let mut header = Header { data_start, ..Header::default() };
     for (name, value) in object {
         if name == "__metadata__" {
             if let Some(entries) = value.as_object() {
@@ -225,11 +202,8 @@ fn parse_header(
 }
 
 fn parse_entry(value: &serde_json::Value, data_len: u64) -> Result<TensorEntry, String> {
-    let dtype = value
-        .get("dtype")
-        .and_then(|dtype| dtype.as_str())
-        .ok_or("missing \"dtype\"")?
-        .to_string();
+    let dtype =
+        value.get("dtype").and_then(|dtype| dtype.as_str()).ok_or("missing \"dtype\"")?.to_string();
     let shape = value
         .get("shape")
         .and_then(|shape| shape.as_array())
@@ -266,12 +240,7 @@ fn parse_entry(value: &serde_json::Value, data_len: u64) -> Result<TensorEntry, 
             ));
         }
     }
-    Ok(TensorEntry {
-        dtype,
-        shape,
-        start: begin as usize,
-        end: end as usize,
-    })
+    Ok(TensorEntry { dtype, shape, start: begin as usize, end: end as usize })
 }
 
 /// A memory-mapped safetensors file whose header has been validated.
@@ -288,20 +257,11 @@ impl MappedFile {
         // SAFETY: the map is read-only; as with every mmap-based loader, a file truncated
         // by another process while we read it could fault. Lengths were checked above.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| io_error(path, source))?;
-        let needed = header
-            .tensors
-            .values()
-            .map(|entry| entry.end)
-            .max()
-            .unwrap_or(0);
+        let needed = header.tensors.values().map(|entry| entry.end).max().unwrap_or(0);
         if header.data_start + needed > map.len() {
             return Err(invalid(path, "the file changed size while being opened"));
         }
-        Ok(MappedFile {
-            path: path.to_path_buf(),
-            header,
-            map,
-        })
+        Ok(MappedFile { path: path.to_path_buf(), header, map })
     }
 
     pub fn header(&self) -> &Header {
@@ -310,29 +270,17 @@ impl MappedFile {
 
     /// Loads one tensor onto the CPU in the dtype it is stored in.
     pub fn load(&self, name: &str) -> Result<Tensor, ModelError> {
-        let entry = self
-            .header
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::UnknownLayout {
-                path: self.path.clone(),
-                reason: format!("missing tensor {name}"),
-            })?;
+        let entry = self.header.tensors.get(name).ok_or_else(|| ModelError::UnknownLayout {
+            path: self.path.clone(),
+            reason: format!("missing tensor {name}"),
+        })?;
         let dtype = candle_dtype(&entry.dtype).ok_or_else(|| {
-            invalid(
-                &self.path,
-                format!("tensor {name} has unsupported dtype {}", entry.dtype),
-            )
+            invalid(&self.path, format!("tensor {name} has unsupported dtype {}", entry.dtype))
         })?;
         let start = self.header.data_start + entry.start;
         let end = self.header.data_start + entry.end;
         let bytes = &self.map[start..end];
-        Ok(Tensor::from_raw_buffer(
-            bytes,
-            dtype,
-            &entry.shape,
-            &Device::Cpu,
-        )?)
+        Ok(Tensor::from_raw_buffer(bytes, dtype, &entry.shape, &Device::Cpu)?)
     }
 
     /// Reads a scalar integer tensor (e.g. `global_step`), if it has one element.
@@ -342,11 +290,7 @@ impl MappedFile {
             return None;
         }
         let value = tensor.flatten_all().ok()?.to_dtype(DType::F64).ok()?;
-        value
-            .to_vec1::<f64>()
-            .ok()?
-            .first()
-            .map(|value| *value as i64)
+        value.to_vec1::<f64>().ok()?.first().map(|value| *value as i64)
     }
 }
 
@@ -386,10 +330,7 @@ mod tests {
         let path = write(&dir, "ok.safetensors", &with_header(header, &data));
         let file = MappedFile::open(&path).unwrap();
         assert_eq!(file.header().metadata["k"], "v");
-        assert_eq!(
-            file.load("a").unwrap().to_vec1::<f32>().unwrap(),
-            vec![1.5, -2.0]
-        );
+        assert_eq!(file.load("a").unwrap().to_vec1::<f32>().unwrap(), vec![1.5, -2.0]);
     }
 
     #[test]
@@ -397,26 +338,16 @@ mod tests {
         let dir = temp_dir("corrupt");
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("short", vec![1, 2, 3], "too short"),
-            (
-                "biglen",
-                with_header("{}", &[]).iter().map(|_| 0xff).collect(),
-                "header length",
-            ),
+            ("biglen", with_header("{}", &[]).iter().map(|_| 0xff).collect(), "header length"),
             ("json", with_header("{not json", &[]), "not valid JSON"),
             (
                 "truncated",
-                with_header(
-                    r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
-                    &[0; 8],
-                ),
+                with_header(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]),
                 "truncated",
             ),
             (
                 "mismatch",
-                with_header(
-                    r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
-                    &[0; 8],
-                ),
+                with_header(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]),
                 "needs 12 bytes",
             ),
             ("array", with_header("[1,2]", &[]), "not a JSON object"),
@@ -437,19 +368,10 @@ mod tests {
     fn pickles_and_missing_files_are_refused() {
         let dir = temp_dir("pickle");
         let ckpt = write(&dir, "model.ckpt", b"PK\x03\x04whatever");
-        assert!(matches!(
-            read_header(&ckpt),
-            Err(ModelError::PickleRefused(_))
-        ));
+        assert!(matches!(read_header(&ckpt), Err(ModelError::PickleRefused(_))));
         let disguised = write(&dir, "model.safetensors", b"PK\x03\x04whatever-zip-data");
-        assert!(matches!(
-            read_header(&disguised),
-            Err(ModelError::PickleRefused(_))
-        ));
+        assert!(matches!(read_header(&disguised), Err(ModelError::PickleRefused(_))));
         let missing = dir.join("absent.safetensors");
-        assert!(matches!(
-            read_header(&missing),
-            Err(ModelError::NotFound(_))
-        ));
+        assert!(matches!(read_header(&missing), Err(ModelError::NotFound(_))));
     }
 }

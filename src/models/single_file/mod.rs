@@ -65,20 +65,14 @@ pub fn load_single_file(
             materialise(&file, plan, device, dtype).map_err(|error| attribute(component, error))?;
         components.insert(component.clone(), tensors);
     }
-    Ok(ConvertedCheckpoint {
-        family: resolved.family,
-        components,
-        configs: resolved.configs,
-    })
+    Ok(ConvertedCheckpoint { family: resolved.family, components, configs: resolved.configs })
 }
 
 /// The family of a checkpoint, from its header's tensor names and shapes only.
 pub fn detect_family(path: &Path) -> Result<ModelFamily, ModelError> {
     let header = read_header(path)?;
-    detect::detect(&header).map_err(|reason| ModelError::UnknownLayout {
-        path: path.to_path_buf(),
-        reason,
-    })
+    detect::detect(&header)
+        .map_err(|reason| ModelError::UnknownLayout { path: path.to_path_buf(), reason })
 }
 
 /// The family and diffusers configs of a checkpoint, from its header and sidecar, without
@@ -87,9 +81,7 @@ pub fn read_configs(path: &Path) -> Result<(ModelFamily, BTreeMap<String, Value>
     let header = read_header(path)?;
     let resolved = resolve(path, &header, || {
         // Only SD 2.x files that carry a `global_step` need one scalar read.
-        MappedFile::open(path)
-            .ok()
-            .and_then(|file| global_step(&file))
+        MappedFile::open(path).ok().and_then(|file| global_step(&file))
     })?;
     Ok((resolved.family, resolved.configs))
 }
@@ -101,10 +93,7 @@ struct Resolved {
 }
 
 fn global_step(file: &MappedFile) -> Option<i64> {
-    file.header()
-        .contains("global_step")
-        .then(|| file.read_scalar_i64("global_step"))
-        .flatten()
+    file.header().contains("global_step").then(|| file.read_scalar_i64("global_step")).flatten()
 }
 
 fn resolve(
@@ -112,21 +101,13 @@ fn resolve(
     header: &Header,
     global_step: impl FnOnce() -> Option<i64>,
 ) -> Result<Resolved, ModelError> {
-    let unknown = |reason: String| ModelError::UnknownLayout {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let unknown = |reason: String| ModelError::UnknownLayout { path: path.to_path_buf(), reason };
     let sidecar = read_sidecar(path)?;
     let detected = detect::detect(header);
     let family = match (&sidecar, detected) {
-        (
-            Some(Sidecar {
-                family: Some(declared),
-                path: sidecar_path,
-                ..
-            }),
-            Ok(found),
-        ) if *declared != found => {
+        (Some(Sidecar { family: Some(declared), path: sidecar_path, .. }), Ok(found))
+            if *declared != found =>
+        {
             return Err(ModelError::BadConfig {
                 path: sidecar_path.clone(),
                 reason: format!(
@@ -140,14 +121,7 @@ fn resolve(
         (_, Err(reason)) => return Err(unknown(reason)),
     };
     let sd2 = if family == ModelFamily::Sd2 {
-        sd2_variant(
-            header,
-            if header.contains("global_step") {
-                global_step()
-            } else {
-                None
-            },
-        )
+        sd2_variant(header, if header.contains("global_step") { global_step() } else { None })
     } else {
         Sd2Variant::V768
     };
@@ -170,11 +144,7 @@ fn resolve(
             .map_err(|reason| explain_mismatch(path, sidecar.as_ref(), known, component, reason))?;
         plans.insert(component.to_string(), plan);
     }
-    Ok(Resolved {
-        family,
-        configs,
-        plans,
-    })
+    Ok(Resolved { family, configs, plans })
 }
 
 fn component_plan(
@@ -272,13 +242,19 @@ fn materialise(
 
 fn attribute(component: &str, error: ModelError) -> ModelError {
     match error {
-        ModelError::Candle(source) => ModelError::Weights {
-            component: component.to_string(),
-            source,
-        },
+        ModelError::Candle(source) => {
+            ModelError::Weights { component: component.to_string(), source }
+        }
         other => other,
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+/// Checks that a safetensors file's header is complete and every tensor's data lies
+/// inside the file, so a corrupt or truncated file gives an error instead of a crash.
+/// Used for diffusers component files too.
+pub fn check_safetensors(path: &Path) -> Result<(), ModelError> {
+    header::read_header(path).map(|_| ())
+}

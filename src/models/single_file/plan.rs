@@ -44,13 +44,7 @@ pub(crate) fn insert(
             previous.key
         ));
     }
-    plan.insert(
-        diffusers,
-        Source {
-            key: key.to_string(),
-            reshape,
-        },
-    );
+    plan.insert(diffusers, Source { key: key.to_string(), reshape });
     Ok(())
 }
 

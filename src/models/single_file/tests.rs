@@ -16,22 +16,15 @@ struct Builder {
 
 impl Builder {
     fn new() -> Self {
-        Builder {
-            tensors: HashMap::new(),
-            counter: 0.0,
-        }
+        Builder { tensors: HashMap::new(), counter: 0.0 }
     }
 
     fn add(&mut self, name: &str, shape: &[usize]) {
         let count: usize = shape.iter().product();
         self.counter += 1000.0;
-        let values: Vec<f32> = (0..count)
-            .map(|index| self.counter + index as f32)
-            .collect();
-        let tensor = Tensor::from_vec(values, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap();
+        let values: Vec<f32> = (0..count).map(|index| self.counter + index as f32).collect();
+        let tensor =
+            Tensor::from_vec(values, shape, &Device::Cpu).unwrap().to_dtype(DType::F16).unwrap();
         self.tensors.insert(name.to_string(), tensor);
     }
 
@@ -56,27 +49,11 @@ impl Builder {
         self.layer(&format!("{prefix}proj_in."), &[channels, channels, 1, 1]);
         let block = format!("{prefix}transformer_blocks.0.");
         for attention in ["attn1", "attn2"] {
-            let source = if attention == "attn1" {
-                channels
-            } else {
-                context
-            };
-            self.add(
-                &format!("{block}{attention}.to_q.weight"),
-                &[channels, channels],
-            );
-            self.add(
-                &format!("{block}{attention}.to_k.weight"),
-                &[channels, source],
-            );
-            self.add(
-                &format!("{block}{attention}.to_v.weight"),
-                &[channels, source],
-            );
-            self.layer(
-                &format!("{block}{attention}.to_out.0."),
-                &[channels, channels],
-            );
+            let source = if attention == "attn1" { channels } else { context };
+            self.add(&format!("{block}{attention}.to_q.weight"), &[channels, channels]);
+            self.add(&format!("{block}{attention}.to_k.weight"), &[channels, source]);
+            self.add(&format!("{block}{attention}.to_v.weight"), &[channels, source]);
+            self.layer(&format!("{block}{attention}.to_out.0."), &[channels, channels]);
         }
         self.layer(&format!("{block}ff.net.0.proj."), &[channels * 8, channels]);
         self.layer(&format!("{block}ff.net.2."), &[channels, channels * 4]);
@@ -129,10 +106,7 @@ impl Builder {
         let p = "first_stage_model.";
         self.layer(&format!("{p}encoder.conv_in."), &[4, 3, 3, 3]);
         self.vae_resnet(&format!("{p}encoder.down.0.block.0."), 4, 4);
-        self.layer(
-            &format!("{p}encoder.down.0.downsample.conv."),
-            &[4, 4, 3, 3],
-        );
+        self.layer(&format!("{p}encoder.down.0.downsample.conv."), &[4, 4, 3, 3]);
         self.vae_resnet(&format!("{p}encoder.down.1.block.0."), 4, 8);
         for coder in ["encoder", "decoder"] {
             self.vae_resnet(&format!("{p}{coder}.mid.block_1."), 8, 8);
@@ -142,10 +116,7 @@ impl Builder {
                 self.layer(&format!("{attention}{projection}."), &[8, 8, 1, 1]);
             }
             self.vae_resnet(&format!("{p}{coder}.mid.block_2."), 8, 8);
-            self.layer(
-                &format!("{p}{coder}.norm_out."),
-                &[if coder == "encoder" { 8 } else { 4 }],
-            );
+            self.layer(&format!("{p}{coder}.norm_out."), &[if coder == "encoder" { 8 } else { 4 }]);
         }
         self.layer(&format!("{p}encoder.conv_out."), &[4, 8, 3, 3]);
         self.layer(&format!("{p}quant_conv."), &[4, 4, 1, 1]);
@@ -161,23 +132,14 @@ impl Builder {
 
     /// HF-layout CLIP with two layers, hidden 12.
     fn hf_clip(&mut self, prefix: &str) {
-        self.add(
-            &format!("{prefix}embeddings.token_embedding.weight"),
-            &[20, 12],
-        );
-        self.add(
-            &format!("{prefix}embeddings.position_embedding.weight"),
-            &[6, 12],
-        );
+        self.add(&format!("{prefix}embeddings.token_embedding.weight"), &[20, 12]);
+        self.add(&format!("{prefix}embeddings.position_embedding.weight"), &[6, 12]);
         self.add(&format!("{prefix}embeddings.position_ids"), &[1, 6]);
         for layer in 0..2 {
             let base = format!("{prefix}encoder.layers.{layer}.");
-            for module in [
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.out_proj",
-            ] {
+            for module in
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"]
+            {
                 self.layer(&format!("{base}{module}."), &[12, 12]);
             }
             self.layer(&format!("{base}layer_norm1."), &[12]);
@@ -263,10 +225,7 @@ fn tiny_sd1(text_model_level: bool) -> (Builder, Value) {
     };
     builder.hf_clip(prefix);
     builder.add("model_ema.decay", &[]);
-    builder.add(
-        "model_ema.diffusion_modelinput_blocks00weight",
-        &[8, 4, 3, 3],
-    );
+    builder.add("model_ema.diffusion_modelinput_blocks00weight", &[8, 4, 3, 3]);
     let sidecar = json!({
         "family": "sd1", "unet": tiny_unet_config(12, false), "vae": tiny_vae_config(),
         "text_encoder": tiny_clip_config(12, 2), "scheduler": scheduler(),
@@ -275,13 +234,7 @@ fn tiny_sd1(text_model_level: bool) -> (Builder, Value) {
 }
 
 fn values(tensor: &Tensor) -> Vec<f32> {
-    tensor
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    tensor.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn assert_same(converted: &Tensor, source: &Tensor) {
@@ -303,79 +256,37 @@ fn sd1_keys_map_to_diffusers_names() {
 
     let source = |name: &str| &builder.tensors[name];
     let unet = &converted.components["unet"];
-    let unet_sources = builder
-        .tensors
-        .keys()
-        .filter(|name| name.starts_with("model.diffusion_model."))
-        .count();
-    assert_eq!(
-        unet.len(),
-        unet_sources,
-        "every UNet tensor is converted once"
-    );
+    let unet_sources =
+        builder.tensors.keys().filter(|name| name.starts_with("model.diffusion_model.")).count();
+    assert_eq!(unet.len(), unet_sources, "every UNet tensor is converted once");
     for (diffusers, ldm) in [
         ("conv_in.weight", "input_blocks.0.0.weight"),
         ("time_embedding.linear_2.bias", "time_embed.2.bias"),
-        (
-            "down_blocks.0.resnets.0.norm1.weight",
-            "input_blocks.1.0.in_layers.0.weight",
-        ),
-        (
-            "down_blocks.0.resnets.0.time_emb_proj.weight",
-            "input_blocks.1.0.emb_layers.1.weight",
-        ),
+        ("down_blocks.0.resnets.0.norm1.weight", "input_blocks.1.0.in_layers.0.weight"),
+        ("down_blocks.0.resnets.0.time_emb_proj.weight", "input_blocks.1.0.emb_layers.1.weight"),
         (
             "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
             "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
         ),
-        (
-            "down_blocks.0.downsamplers.0.conv.weight",
-            "input_blocks.2.0.op.weight",
-        ),
-        (
-            "down_blocks.1.resnets.0.conv_shortcut.weight",
-            "input_blocks.3.0.skip_connection.weight",
-        ),
-        (
-            "mid_block.attentions.0.proj_in.weight",
-            "middle_block.1.proj_in.weight",
-        ),
-        (
-            "mid_block.resnets.1.conv2.weight",
-            "middle_block.2.out_layers.3.weight",
-        ),
-        (
-            "up_blocks.0.resnets.1.norm2.bias",
-            "output_blocks.1.0.out_layers.0.bias",
-        ),
-        (
-            "up_blocks.0.upsamplers.0.conv.weight",
-            "output_blocks.1.1.conv.weight",
-        ),
-        (
-            "up_blocks.1.attentions.1.proj_out.weight",
-            "output_blocks.3.1.proj_out.weight",
-        ),
-        (
-            "up_blocks.1.resnets.0.conv1.weight",
-            "output_blocks.2.0.in_layers.2.weight",
-        ),
+        ("down_blocks.0.downsamplers.0.conv.weight", "input_blocks.2.0.op.weight"),
+        ("down_blocks.1.resnets.0.conv_shortcut.weight", "input_blocks.3.0.skip_connection.weight"),
+        ("mid_block.attentions.0.proj_in.weight", "middle_block.1.proj_in.weight"),
+        ("mid_block.resnets.1.conv2.weight", "middle_block.2.out_layers.3.weight"),
+        ("up_blocks.0.resnets.1.norm2.bias", "output_blocks.1.0.out_layers.0.bias"),
+        ("up_blocks.0.upsamplers.0.conv.weight", "output_blocks.1.1.conv.weight"),
+        ("up_blocks.1.attentions.1.proj_out.weight", "output_blocks.3.1.proj_out.weight"),
+        ("up_blocks.1.resnets.0.conv1.weight", "output_blocks.2.0.in_layers.2.weight"),
         ("conv_norm_out.weight", "out.0.weight"),
         ("conv_out.bias", "out.2.bias"),
     ] {
-        let converted = unet
-            .get(diffusers)
-            .unwrap_or_else(|| panic!("missing {diffusers}"));
+        let converted = unet.get(diffusers).unwrap_or_else(|| panic!("missing {diffusers}"));
         assert_same(converted, source(&format!("model.diffusion_model.{ldm}")));
     }
     assert_eq!(unet["conv_in.weight"].dtype(), DType::F32);
 
     let vae = &converted.components["vae"];
-    let vae_sources = builder
-        .tensors
-        .keys()
-        .filter(|name| name.starts_with("first_stage_model."))
-        .count();
+    let vae_sources =
+        builder.tensors.keys().filter(|name| name.starts_with("first_stage_model.")).count();
     assert_eq!(vae.len(), vae_sources);
     for (diffusers, ldm) in [
         ("encoder.conv_norm_out.weight", "encoder.norm_out.weight"),
@@ -387,52 +298,27 @@ fn sd1_keys_map_to_diffusers_names() {
             "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
             "encoder.down.1.block.0.nin_shortcut.weight",
         ),
-        (
-            "decoder.up_blocks.0.resnets.1.conv1.weight",
-            "decoder.up.1.block.1.conv1.weight",
-        ),
-        (
-            "decoder.up_blocks.0.upsamplers.0.conv.weight",
-            "decoder.up.1.upsample.conv.weight",
-        ),
+        ("decoder.up_blocks.0.resnets.1.conv1.weight", "decoder.up.1.block.1.conv1.weight"),
+        ("decoder.up_blocks.0.upsamplers.0.conv.weight", "decoder.up.1.upsample.conv.weight"),
         (
             "decoder.up_blocks.1.resnets.0.conv_shortcut.bias",
             "decoder.up.0.block.0.nin_shortcut.bias",
         ),
-        (
-            "decoder.mid_block.resnets.1.norm2.weight",
-            "decoder.mid.block_2.norm2.weight",
-        ),
-        (
-            "encoder.mid_block.attentions.0.group_norm.bias",
-            "encoder.mid.attn_1.norm.bias",
-        ),
+        ("decoder.mid_block.resnets.1.norm2.weight", "decoder.mid.block_2.norm2.weight"),
+        ("encoder.mid_block.attentions.0.group_norm.bias", "encoder.mid.attn_1.norm.bias"),
         ("post_quant_conv.weight", "post_quant_conv.weight"),
     ] {
-        let converted = vae
-            .get(diffusers)
-            .unwrap_or_else(|| panic!("missing {diffusers}"));
+        let converted = vae.get(diffusers).unwrap_or_else(|| panic!("missing {diffusers}"));
         assert_same(converted, source(&format!("first_stage_model.{ldm}")));
     }
     let to_q = &vae["decoder.mid_block.attentions.0.to_q.weight"];
-    assert_eq!(
-        to_q.dims(),
-        [8, 8],
-        "1x1 conv attention weights become linear weights"
-    );
-    assert_eq!(
-        values(to_q),
-        values(source("first_stage_model.decoder.mid.attn_1.q.weight"))
-    );
+    assert_eq!(to_q.dims(), [8, 8], "1x1 conv attention weights become linear weights");
+    assert_eq!(values(to_q), values(source("first_stage_model.decoder.mid.attn_1.q.weight")));
     assert!(vae.contains_key("encoder.mid_block.attentions.0.to_out.0.bias"));
 
     let clip = &converted.components["text_encoder"];
     assert!(!clip.keys().any(|name| name.contains("position_ids")));
-    assert_eq!(
-        clip.len(),
-        4 + 2 * 16,
-        "embeddings, final norm and two layers"
-    );
+    assert_eq!(clip.len(), 4 + 2 * 16, "embeddings, final norm and two layers");
     assert_same(
         &clip["text_model.encoder.layers.1.mlp.fc2.weight"],
         source("cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight"),
@@ -468,11 +354,7 @@ fn open_clip_is_split_and_truncated_to_the_configured_layers() {
     assert_eq!(detect_family(&path).unwrap(), ModelFamily::Sd2);
     let converted = load_single_file(&path, &Device::Cpu, DType::F32).unwrap();
     let clip = &converted.components["text_encoder"];
-    assert_eq!(
-        clip.len(),
-        4 + 2 * 16,
-        "embeddings, final norm, two layers; no projection"
-    );
+    assert_eq!(clip.len(), 4 + 2 * 16, "embeddings, final norm, two layers; no projection");
     assert!(!clip.contains_key("text_projection.weight"));
     assert!(!clip.keys().any(|name| name.contains("layers.2.")));
     let fused = values(
@@ -520,11 +402,7 @@ fn sdxl_base_and_refiner_convert_with_projection_and_add_embedding() {
         let dir = temp_dir(if refiner { "refiner" } else { "sdxl" });
         let (builder, sidecar) = tiny_sdxl(refiner);
         let path = builder.write(&dir, "tiny", Some(&sidecar));
-        let family = if refiner {
-            ModelFamily::SdxlRefiner
-        } else {
-            ModelFamily::Sdxl
-        };
+        let family = if refiner { ModelFamily::SdxlRefiner } else { ModelFamily::Sdxl };
         assert_eq!(detect_family(&path).unwrap(), family);
         let converted = load_single_file(&path, &Device::Cpu, DType::F32).unwrap();
         assert_eq!(converted.family, family);
@@ -541,11 +419,7 @@ fn sdxl_base_and_refiner_convert_with_projection_and_add_embedding() {
         };
         let projection = &converted.components["text_encoder_2"]["text_projection.weight"];
         let stored = &builder.tensors[&format!("{prefix}text_projection")];
-        assert_eq!(
-            projection.dims(),
-            [10, 16],
-            "OpenCLIP [in, out] becomes a linear [out, in]"
-        );
+        assert_eq!(projection.dims(), [10, 16], "OpenCLIP [in, out] becomes a linear [out, in]");
         assert_same(projection, &stored.t().unwrap());
     }
 }
@@ -558,28 +432,17 @@ fn tiny_weights_without_sidecar_ask_for_one() {
     assert_eq!(detect_family(&path).unwrap(), ModelFamily::Sd1);
     let error = read_configs(&path).unwrap_err();
     let message = error.to_string();
-    assert!(
-        matches!(error, ModelError::UnknownLayout { .. }),
-        "{message}"
-    );
-    assert!(
-        message.contains("sidecar") && message.contains("tiny.config.json"),
-        "{message}"
-    );
+    assert!(matches!(error, ModelError::UnknownLayout { .. }), "{message}");
+    assert!(message.contains("sidecar") && message.contains("tiny.config.json"), "{message}");
 }
 
 #[test]
 fn missing_tensor_is_named() {
     let dir = temp_dir("missing");
     let (mut builder, sidecar) = tiny_sd1(true);
-    builder
-        .tensors
-        .remove("model.diffusion_model.output_blocks.2.0.in_layers.2.weight");
+    builder.tensors.remove("model.diffusion_model.output_blocks.2.0.in_layers.2.weight");
     let path = builder.write(&dir, "tiny", Some(&sidecar));
-    let message = load_single_file(&path, &Device::Cpu, DType::F32)
-        .err()
-        .unwrap()
-        .to_string();
+    let message = load_single_file(&path, &Device::Cpu, DType::F32).err().unwrap().to_string();
     assert!(
         message
             .contains("missing tensor model.diffusion_model.output_blocks.2.0.in_layers.2.weight"),
@@ -598,47 +461,22 @@ fn sidecar_that_does_not_fit_is_blamed() {
             assert!(path.ends_with("tiny.config.json"));
             assert!(reason.contains("unet"), "{reason}");
         }
-        other => panic!(
-            "expected BadConfig, got {:?}",
-            other.map(|(family, _)| family)
-        ),
+        other => panic!("expected BadConfig, got {:?}", other.map(|(family, _)| family)),
     }
     sidecar = json!({"family": "sdxl"});
     std::fs::write(dir.join("tiny.config.json"), sidecar.to_string()).unwrap();
     let message = read_configs(&path).err().unwrap().to_string();
-    assert!(
-        message.contains("\"sdxl\"") && message.contains("sd1 layout"),
-        "{message}"
-    );
+    assert!(message.contains("\"sdxl\"") && message.contains("sd1 layout"), "{message}");
 }
 
 #[test]
 fn unknown_layouts_say_what_the_file_looks_like() {
     let dir = temp_dir("unknown");
     let cases: [(&str, &[&str], &str); 4] = [
-        (
-            "lora",
-            &["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"],
-            "LoRA",
-        ),
-        (
-            "vae",
-            &[
-                "encoder.down.0.block.0.conv1.weight",
-                "decoder.conv_in.weight",
-            ],
-            "VAE-only",
-        ),
-        (
-            "diffusers",
-            &["down_blocks.0.resnets.0.conv1.weight"],
-            "diffusers",
-        ),
-        (
-            "unet-only",
-            &["model.diffusion_model.input_blocks.0.0.weight"],
-            "no text encoder",
-        ),
+        ("lora", &["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "LoRA"),
+        ("vae", &["encoder.down.0.block.0.conv1.weight", "decoder.conv_in.weight"], "VAE-only"),
+        ("diffusers", &["down_blocks.0.resnets.0.conv1.weight"], "diffusers"),
+        ("unet-only", &["model.diffusion_model.input_blocks.0.0.weight"], "no text encoder"),
     ];
     for (stem, names, expected) in cases {
         let mut builder = Builder::new();
@@ -660,18 +498,11 @@ fn sd2_variant_follows_markers_and_defaults_to_v_prediction() {
     let mut header = header::Header::default();
     assert_eq!(sd2_variant(&header, None), Sd2Variant::V768);
     assert_eq!(sd2_variant(&header, Some(875_000)), Sd2Variant::Base512);
-    header
-        .metadata
-        .insert("modelspec.prediction_type".into(), "epsilon".into());
+    header.metadata.insert("modelspec.prediction_type".into(), "epsilon".into());
     assert_eq!(sd2_variant(&header, None), Sd2Variant::Base512);
     header.tensors.insert(
         "v_pred".into(),
-        header::TensorEntry {
-            dtype: "F32".into(),
-            shape: vec![],
-            start: 0,
-            end: 4,
-        },
+        header::TensorEntry { dtype: "F32".into(), shape: vec![], start: 0, end: 4 },
     );
     assert_eq!(sd2_variant(&header, None), Sd2Variant::V768);
 }
@@ -686,14 +517,8 @@ fn pickles_are_refused_before_reading() {
             load_single_file(&path, &Device::Cpu, DType::F32),
             Err(ModelError::PickleRefused(_))
         ));
-        assert!(matches!(
-            detect_family(&path),
-            Err(ModelError::PickleRefused(_))
-        ));
+        assert!(matches!(detect_family(&path), Err(ModelError::PickleRefused(_))));
     }
     let missing = dir.join("absent.safetensors");
-    assert!(matches!(
-        read_configs(&missing),
-        Err(ModelError::NotFound(_))
-    ));
+    assert!(matches!(read_configs(&missing), Err(ModelError::NotFound(_))));
 }

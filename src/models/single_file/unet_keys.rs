@@ -59,21 +59,11 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
     let blocks = channels.len();
     let down_types = fields.strings(
         "down_block_types",
-        &[
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ],
+        &["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     )?;
     let up_types = fields.strings(
         "up_block_types",
-        &[
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ],
+        &["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     )?;
     if down_types.len() != blocks || up_types.len() != blocks {
         return Err(format!(
@@ -98,16 +88,8 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
         table.insert(ldm, Block { diffusers, part });
     };
     add("input_blocks.0.0.".into(), "conv_in.".into(), Part::Layer);
-    add(
-        "time_embed.0.".into(),
-        "time_embedding.linear_1.".into(),
-        Part::Layer,
-    );
-    add(
-        "time_embed.2.".into(),
-        "time_embedding.linear_2.".into(),
-        Part::Layer,
-    );
+    add("time_embed.0.".into(), "time_embedding.linear_1.".into(), Part::Layer);
+    add("time_embed.2.".into(), "time_embedding.linear_2.".into(), Part::Layer);
     add("out.0.".into(), "conv_norm_out.".into(), Part::Layer);
     add("out.2.".into(), "conv_out.".into(), Part::Layer);
     // SDXL's pooled-text + size conditioning and SD2-unCLIP-style class projections
@@ -120,25 +102,15 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
         None
     };
     if let Some(target) = label_target {
-        add(
-            "label_emb.0.0.".into(),
-            format!("{target}.linear_1."),
-            Part::Layer,
-        );
-        add(
-            "label_emb.0.2.".into(),
-            format!("{target}.linear_2."),
-            Part::Layer,
-        );
+        add("label_emb.0.0.".into(), format!("{target}.linear_1."), Part::Layer);
+        add("label_emb.0.2.".into(), format!("{target}.linear_2."), Part::Layer);
     }
 
     let mut input_index = 1;
     for block in 0..blocks {
         let attention = has_attention(&down_types[block], block)?;
         for layer in 0..layers[block] {
-            let resnet = Part::Resnet {
-                out_channels: channels[block],
-            };
+            let resnet = Part::Resnet { out_channels: channels[block] };
             add(
                 format!("input_blocks.{input_index}.0."),
                 format!("down_blocks.{block}.resnets.{layer}."),
@@ -148,9 +120,7 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
                 add(
                     format!("input_blocks.{input_index}.1."),
                     format!("down_blocks.{block}.attentions.{layer}."),
-                    Part::Attention {
-                        depth: depth[block],
-                    },
+                    Part::Attention { depth: depth[block] },
                 );
             }
             input_index += 1;
@@ -165,47 +135,22 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
         }
     }
 
-    let mid_channels = *channels
-        .last()
-        .ok_or("unet config has no block_out_channels")?;
-    let mid_resnet = Part::Resnet {
-        out_channels: mid_channels,
-    };
-    match fields
-        .string("mid_block_type")?
-        .unwrap_or("UNetMidBlock2DCrossAttn")
-    {
+    let mid_channels = *channels.last().ok_or("unet config has no block_out_channels")?;
+    let mid_resnet = Part::Resnet { out_channels: mid_channels };
+    match fields.string("mid_block_type")?.unwrap_or("UNetMidBlock2DCrossAttn") {
         "UNetMidBlock2DCrossAttn" => {
-            add(
-                "middle_block.0.".into(),
-                "mid_block.resnets.0.".into(),
-                mid_resnet,
-            );
-            let mid_depth = *depth
-                .last()
-                .expect("blocks > 0 checked above; this is a bug");
+            add("middle_block.0.".into(), "mid_block.resnets.0.".into(), mid_resnet);
+            let mid_depth = *depth.last().expect("blocks > 0 checked above; this is a bug");
             add(
                 "middle_block.1.".into(),
                 "mid_block.attentions.0.".into(),
                 Part::Attention { depth: mid_depth },
             );
-            add(
-                "middle_block.2.".into(),
-                "mid_block.resnets.1.".into(),
-                mid_resnet,
-            );
+            add("middle_block.2.".into(), "mid_block.resnets.1.".into(), mid_resnet);
         }
         "UNetMidBlock2D" => {
-            add(
-                "middle_block.0.".into(),
-                "mid_block.resnets.0.".into(),
-                mid_resnet,
-            );
-            add(
-                "middle_block.1.".into(),
-                "mid_block.resnets.1.".into(),
-                mid_resnet,
-            );
+            add("middle_block.0.".into(), "mid_block.resnets.0.".into(), mid_resnet);
+            add("middle_block.1.".into(), "mid_block.resnets.1.".into(), mid_resnet);
         }
         other => return Err(format!("unet mid_block_type {other:?} is not supported")),
     }
@@ -215,9 +160,7 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
         let attention = has_attention(&up_types[block], block)?;
         let layer_count = reversed_layers[block] + 1;
         for layer in 0..layer_count {
-            let resnet = Part::Resnet {
-                out_channels: reversed_channels[block],
-            };
+            let resnet = Part::Resnet { out_channels: reversed_channels[block] };
             add(
                 format!("output_blocks.{output_index}.0."),
                 format!("up_blocks.{block}.resnets.{layer}."),
@@ -228,9 +171,7 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
                 add(
                     format!("output_blocks.{output_index}.1."),
                     format!("up_blocks.{block}.attentions.{layer}."),
-                    Part::Attention {
-                        depth: reversed_depth[block],
-                    },
+                    Part::Attention { depth: reversed_depth[block] },
                 );
                 next = 2;
             }
@@ -312,9 +253,8 @@ fn required_keys(part: Part) -> Vec<String> {
             .map(|module| format!("{module}.weight"))
             .collect(),
         Part::Attention { depth } => {
-            let mut keys: Vec<String> = ["norm.weight", "proj_in.weight", "proj_out.weight"]
-                .map(String::from)
-                .to_vec();
+            let mut keys: Vec<String> =
+                ["norm.weight", "proj_in.weight", "proj_out.weight"].map(String::from).to_vec();
             for index in 0..depth {
                 for layer in ["attn1.to_q", "attn2.to_k", "ff.net.2"] {
                     keys.push(format!("transformer_blocks.{index}.{layer}.weight"));
@@ -340,12 +280,7 @@ pub(crate) fn unet_plan(header: &Header, config: &Value) -> Result<Plan, String>
         let entry = &table[block];
         let (renamed, reshape) =
             map_rest(entry.part, rest).map_err(|reason| format!("{name}: {reason}"))?;
-        insert(
-            &mut plan,
-            format!("{}{renamed}", entry.diffusers),
-            name,
-            reshape,
-        )?;
+        insert(&mut plan, format!("{}{renamed}", entry.diffusers), name, reshape)?;
     }
     let mut blocks: Vec<(&String, &Block)> = table.iter().collect();
     blocks.sort_by(|left, right| left.0.cmp(right.0));
@@ -395,25 +330,12 @@ fn check_shapes(
     let first = channels[0];
 
     let conv_in = shape_of(header, "input_blocks.0.0.weight")?;
-    expect_dim(
-        "input_blocks.0.0.weight",
-        conv_in,
-        0,
-        first,
-        "block_out_channels[0]",
-    )?;
-    expect_dim(
-        "input_blocks.0.0.weight",
-        conv_in,
-        1,
-        in_channels,
-        "in_channels",
-    )?;
+    expect_dim("input_blocks.0.0.weight", conv_in, 0, first, "block_out_channels[0]")?;
+    expect_dim("input_blocks.0.0.weight", conv_in, 1, in_channels, "in_channels")?;
     let conv_out = shape_of(header, "out.2.weight")?;
     expect_dim("out.2.weight", conv_out, 0, out_channels, "out_channels")?;
-    if let Some(projection) = config
-        .get("projection_class_embeddings_input_dim")
-        .and_then(Value::as_u64)
+    if let Some(projection) =
+        config.get("projection_class_embeddings_input_dim").and_then(Value::as_u64)
     {
         if table.contains_key("label_emb.0.0.") {
             let shape = shape_of(header, "label_emb.0.0.weight")?;
@@ -427,10 +349,8 @@ fn check_shapes(
         match table[prefix].part {
             Part::Resnet { out_channels } => {
                 let key = format!("{prefix}out_layers.3.weight");
-                let what = format!(
-                    "output width of {}",
-                    table[prefix].diffusers.trim_end_matches('.')
-                );
+                let what =
+                    format!("output width of {}", table[prefix].diffusers.trim_end_matches('.'));
                 expect_dim(&key, shape_of(header, &key)?, 0, out_channels, &what)?;
             }
             Part::Attention { .. } => {

@@ -38,41 +38,19 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
     }
     let layers = fields.usize("layers_per_block", 1)?;
     let mid_attention = fields.bool("mid_block_add_attention", true)?;
-    let top = *channels
-        .last()
-        .expect("levels > 0 checked above; this is a bug");
+    let top = *channels.last().expect("levels > 0 checked above; this is a bug");
 
     let mut table = HashMap::new();
     let mut add = |ldm: String, diffusers: String, part: Part| {
         table.insert(ldm, Block { diffusers, part });
     };
     for coder in ["encoder", "decoder"] {
-        add(
-            format!("{coder}.conv_in."),
-            format!("{coder}.conv_in."),
-            Part::Layer,
-        );
-        add(
-            format!("{coder}.conv_out."),
-            format!("{coder}.conv_out."),
-            Part::Layer,
-        );
-        add(
-            format!("{coder}.norm_out."),
-            format!("{coder}.conv_norm_out."),
-            Part::Layer,
-        );
+        add(format!("{coder}.conv_in."), format!("{coder}.conv_in."), Part::Layer);
+        add(format!("{coder}.conv_out."), format!("{coder}.conv_out."), Part::Layer);
+        add(format!("{coder}.norm_out."), format!("{coder}.conv_norm_out."), Part::Layer);
         let resnet = Part::Resnet { out_channels: top };
-        add(
-            format!("{coder}.mid.block_1."),
-            format!("{coder}.mid_block.resnets.0."),
-            resnet,
-        );
-        add(
-            format!("{coder}.mid.block_2."),
-            format!("{coder}.mid_block.resnets.1."),
-            resnet,
-        );
+        add(format!("{coder}.mid.block_1."), format!("{coder}.mid_block.resnets.0."), resnet);
+        add(format!("{coder}.mid.block_2."), format!("{coder}.mid_block.resnets.1."), resnet);
         if mid_attention {
             add(
                 format!("{coder}.mid.attn_1."),
@@ -82,15 +60,9 @@ fn block_table(config: &Value) -> Result<HashMap<String, Block>, String> {
         }
     }
     add("quant_conv.".into(), "quant_conv.".into(), Part::Layer);
-    add(
-        "post_quant_conv.".into(),
-        "post_quant_conv.".into(),
-        Part::Layer,
-    );
+    add("post_quant_conv.".into(), "post_quant_conv.".into(), Part::Layer);
     for (level, &width) in channels.iter().enumerate() {
-        let resnet = Part::Resnet {
-            out_channels: width,
-        };
+        let resnet = Part::Resnet { out_channels: width };
         for layer in 0..layers {
             add(
                 format!("encoder.down.{level}.block.{layer}."),
@@ -154,30 +126,15 @@ fn map_rest(part: Part, rest: &str) -> Result<(String, Reshape), String> {
         (Part::Attention, "proj_out") => "to_out.0",
         _ => return Err("not a parameter of this block".into()),
     };
-    let reshape = if part == Part::Attention {
-        Reshape::ConvToLinear
-    } else {
-        Reshape::AsIs
-    };
+    let reshape = if part == Part::Attention { Reshape::ConvToLinear } else { Reshape::AsIs };
     Ok((format!("{module}.{param}"), reshape))
 }
 
 fn required_keys(part: Part) -> &'static [&'static str] {
     match part {
         Part::Layer => &["weight"],
-        Part::Resnet { .. } => &[
-            "norm1.weight",
-            "conv1.weight",
-            "norm2.weight",
-            "conv2.weight",
-        ],
-        Part::Attention => &[
-            "norm.weight",
-            "q.weight",
-            "k.weight",
-            "v.weight",
-            "proj_out.weight",
-        ],
+        Part::Resnet { .. } => &["norm1.weight", "conv1.weight", "norm2.weight", "conv2.weight"],
+        Part::Attention => &["norm.weight", "q.weight", "k.weight", "v.weight", "proj_out.weight"],
         Part::Sampler => &["conv.weight"],
     }
 }
@@ -202,12 +159,7 @@ pub(crate) fn vae_plan(header: &Header, config: &Value) -> Result<Plan, String> 
         let entry = &table[block];
         let (renamed, reshape) =
             map_rest(entry.part, rest).map_err(|reason| format!("{name}: {reason}"))?;
-        insert(
-            &mut plan,
-            format!("{}{renamed}", entry.diffusers),
-            name,
-            reshape,
-        )?;
+        insert(&mut plan, format!("{}{renamed}", entry.diffusers), name, reshape)?;
     }
     let mut prefixes: Vec<&String> = table.keys().collect();
     prefixes.sort();
@@ -235,35 +187,18 @@ fn check_shapes(
     let latent_channels = fields.usize("latent_channels", 4)?;
     let check = |key: &str, dim: usize, expected: usize, what: &str| -> Result<(), String> {
         let full = format!("{VAE_PREFIX}{key}");
-        let shape = header
-            .shape(&full)
-            .ok_or_else(|| format!("missing tensor {full}"))?;
+        let shape = header.shape(&full).ok_or_else(|| format!("missing tensor {full}"))?;
         match shape.get(dim) {
             Some(&actual) if actual == expected => Ok(()),
-            _ => Err(format!(
-                "{full} has shape {shape:?}, but the config's {what} is {expected}"
-            )),
+            _ => Err(format!("{full} has shape {shape:?}, but the config's {what} is {expected}")),
         }
     };
-    check(
-        "encoder.conv_in.weight",
-        0,
-        channels[0],
-        "block_out_channels[0]",
-    )?;
+    check("encoder.conv_in.weight", 0, channels[0], "block_out_channels[0]")?;
     check("encoder.conv_in.weight", 1, in_channels, "in_channels")?;
-    check(
-        "post_quant_conv.weight",
-        0,
-        latent_channels,
-        "latent_channels",
-    )?;
+    check("post_quant_conv.weight", 0, latent_channels, "latent_channels")?;
     for prefix in prefixes {
         if let Part::Resnet { out_channels } = table[*prefix].part {
-            let what = format!(
-                "width of {}",
-                table[*prefix].diffusers.trim_end_matches('.')
-            );
+            let what = format!("width of {}", table[*prefix].diffusers.trim_end_matches('.'));
             check(&format!("{prefix}conv2.weight"), 0, out_channels, &what)?;
         }
     }
