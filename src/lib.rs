@@ -4,6 +4,7 @@
 //! Dependencies point one way; `pipeline` and below know nothing about HTTP.
 
 pub mod api;
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod error;

@@ -1,0 +1,182 @@
+//! Command-line uses of the library that need no server: `sdserve generate`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::DType;
+use clap::Args;
+
+use crate::codec::{encode_image, ImageFormat};
+use crate::pipeline::{GenerationParams, LoadOptions, Pipeline, StepObserver};
+
+/// `sdserve generate`: one request through the pipeline, written to image files.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// A diffusers folder or a single-file .safetensors checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// What to draw. A1111 prompt syntax is not parsed yet: the text goes to CLIP as is.
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (empty: unconditional; SDXL uses zeros).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Image width in pixels (multiple of 8; default: the model's native size).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Image height in pixels (multiple of 8; default: the model's native size).
+    #[arg(long)]
+    pub height: Option<u32>,
+    /// Denoising steps.
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (≤ 1 disables guidance).
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Guidance rescale φ (0 = off), for v-prediction / zero-SNR models.
+    #[arg(long)]
+    pub guidance_rescale: Option<f64>,
+    /// Sampler id, A1111 name or alias (see `GET /v1/samplers`).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Seed of the first image (image i uses seed + i); default random.
+    #[arg(long)]
+    pub seed: Option<i64>,
+    /// Number of images.
+    #[arg(long)]
+    pub n: Option<u32>,
+    /// A1111 clip skip: 1 = last CLIP layer, 2 = penultimate, ...
+    #[arg(long)]
+    pub clip_skip: Option<u32>,
+    /// SDXL original_size micro-conditioning, WxH (default: the output size).
+    #[arg(long, value_parser = parse_size)]
+    pub original_size: Option<(u32, u32)>,
+    /// SDXL crop micro-conditioning, TOP,LEFT in pixels (default 0,0).
+    #[arg(long, value_parser = parse_pair)]
+    pub crop_top_left: Option<(u32, u32)>,
+    /// SDXL target_size micro-conditioning, WxH (default: the output size).
+    #[arg(long, value_parser = parse_size)]
+    pub target_size: Option<(u32, u32)>,
+    /// Compute precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+    /// Device: cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output file; its extension picks the format (png, jpg, webp). With n > 1,
+    /// `out.png` becomes out-0.png, out-1.png, ...
+    #[arg(long, default_value = "out.png")]
+    pub output: PathBuf,
+}
+
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let (w, h) =
+        text.split_once(['x', 'X']).ok_or_else(|| format!("expected WxH, got {text:?}"))?;
+    Ok((
+        w.trim().parse().map_err(|_| format!("bad width in {text:?}"))?,
+        h.trim().parse().map_err(|_| format!("bad height in {text:?}"))?,
+    ))
+}
+
+fn parse_pair(text: &str) -> Result<(u32, u32), String> {
+    let (a, b) = text.split_once(',').ok_or_else(|| format!("expected A,B, got {text:?}"))?;
+    Ok((
+        a.trim().parse().map_err(|_| format!("bad number in {text:?}"))?,
+        b.trim().parse().map_err(|_| format!("bad number in {text:?}"))?,
+    ))
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(text: &str) -> Result<DType, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype {other:?}; use f32, f16 or bf16")),
+    }
+}
+
+/// Prints one line per step to stderr.
+struct StderrProgress {
+    started: Instant,
+}
+
+impl StepObserver for StderrProgress {
+    fn on_step(&mut self, _image_index: u32, step: usize, steps: usize) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        eprintln!("step {step}/{steps} ({:.2} s/step)", elapsed / step as f64);
+    }
+    fn should_cancel(&self) -> bool {
+        false
+    }
+}
+
+/// The file image `index` of `count` is written to.
+fn output_path(output: &Path, index: u32, count: u32) -> PathBuf {
+    if count == 1 {
+        return output.to_path_buf();
+    }
+    let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let name = match output.extension().and_then(|e| e.to_str()) {
+        Some(extension) => format!("{stem}-{index}.{extension}"),
+        None => format!("{stem}-{index}"),
+    };
+    output.with_file_name(name)
+}
+
+/// Runs `sdserve generate`.
+pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    let extension = args.output.extension().and_then(|e| e.to_str()).unwrap_or("png");
+    let Some(format) = ImageFormat::from_name(extension) else {
+        bail!("--output: unknown image extension {extension:?}; use .png, .jpg or .webp");
+    };
+    let device = crate::pipeline::parse_device(&args.device).context("--device")?;
+    let name = args.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+    let loading = Instant::now();
+    let options = LoadOptions { device, dtype: args.dtype };
+    let pipeline = Pipeline::load(&name, &args.model, &options)
+        .with_context(|| format!("--model {}", args.model.display()))?;
+    eprintln!(
+        "loaded {} ({}) in {:.1} s",
+        name,
+        pipeline.defaults().family.id(),
+        loading.elapsed().as_secs_f64()
+    );
+    let params = GenerationParams {
+        prompt: args.prompt.clone(),
+        negative_prompt: Some(args.negative_prompt.clone()),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        guidance_rescale: args.guidance_rescale,
+        sampler: args.sampler.clone(),
+        seed: args.seed,
+        n: args.n,
+        clip_skip: args.clip_skip,
+        original_size: args.original_size,
+        crop_top_left: args.crop_top_left,
+        target_size: args.target_size,
+        ..Default::default()
+    };
+    let limits = crate::pipeline::Limits { max_n: 64, max_steps: 1000, ..Default::default() };
+    let request = params
+        .validate(pipeline.defaults(), &limits)
+        .map_err(|e| anyhow::anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;
+    let images = pipeline.generate(&request, &mut StderrProgress { started: Instant::now() })?;
+    for image in &images {
+        let bytes = encode_image(
+            &image.rgb,
+            image.width,
+            image.height,
+            format,
+            None,
+            Some(&request.infotext(image.index)),
+        )?;
+        let path = output_path(&args.output, image.index, request.n);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {} (seed {})", path.display(), image.seed);
+    }
+    Ok(())
+}
