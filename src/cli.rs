@@ -180,3 +180,102 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `sdserve bench`: times the parts of one generation on a model.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// A diffusers folder or a single-file .safetensors checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image sizes to time (square), e.g. --size 256 --size 512.
+    #[arg(long = "size", default_values_t = vec![256u32])]
+    pub sizes: Vec<u32>,
+    /// Timed repetitions of each part (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Compute precision: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+    /// Device: cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Median, min and max of `repeats` timed runs of `run`, after one warm-up run.
+fn time_runs(repeats: usize, mut run: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<[f64; 3]> {
+    run()?;
+    let mut seconds = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let started = Instant::now();
+        run()?;
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    seconds.sort_by(f64::total_cmp);
+    Ok([seconds[seconds.len() / 2], seconds[0], seconds[seconds.len() - 1]])
+}
+
+/// Peak resident memory of this process so far (Linux), in MiB.
+pub fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs `sdserve bench`, printing one line per timed part.
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = crate::pipeline::parse_device(&args.device).context("--device")?;
+    let options = LoadOptions { device, dtype: args.dtype };
+    let loading = Instant::now();
+    let pipeline = Pipeline::load("bench", &args.model, &options)
+        .with_context(|| format!("--model {}", args.model.display()))?;
+    println!(
+        "model {} ({}), dtype {:?}, device {}, threads {}, loaded in {:.1} s",
+        args.model.display(),
+        pipeline.defaults().family.id(),
+        args.dtype,
+        args.device,
+        candle_core::utils::get_num_threads(),
+        loading.elapsed().as_secs_f64()
+    );
+    let report = |part: &str, [median, min, max]: [f64; 3]| {
+        println!("{part:<32} median {median:>8.3} s   min {min:>8.3} s   max {max:>8.3} s");
+    };
+    let request = |size: u32, steps: u32| {
+        GenerationParams {
+            prompt: "a photo of an astronaut riding a horse".into(),
+            width: Some(size),
+            height: Some(size),
+            steps: Some(steps),
+            seed: Some(0),
+            sampler: Some("euler".into()),
+            ..Default::default()
+        }
+        .validate(pipeline.defaults(), &crate::pipeline::Limits::default())
+        .map_err(|e| anyhow::anyhow!("--size: {}", e.message))
+    };
+    let text = request(512, 1)?;
+    report("text encoder (prompt)", time_runs(args.repeats, || Ok(pipeline.bench_text(&text).map(|_| ())?))?);
+    for &size in &args.sizes {
+        let one = request(size, 1)?;
+        for batch in [1usize, 2] {
+            report(
+                &format!("unet step {size}x{size} batch {batch}"),
+                time_runs(args.repeats, || Ok(pipeline.bench_unet_step(&one, batch)?))?,
+            );
+        }
+        report(
+            &format!("vae decode {size}x{size}"),
+            time_runs(args.repeats, || Ok(pipeline.bench_vae_decode(&one).map(|_| ())?))?,
+        );
+        let whole = request(size, 20)?;
+        report(
+            &format!("request {size}x{size}, 20 steps, cfg"),
+            time_runs(1, || Ok(pipeline.generate(&whole, &mut crate::pipeline::NoObserver).map(|_| ())?))?,
+        );
+    }
+    if let Some(peak) = peak_memory_mib() {
+        println!("peak resident memory {peak:.0} MiB");
+    }
+    Ok(())
+}
