@@ -202,7 +202,10 @@ pub struct BenchArgs {
 }
 
 /// Median, min and max of `repeats` timed runs of `run`, after one warm-up run.
-fn time_runs(repeats: usize, mut run: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<[f64; 3]> {
+fn time_runs(
+    repeats: usize,
+    mut run: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<[f64; 3]> {
     run()?;
     let mut seconds = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
@@ -255,7 +258,10 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--size: {}", e.message))
     };
     let text = request(512, 1)?;
-    report("text encoder (prompt)", time_runs(args.repeats, || Ok(pipeline.bench_text(&text).map(|_| ())?))?);
+    report(
+        "text encoder (prompt)",
+        time_runs(args.repeats, || Ok(pipeline.bench_text(&text).map(|_| ())?))?,
+    );
     for &size in &args.sizes {
         let one = request(size, 1)?;
         for batch in [1usize, 2] {
@@ -271,7 +277,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         let whole = request(size, 20)?;
         report(
             &format!("request {size}x{size}, 20 steps, cfg"),
-            time_runs(1, || Ok(pipeline.generate(&whole, &mut crate::pipeline::NoObserver).map(|_| ())?))?,
+            time_runs(1, || {
+                Ok(pipeline.generate(&whole, &mut crate::pipeline::NoObserver).map(|_| ())?)
+            })?,
         );
     }
     if let Some(peak) = peak_memory_mib() {

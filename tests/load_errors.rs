@@ -72,8 +72,11 @@ fn a_component_saved_only_as_pickle_is_refused() {
     let dir = tempdir("bin-only");
     copy_dir(&fixtures().join("sd1"), &dir);
     let vae = dir.join("vae");
-    std::fs::rename(vae.join("diffusion_pytorch_model.safetensors"), vae.join("diffusion_pytorch_model.bin"))
-        .unwrap();
+    std::fs::rename(
+        vae.join("diffusion_pytorch_model.safetensors"),
+        vae.join("diffusion_pytorch_model.bin"),
+    )
+    .unwrap();
     let error = load_error(&dir);
     assert!(matches!(error, ModelError::PickleRefused(_)), "{error}");
 }

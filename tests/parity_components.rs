@@ -125,3 +125,39 @@ fn sd2v_components_match_diffusers() {
 fn sdxl_components_match_diffusers() {
     check_family("sdxl");
 }
+
+/// f16 weights run and stay near the f32 reference (not a parity claim: half precision
+/// rounds every activation; the bound only catches broken dtype handling). bf16 is
+/// refused on the CPU, where candle has no bf16 matmul.
+#[test]
+fn half_precision_unet_and_vae_stay_close_to_f32() {
+    let refs = reference("sdxl");
+    let refused = loader::load(&fixtures().join("sdxl"), &Device::Cpu, DType::BF16);
+    assert!(refused.is_err_and(|e| e.to_string().contains("bf16")));
+    for (dtype, bound) in [(DType::F16, 0.05f32)] {
+        let model = loader::load(&fixtures().join("sdxl"), &Device::Cpu, dtype).unwrap();
+        let timestep = 421.0;
+        let added = AddedConditions {
+            text_embeds: refs["unet.text_embeds"].to_dtype(dtype).unwrap(),
+            time_ids: refs["unet.time_ids"].clone(),
+        };
+        let output = model
+            .unet
+            .forward(
+                &refs["unet.sample"].to_dtype(dtype).unwrap(),
+                timestep,
+                &refs["unet.encoder_hidden_states"].to_dtype(dtype).unwrap(),
+                Some(&added),
+            )
+            .unwrap();
+        let diff = max_abs_diff(&output, &refs["unet.output"]);
+        println!("{dtype:?} unet: max |Δ| = {diff}");
+        assert!(diff < bound, "{dtype:?} unet: {diff}");
+        // The SDXL VAE has force_upcast: in f16 it runs in f32.
+        let vae_dtype = if dtype == DType::F16 { DType::F32 } else { dtype };
+        let decoded = model.vae.decode(&refs["vae.latents"].to_dtype(vae_dtype).unwrap()).unwrap();
+        let diff = max_abs_diff(&decoded, &refs["vae.decoded"]);
+        println!("{dtype:?} vae: max |Δ| = {diff}");
+        assert!(diff < bound, "{dtype:?} vae: {diff}");
+    }
+}

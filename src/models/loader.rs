@@ -288,6 +288,18 @@ fn vae_dtype(config: &VaeConfig, dtype: DType) -> DType {
 
 /// Loads every network of the model at `path` on `device` in `dtype`.
 pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, ModelError> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(ModelError::BadDevice(
+            "bf16 is not available on the CPU (candle's CPU backend has no bf16 matmul); \
+             use f32 or f16 on the CPU, bf16 on a GPU"
+                .into(),
+        ));
+    }
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(ModelError::BadDevice(format!(
+            "dtype {dtype:?} is not a compute dtype; use f32, f16 or bf16"
+        )));
+    }
     let layout = read_layout(path)?;
     let tokenizer_pad = |name: &str| -> TokenizerSource {
         // SD 1.x's tokenizer pads with <|endoftext|>; OpenCLIP-based ones (SD 2.x and

@@ -276,17 +276,25 @@ impl Pipeline {
     }
 
     /// Benchmark hook: encodes the request's prompt.
-    pub fn bench_text(&self, request: &GenerationRequest) -> Result<TextConditioning, PipelineError> {
+    pub fn bench_text(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<TextConditioning, PipelineError> {
         self.prompts.encode(&request.prompt, request.clip_skip)
     }
 
     /// Benchmark hook: one UNet forward at the request's size with `batch` latents
     /// (2 = one image with classifier-free guidance).
-    pub fn bench_unet_step(&self, request: &GenerationRequest, batch: usize) -> Result<(), PipelineError> {
+    pub fn bench_unet_step(
+        &self,
+        request: &GenerationRequest,
+        batch: usize,
+    ) -> Result<(), PipelineError> {
         let (positive, _) = self.conditioning(request, false)?;
         let context = positive.context.repeat((batch, 1, 1))?.to_dtype(self.dtype)?;
         let latent_channels = self.unet.config().in_channels;
-        let shape = (batch, latent_channels, request.height as usize / 8, request.width as usize / 8);
+        let shape =
+            (batch, latent_channels, request.height as usize / 8, request.width as usize / 8);
         let sample = Tensor::zeros(shape, self.dtype, &self.device)?;
         let added = match &positive.pooled {
             Some(pooled) if self.unet.config().uses_text_time() => Some(AddedConditions {
@@ -300,8 +308,16 @@ impl Pipeline {
     }
 
     /// Benchmark hook: one VAE decode at the request's size.
-    pub fn bench_vae_decode(&self, request: &GenerationRequest) -> Result<Vec<Vec<u8>>, PipelineError> {
-        let shape = (1, self.vae.config().latent_channels, request.height as usize / 8, request.width as usize / 8);
+    pub fn bench_vae_decode(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<Vec<Vec<u8>>, PipelineError> {
+        let shape = (
+            1,
+            self.vae.config().latent_channels,
+            request.height as usize / 8,
+            request.width as usize / 8,
+        );
         self.decode_latents_to_rgb(&Tensor::zeros(shape, DType::F32, &self.device)?)
     }
 
