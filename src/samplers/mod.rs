@@ -11,6 +11,11 @@ pub mod ddim;
 pub mod euler;
 pub mod euler_ancestral;
 
+mod step_math;
+
+#[cfg(test)]
+mod parity_tests;
+
 use candle_core::{Result, Tensor};
 
 pub use rng::TorchGenerator;
@@ -55,7 +60,11 @@ impl SamplerKind {
         match self {
             SamplerKind::Ddim => &["DDIMScheduler"],
             SamplerKind::Euler => &["EulerDiscreteScheduler"],
-            SamplerKind::EulerA => &["euler_ancestral", "EulerAncestralDiscreteScheduler", "k_euler_a"],
+            SamplerKind::EulerA => &[
+                "euler_ancestral",
+                "EulerAncestralDiscreteScheduler",
+                "k_euler_a",
+            ],
         }
     }
 
@@ -65,14 +74,23 @@ impl SamplerKind {
         SamplerKind::ALL.into_iter().find(|kind| {
             kind.id().eq_ignore_ascii_case(wanted)
                 || kind.display_name().eq_ignore_ascii_case(wanted)
-                || kind.aliases().iter().any(|a| a.eq_ignore_ascii_case(wanted))
+                || kind
+                    .aliases()
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(wanted))
         })
     }
 
-    /// Builds the sampler for one generation of `steps` steps.
+    /// Builds the sampler for one generation of `steps` steps (DDIM with eta 0).
+    ///
+    /// Errors (never panics) on 0 steps, more steps than the model's training timesteps,
+    /// or a config the sampler cannot run.
     pub fn build(self, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Sampler>> {
-        let _ = (config, steps);
-        todo!("samplers: ddim::Ddim, euler::Euler, euler_ancestral::EulerAncestral")
+        Ok(match self {
+            SamplerKind::Ddim => Box::new(ddim::Ddim::new(config, steps, 0.0)?),
+            SamplerKind::Euler => Box::new(euler::Euler::new(config, steps)?),
+            SamplerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::new(config, steps)?),
+        })
     }
 }
 

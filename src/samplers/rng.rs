@@ -82,7 +82,7 @@ impl TorchGenerator {
         for block in values.chunks_exact_mut(BLOCK) {
             box_muller_block(block);
         }
-        if n % BLOCK != 0 {
+        if !n.is_multiple_of(BLOCK) {
             let tail = &mut values[n - BLOCK..];
             for slot in tail.iter_mut() {
                 *slot = self.uniform_f32();
@@ -95,7 +95,11 @@ impl TorchGenerator {
 
 /// Turns 16 uniforms into 16 normals in place: element j pairs with j + 8.
 fn box_muller_block(block: &mut [f32]) {
-    debug_assert_eq!(block.len(), BLOCK, "a Box-Muller block has 16 values; this is a bug");
+    debug_assert_eq!(
+        block.len(),
+        BLOCK,
+        "a Box-Muller block has 16 values; this is a bug"
+    );
     for j in 0..HALF_BLOCK {
         let radius_uniform = 1.0 - block[j];
         let angle_uniform = block[j + HALF_BLOCK];
@@ -120,7 +124,7 @@ fn cephes_ln(x: f32) -> f32 {
         -1.666_805_8e-1,
         2.000_071_4e-1,
         -2.499_999_4e-1,
-        3.333_333_1e-1,
+        3.333_333e-1,
     ];
     const Q1: f32 = -2.121_944_4e-4;
     const Q2: f32 = 0.693_359_4;
@@ -179,7 +183,11 @@ fn cephes_sincos(theta: f32) -> (f32, f32) {
         (cos_poly + 0.0, sin_poly + 0.0)
     };
     let sin_sign = if octant & 4 != 0 { SIGN } else { 0 };
-    let cos_sign = if octant.wrapping_sub(2) & 4 == 0 { SIGN } else { 0 };
+    let cos_sign = if octant.wrapping_sub(2) & 4 == 0 {
+        SIGN
+    } else {
+        0
+    };
     (
         f32::from_bits(sin.to_bits() ^ sin_sign),
         f32::from_bits(cos.to_bits() ^ cos_sign),
@@ -287,7 +295,10 @@ mod tests {
     /// Exact bit equality with torch on every stored call (tolerance: none).
     #[test]
     fn randn_matches_torch_bit_for_bit() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rng/vectors.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/rng/vectors.json"
+        );
         let text = std::fs::read_to_string(path).expect("read rng fixture");
         let vectors: Vectors = serde_json::from_str(&text).expect("parse rng fixture");
         assert!(!vectors.cases.is_empty());
@@ -303,7 +314,11 @@ mod tests {
                     let first = call.first_bits.as_ref().expect("first_bits");
                     let last = call.last_bits.as_ref().expect("last_bits");
                     assert_eq!(&bits(&values[..first.len()]), first, "{context}");
-                    assert_eq!(&bits(&values[values.len() - last.len()..]), last, "{context}");
+                    assert_eq!(
+                        &bits(&values[values.len() - last.len()..]),
+                        last,
+                        "{context}"
+                    );
                     let hash = format!("{:016x}", fnv1a64(&values));
                     assert_eq!(Some(&hash), call.fnv1a64.as_ref(), "{context}");
                 }
