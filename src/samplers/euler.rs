@@ -1,1 +1,91 @@
-//! (to be written)
+//! Euler, following diffusers' `EulerDiscreteScheduler` with its defaults (linear sigma
+//! interpolation, no Karras/exponential sigmas, `s_churn` 0 so no noise is drawn,
+//! final sigma 0).
+
+use candle_core::{Result, Tensor};
+
+use super::schedule::{euler_schedule, EulerSchedule, PredictionType, SchedulerConfig};
+use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::{Sampler, TorchGenerator};
+
+/// An Euler run of a fixed number of steps.
+#[derive(Debug, Clone)]
+pub struct Euler {
+    schedule: EulerSchedule,
+    timesteps: Vec<f64>,
+    prediction_type: PredictionType,
+}
+
+impl Euler {
+    /// Euler for `steps` steps.
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        let schedule = euler_schedule(config, steps)?;
+        Ok(Euler {
+            timesteps: schedule.timesteps.iter().map(|&t| t as f64).collect(),
+            schedule,
+            prediction_type: config.prediction_type,
+        })
+    }
+
+    /// The sigmas, one per step plus the final 0.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.schedule.sigmas
+    }
+}
+
+/// diffusers' x0 estimate for the Euler family at noise level `sigma`.
+pub(crate) fn predicted_original(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    match prediction_type {
+        PredictionType::Epsilon => sample - mul(model_output, sigma)?,
+        PredictionType::VPrediction => {
+            let variance_plus_one = sigma * sigma + 1.0;
+            mul(model_output, -sigma / variance_plus_one.sqrt())? + div(sample, variance_plus_one)?
+        }
+        PredictionType::Sample => Ok(model_output.clone()),
+    }
+}
+
+/// diffusers' `scale_model_input` for the Euler family: sample / sqrt(sigma² + 1).
+pub(crate) fn scale_for_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let out_dtype = sample.dtype();
+    div(&as_f32(sample)?, (sigma * sigma + 1.0).sqrt())?.to_dtype(out_dtype)
+}
+
+impl Sampler for Euler {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        scale_for_sigma(sample, self.schedule.sigmas[step_index])
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _generators: &mut [TorchGenerator],
+    ) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(model_output, sample)?;
+        let out_dtype = sample.dtype();
+        let model_output = as_f32(model_output)?;
+        let sample = as_f32(sample)?;
+        let sigma = self.schedule.sigmas[step_index];
+        let original = predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
+        let derivative = div(&(&sample - original)?, sigma)?;
+        let dt = self.schedule.sigmas[step_index + 1] - sigma;
+        (sample + mul(&derivative, dt)?)?.to_dtype(out_dtype)
+    }
+}

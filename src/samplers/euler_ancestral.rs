@@ -1,1 +1,85 @@
-//! (to be written)
+//! Euler ancestral ("Euler a"), following diffusers' `EulerAncestralDiscreteScheduler`:
+//! an Euler step down to sigma_down, then fresh noise scaled by sigma_up, drawn at every
+//! step (the last one included) from the per-item generators.
+
+use candle_core::{Error, Result, Tensor};
+
+use super::euler::{predicted_original, scale_for_sigma};
+use super::schedule::{euler_schedule, EulerSchedule, PredictionType, SchedulerConfig};
+use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::{Sampler, TorchGenerator};
+
+/// An Euler ancestral run of a fixed number of steps.
+#[derive(Debug, Clone)]
+pub struct EulerAncestral {
+    schedule: EulerSchedule,
+    timesteps: Vec<f64>,
+    prediction_type: PredictionType,
+}
+
+impl EulerAncestral {
+    /// Euler ancestral for `steps` steps. Models predicting the sample are refused, as
+    /// diffusers does for this scheduler.
+    pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        if config.prediction_type == PredictionType::Sample {
+            return Err(Error::Msg(
+                "euler_a does not support prediction_type \"sample\"; use euler or ddim"
+                    .to_string(),
+            ));
+        }
+        let schedule = euler_schedule(config, steps)?;
+        Ok(EulerAncestral {
+            timesteps: schedule.timesteps.iter().map(|&t| t as f64).collect(),
+            schedule,
+            prediction_type: config.prediction_type,
+        })
+    }
+
+    /// The sigmas, one per step plus the final 0.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.schedule.sigmas
+    }
+}
+
+impl Sampler for EulerAncestral {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.schedule.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        scale_for_sigma(sample, self.schedule.sigmas[step_index])
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        generators: &mut [TorchGenerator],
+    ) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(model_output, sample)?;
+        let out_dtype = sample.dtype();
+        let model_output = as_f32(model_output)?;
+        let sample = as_f32(sample)?;
+        let sigma_from = self.schedule.sigmas[step_index];
+        let sigma_to = self.schedule.sigmas[step_index + 1];
+        let original =
+            predicted_original(self.prediction_type, &model_output, &sample, sigma_from)?;
+
+        let from_sq = sigma_from * sigma_from;
+        let to_sq = sigma_to * sigma_to;
+        let sigma_up = (to_sq * (from_sq - to_sq) / from_sq).sqrt();
+        let sigma_down = (to_sq - sigma_up * sigma_up).sqrt();
+
+        let derivative = div(&(&sample - original)?, sigma_from)?;
+        let previous = (&sample + mul(&derivative, sigma_down - sigma_from)?)?;
+        let noise = batch_noise(generators, &previous)?;
+        (previous + mul(&noise, sigma_up)?)?.to_dtype(out_dtype)
+    }
+}

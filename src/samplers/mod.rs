@@ -11,6 +11,11 @@ pub mod ddim;
 pub mod euler;
 pub mod euler_ancestral;
 
+mod step_math;
+
+#[cfg(test)]
+mod parity_tests;
+
 use candle_core::{Result, Tensor};
 
 pub use rng::TorchGenerator;
@@ -71,10 +76,16 @@ impl SamplerKind {
         })
     }
 
-    /// Builds the sampler for one generation of `steps` steps.
+    /// Builds the sampler for one generation of `steps` steps (DDIM with eta 0).
+    ///
+    /// Errors (never panics) on 0 steps, more steps than the model's training timesteps,
+    /// or a config the sampler cannot run.
     pub fn build(self, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Sampler>> {
-        let _ = (config, steps);
-        todo!("samplers: ddim::Ddim, euler::Euler, euler_ancestral::EulerAncestral")
+        Ok(match self {
+            SamplerKind::Ddim => Box::new(ddim::Ddim::new(config, steps, 0.0)?),
+            SamplerKind::Euler => Box::new(euler::Euler::new(config, steps)?),
+            SamplerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::new(config, steps)?),
+        })
     }
 }
 
