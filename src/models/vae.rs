@@ -106,7 +106,7 @@ impl MidBlock {
         if let Some((norm, attention)) = &self.attention {
             let (batch, channels, height, width) = x.dims4()?;
             let tokens =
-                norm.forward(&x)?.reshape((batch, channels, height * width))?.transpose(1, 2)?;
+                norm.forward(&x)?.reshape((batch, channels, height * width))?.transpose(1, 2)?.contiguous()?;
             let attended = attention.forward(&tokens, None)?;
             let attended = attended.transpose(1, 2)?.reshape((batch, channels, height, width))?;
             x = (attended + x)?;
