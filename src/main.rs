@@ -1,2 +1,77 @@
-//! The `sdserve` command line: serve | generate | print-openapi.
-fn main() {}
+//! The `sdserve` command line: serve | generate | print-openapi; thin.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sdserve::config::{ServeArgs, Settings};
+
+/// HTTP image generation with Stable Diffusion 1.x / 2.x / SDXL.
+#[derive(Parser)]
+#[command(name = "sdserve", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service (with no flags: the bundled tiny model on the CPU).
+    Serve(ServeArgs),
+    /// Generate images from the command line, without a server.
+    Generate,
+    /// Print the OpenAPI document (YAML).
+    PrintOpenapi,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(&args),
+        Command::Generate => {
+            eprintln!("sdserve generate: not yet");
+            ExitCode::from(2)
+        }
+        Command::PrintOpenapi => {
+            print!("{}", sdserve::api::openapi::openapi_yaml());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let settings = match Settings::load(args) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("sdserve: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(settings.json_logs);
+    tracing::info!(?settings, "starting");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sdserve: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sdserve::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("sdserve: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Text or JSON logs to stderr; `RUST_LOG` filters (default: info).
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
+    }
+}
