@@ -42,7 +42,12 @@ impl ImageFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("image buffer has {actual} bytes, expected {expected} for {width}x{height} RGB")]
-    BadBuffer { width: u32, height: u32, expected: usize, actual: usize },
+    BadBuffer {
+        width: u32,
+        height: u32,
+        expected: usize,
+        actual: usize,
+    },
     #[error("quality must be between 1 and 100, got {0}")]
     BadQuality(u8),
     #[error("encoding failed: {0}")]
@@ -61,7 +66,12 @@ pub fn encode_image(
 ) -> Result<Vec<u8>, CodecError> {
     let expected = width as usize * height as usize * 3;
     if rgb.len() != expected {
-        return Err(CodecError::BadBuffer { width, height, expected, actual: rgb.len() });
+        return Err(CodecError::BadBuffer {
+            width,
+            height,
+            expected,
+            actual: rgb.len(),
+        });
     }
     let mut out = Vec::new();
     match format {
@@ -78,9 +88,15 @@ pub fn encode_image(
                 };
                 added.map_err(|e| CodecError::Encode(e.to_string()))?;
             }
-            let mut writer = encoder.write_header().map_err(|e| CodecError::Encode(e.to_string()))?;
-            writer.write_image_data(rgb).map_err(|e| CodecError::Encode(e.to_string()))?;
-            writer.finish().map_err(|e| CodecError::Encode(e.to_string()))?;
+            let mut writer = encoder
+                .write_header()
+                .map_err(|e| CodecError::Encode(e.to_string()))?;
+            writer
+                .write_image_data(rgb)
+                .map_err(|e| CodecError::Encode(e.to_string()))?;
+            writer
+                .finish()
+                .map_err(|e| CodecError::Encode(e.to_string()))?;
         }
         ImageFormat::Jpeg => {
             let quality = quality.unwrap_or(90);

@@ -30,7 +30,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 /// Precision a model is loaded in.
@@ -133,7 +136,12 @@ pub struct ServeArgs {
     /// A model to serve: a diffusers folder or a single .safetensors file, named after its
     /// folder or file stem. Repeatable; the first is the default. Replaces the configured
     /// models.
-    #[arg(long = "model", env = "SDSERVE_MODELS", value_delimiter = ',', value_name = "PATH")]
+    #[arg(
+        long = "model",
+        env = "SDSERVE_MODELS",
+        value_delimiter = ',',
+        value_name = "PATH"
+    )]
     pub models: Vec<PathBuf>,
     /// Precision of the models given with --model.
     #[arg(long, env = "SDSERVE_DTYPE", value_enum)]
@@ -142,7 +150,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SDSERVE_DEFAULT_MODEL", value_name = "NAME")]
     pub default_model: Option<String>,
     /// Device to run on (cpu, cuda, cuda:N, metal, metal:N). Repeatable.
-    #[arg(long = "device", env = "SDSERVE_DEVICES", value_delimiter = ',', value_name = "DEVICE")]
+    #[arg(
+        long = "device",
+        env = "SDSERVE_DEVICES",
+        value_delimiter = ',',
+        value_name = "DEVICE"
+    )]
     pub devices: Vec<String>,
     /// Jobs each device runs at the same time.
     #[arg(long, env = "SDSERVE_WORKERS_PER_DEVICE", value_name = "N")]
@@ -151,7 +164,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SDSERVE_QUEUE_CAPACITY", value_name = "N")]
     pub queue_capacity: Option<usize>,
     /// An accepted API key (Authorization: Bearer KEY or x-api-key). Repeatable.
-    #[arg(long = "api-key", env = "SDSERVE_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "SDSERVE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
     /// Seconds after submission at which an unfinished job fails.
     #[arg(long, env = "SDSERVE_JOB_TIMEOUT_SECS", value_name = "SECONDS")]
@@ -202,19 +220,22 @@ impl Settings {
     pub fn load(args: &ServeArgs) -> Result<Settings, ConfigError> {
         let mut table = parse_toml("config/default.toml (built in)", DEFAULT_CONFIG_TOML)?;
         if let Some(path) = &args.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
             merge_tables(&mut table, parse_toml(&path.display().to_string(), &text)?);
         }
-        let mut settings: Settings = toml::Value::Table(table).try_into().map_err(|e| {
-            ConfigError::Parse {
-                path: args
-                    .config
-                    .as_ref()
-                    .map_or("config/default.toml".into(), |p| p.display().to_string()),
-                message: e.to_string(),
-            }
-        })?;
+        let mut settings: Settings =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e| ConfigError::Parse {
+                    path: args
+                        .config
+                        .as_ref()
+                        .map_or("config/default.toml".into(), |p| p.display().to_string()),
+                    message: e.to_string(),
+                })?;
         settings.apply(args)?;
         settings.validate()?;
         Ok(settings)
@@ -229,7 +250,13 @@ impl Settings {
             self.models = args
                 .models
                 .iter()
-                .map(|path| Ok(ModelSpec { name: model_name_from_path(path)?, path: path.clone(), dtype }))
+                .map(|path| {
+                    Ok(ModelSpec {
+                        name: model_name_from_path(path)?,
+                        path: path.clone(),
+                        dtype,
+                    })
+                })
                 .collect::<Result<_, ConfigError>>()?;
             self.default_model.clear();
         } else if let Some(dtype) = args.dtype {
@@ -291,10 +318,19 @@ impl Settings {
         }
         for (i, model) in self.models.iter().enumerate() {
             if model.name.trim().is_empty() {
-                return Err(invalid("models", format!("model #{} has an empty name", i + 1)));
+                return Err(invalid(
+                    "models",
+                    format!("model #{} has an empty name", i + 1),
+                ));
             }
-            if self.models[..i].iter().any(|other| other.name == model.name) {
-                return Err(invalid("models", format!("two models are named {:?}", model.name)));
+            if self.models[..i]
+                .iter()
+                .any(|other| other.name == model.name)
+            {
+                return Err(invalid(
+                    "models",
+                    format!("two models are named {:?}", model.name),
+                ));
             }
         }
         for model in &mut self.models {
@@ -305,11 +341,18 @@ impl Settings {
         } else if !self.models.iter().any(|m| m.name == self.default_model) {
             return Err(invalid(
                 "default_model",
-                format!("{:?} is not one of the models ({})", self.default_model, self.model_names()),
+                format!(
+                    "{:?} is not one of the models ({})",
+                    self.default_model,
+                    self.model_names()
+                ),
             ));
         }
         if self.devices.is_empty() || self.devices.iter().any(|d| d.trim().is_empty()) {
-            return Err(invalid("devices", "list at least one device, e.g. [\"cpu\"]"));
+            return Err(invalid(
+                "devices",
+                "list at least one device, e.g. [\"cpu\"]",
+            ));
         }
         if self.workers_per_device == 0 {
             return Err(invalid("workers_per_device", "must be at least 1"));
@@ -365,7 +408,8 @@ impl Settings {
 
     /// The default output format.
     pub fn output_format(&self) -> ImageFormat {
-        ImageFormat::from_name(&self.output.format).expect("output.format was validated; this is a bug")
+        ImageFormat::from_name(&self.output.format)
+            .expect("output.format was validated; this is a bug")
     }
 
     /// Worker slots over all devices.
@@ -374,13 +418,20 @@ impl Settings {
     }
 
     fn model_names(&self) -> String {
-        self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        self.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
 /// The registry name of a model given by path: its folder name, or its file stem.
 pub fn model_name_from_path(path: &Path) -> Result<String, ConfigError> {
-    let name = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+    let name = if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
         path.file_stem()
     } else {
         path.file_name()
@@ -388,7 +439,12 @@ pub fn model_name_from_path(path: &Path) -> Result<String, ConfigError> {
     name.and_then(|n| n.to_str())
         .filter(|n| !n.is_empty() && *n != "." && *n != "..")
         .map(str::to_owned)
-        .ok_or_else(|| invalid("model", format!("cannot name a model after {}", path.display())))
+        .ok_or_else(|| {
+            invalid(
+                "model",
+                format!("cannot name a model after {}", path.display()),
+            )
+        })
 }
 
 /// A relative model path is taken from the working directory; when nothing is there, from
@@ -407,8 +463,10 @@ pub fn resolve_model_path(path: &Path) -> PathBuf {
 }
 
 fn parse_toml(origin: &str, text: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>()
-        .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        path: origin.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Merges `overlay` into `base`: tables key by key, everything else (arrays too) replaced.
@@ -445,11 +503,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("partial.toml");
         std::fs::write(&file, "queue_capacity = 3\n[limits]\nmax_steps = 10\n").unwrap();
-        let settings =
-            Settings::load(&ServeArgs { config: Some(file), ..Default::default() }).unwrap();
+        let settings = Settings::load(&ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(settings.queue_capacity, 3);
         assert_eq!(settings.limits.max_steps, 10);
-        assert_eq!(settings.limits.max_width, 1024, "untouched keys keep their defaults");
+        assert_eq!(
+            settings.limits.max_width, 1024,
+            "untouched keys keep their defaults"
+        );
     }
 
     #[test]
@@ -465,18 +529,38 @@ mod tests {
         assert_eq!(names, ["dreamshaper_8", "sd-turbo"]);
         assert_eq!(settings.default_model, "dreamshaper_8");
         assert_eq!(settings.queue_capacity, 2);
-        assert!(!format!("{settings:?}").contains("secret"), "API keys are redacted");
+        assert!(
+            !format!("{settings:?}").contains("secret"),
+            "API keys are redacted"
+        );
     }
 
     #[test]
     fn bad_settings_name_their_key() {
         let cases = [
-            ServeArgs { queue_capacity: Some(0), ..Default::default() },
-            ServeArgs { default_model: Some("nope".into()), ..Default::default() },
-            ServeArgs { output_format: Some("gif".into()), ..Default::default() },
-            ServeArgs { output_quality: Some(0), ..Default::default() },
+            ServeArgs {
+                queue_capacity: Some(0),
+                ..Default::default()
+            },
+            ServeArgs {
+                default_model: Some("nope".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                output_format: Some("gif".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                output_quality: Some(0),
+                ..Default::default()
+            },
         ];
-        let keys = ["queue_capacity", "default_model", "output.format", "output.quality"];
+        let keys = [
+            "queue_capacity",
+            "default_model",
+            "output.format",
+            "output.quality",
+        ];
         for (args, key) in cases.into_iter().zip(keys) {
             match Settings::load(&args) {
                 Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key),
@@ -488,7 +572,10 @@ mod tests {
     #[test]
     fn unknown_keys_in_a_file_are_errors() {
         let mut table = parse_toml("test", DEFAULT_CONFIG_TOML).unwrap();
-        merge_tables(&mut table, parse_toml("test", "queue_capacityy = 3").unwrap());
+        merge_tables(
+            &mut table,
+            parse_toml("test", "queue_capacityy = 3").unwrap(),
+        );
         let parsed: Result<Settings, _> = toml::Value::Table(table).try_into();
         assert!(parsed.unwrap_err().to_string().contains("queue_capacityy"));
     }

@@ -16,7 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP service (with no flags: the bundled tiny model on the CPU).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate images from the command line, without a server.
     Generate,
     /// Print the OpenAPI document (YAML).
@@ -68,7 +68,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().with_current_span(true).init();
     } else {

@@ -228,7 +228,10 @@ impl GenerateResponse {
                 })
                 .collect(),
             parameters: NormalizedParameters::from_snapshot(job),
-            timings: Timings { queue_ms: result.queue_ms, inference_ms: result.inference_ms },
+            timings: Timings {
+                queue_ms: result.queue_ms,
+                inference_ms: result.inference_ms,
+            },
         })
     }
 }
@@ -255,7 +258,11 @@ pub struct ProgressBody {
 
 impl From<&Progress> for ProgressBody {
     fn from(progress: &Progress) -> Self {
-        ProgressBody { step: progress.step, steps: progress.steps, eta_ms: progress.eta_ms }
+        ProgressBody {
+            step: progress.step,
+            steps: progress.steps,
+            eta_ms: progress.eta_ms,
+        }
     }
 }
 
@@ -404,11 +411,16 @@ pub fn rfc3339(time: SystemTime) -> String {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -435,7 +447,8 @@ mod tests {
 
     #[test]
     fn unknown_request_fields_are_refused() {
-        let parsed: Result<GenerateRequest, _> = serde_json::from_str(r#"{"prompt":"a","stpes":3}"#);
+        let parsed: Result<GenerateRequest, _> =
+            serde_json::from_str(r#"{"prompt":"a","stpes":3}"#);
         assert!(parsed.unwrap_err().to_string().contains("stpes"));
     }
 }

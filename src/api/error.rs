@@ -65,18 +65,33 @@ impl ApiError {
 
     /// 400: the body is not JSON.
     pub fn malformed_json(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_json", message)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            message,
+        )
     }
 
     /// 422: a field has a value we cannot use.
     pub fn invalid_value(param: impl Into<String>, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "invalid_value", message)
-            .with_param(param)
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "invalid_value",
+            message,
+        )
+        .with_param(param)
     }
 
     /// 404: no such job.
     pub fn job_not_found() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "job_not_found", "no job with this id")
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "job_not_found",
+            "no job with this id",
+        )
     }
 
     /// 404: no such model; the message lists the valid ones.
@@ -85,7 +100,10 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "not_found_error",
             "model_not_found",
-            format!("unknown model {name:?}; available models: {}", valid.join(", ")),
+            format!(
+                "unknown model {name:?}; available models: {}",
+                valid.join(", ")
+            ),
         )
         .with_param("model")
     }
@@ -104,7 +122,12 @@ impl ApiError {
 
     /// 500: a bug or broken model; the details went to the log.
     pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message,
+        )
     }
 }
 
@@ -118,9 +141,12 @@ impl From<LookupError> for ApiError {
     fn from(error: LookupError) -> ApiError {
         match error {
             LookupError::NotFound => ApiError::job_not_found(),
-            LookupError::Expired => {
-                ApiError::new(StatusCode::GONE, "invalid_request_error", "result_expired", error.to_string())
-            }
+            LookupError::Expired => ApiError::new(
+                StatusCode::GONE,
+                "invalid_request_error",
+                "result_expired",
+                error.to_string(),
+            ),
         }
     }
 }
@@ -128,9 +154,15 @@ impl From<LookupError> for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(error: SubmitError) -> ApiError {
         match error {
-            SubmitError::QueueFull { retry_after_secs, .. } => {
-                let mut api =
-                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "queue_full", error.to_string());
+            SubmitError::QueueFull {
+                retry_after_secs, ..
+            } => {
+                let mut api = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "queue_full",
+                    error.to_string(),
+                );
                 api.retry_after_secs = Some(retry_after_secs);
                 api
             }
@@ -142,7 +174,9 @@ impl From<SubmitError> for ApiError {
 impl From<&JobError> for ApiError {
     fn from(error: &JobError) -> ApiError {
         let (status, kind) = match error.kind {
-            JobErrorKind::InvalidRequest => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error"),
+            JobErrorKind::InvalidRequest => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error")
+            }
             JobErrorKind::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout_error"),
             JobErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
             JobErrorKind::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "unavailable_error"),
@@ -158,12 +192,20 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, code = ?self.detail.code, "{}", self.detail.message);
         }
-        let mut response = (self.status, axum::Json(ErrorResponse { error: self.detail })).into_response();
+        let mut response = (
+            self.status,
+            axum::Json(ErrorResponse { error: self.detail }),
+        )
+            .into_response();
         if let Some(seconds) = self.retry_after_secs {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -178,23 +220,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "invalid_request_error",
                     "body_too_large",
                     "the request body is larger than this server accepts (limits.max_body_bytes)",
                 )
-            } else {
-                ApiError::malformed_json(format!("cannot read the request body: {rejection}"))
-            }
-        })?;
+                } else {
+                    ApiError::malformed_json(format!("cannot read the request body: {rejection}"))
+                }
+            })?;
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::malformed_json(format!("the body is not valid JSON: {e}")))?;
         match serde_json::from_value::<T>(value.clone()) {
             Ok(parsed) => Ok(AppJson(parsed)),
-            Err(error) => Err(ApiError::invalid_value(offending_field::<T>(&value, &error), error.to_string())),
+            Err(error) => Err(ApiError::invalid_value(
+                offending_field::<T>(&value, &error),
+                error.to_string(),
+            )),
         }
     }
 }
@@ -202,7 +249,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
 /// Finds the field a data error is about: the first field that fails on its own (every
 /// request field is optional, so a one-field object fails only for that field), or the
 /// field a `missing field` message names.
-fn offending_field<T: DeserializeOwned>(value: &serde_json::Value, error: &serde_json::Error) -> String {
+fn offending_field<T: DeserializeOwned>(
+    value: &serde_json::Value,
+    error: &serde_json::Error,
+) -> String {
     let empty_is_valid = serde_json::from_value::<T>(serde_json::json!({})).is_ok();
     if let (serde_json::Value::Object(fields), true) = (value, empty_is_valid) {
         for (name, field_value) in fields {

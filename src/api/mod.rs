@@ -52,11 +52,16 @@ pub struct ModelRegistry {
 impl ModelRegistry {
     /// The named model, or the default one; 404 listing the valid names otherwise.
     pub fn resolve(&self, name: Option<&str>) -> Result<&RegisteredModel, ApiError> {
-        let wanted = name.filter(|n| !n.is_empty()).unwrap_or(&self.default_model);
-        self.models.iter().find(|m| m.spec.name == wanted).ok_or_else(|| {
-            let valid: Vec<String> = self.models.iter().map(|m| m.spec.name.clone()).collect();
-            ApiError::model_not_found(wanted, &valid)
-        })
+        let wanted = name
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&self.default_model);
+        self.models
+            .iter()
+            .find(|m| m.spec.name == wanted)
+            .ok_or_else(|| {
+                let valid: Vec<String> = self.models.iter().map(|m| m.spec.name.clone()).collect();
+                ApiError::model_not_found(wanted, &valid)
+            })
     }
 }
 
@@ -107,7 +112,10 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/generate", post(native::generate))
         .route("/v1/jobs", post(native::create_job))
-        .route("/v1/jobs/{id}", get(native::get_job).delete(native::cancel_job))
+        .route(
+            "/v1/jobs/{id}",
+            get(native::get_job).delete(native::cancel_job),
+        )
         .route("/v1/jobs/{id}/events", get(native::job_events))
         .route("/v1/jobs/{id}/images/{index}", get(native::job_image))
         .route("/v1/models", get(system::list_models))
@@ -118,8 +126,14 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.yaml", get(system::openapi_yaml))
         // route_layer: these see the matched route; the last one added runs first, so
         // refused (401) requests are counted too.
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key))
-        .route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -128,7 +142,12 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn unknown_route() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found_error", "unknown_route", "no such route; see /openapi.yaml")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "unknown_route",
+        "no such route; see /openapi.yaml",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -151,17 +170,30 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
     let error = match presented {
-        Some(key) if keys.iter().any(|k| same_secret(k.0.as_bytes(), key.as_bytes())) => {
+        Some(key)
+            if keys
+                .iter()
+                .any(|k| same_secret(k.0.as_bytes(), key.as_bytes())) =>
+        {
             return next.run(request).await
         }
         Some(_) => "invalid API key",
         None => "missing API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
     };
-    ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", error).into_response()
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "invalid_api_key",
+        error,
+    )
+    .into_response()
 }
 
 /// Compares without an early exit, so response times do not reveal matching prefixes.
@@ -169,7 +201,11 @@ fn same_secret(expected: &[u8], presented: &[u8]) -> bool {
     if expected.len() != presented.len() {
         return false;
     }
-    expected.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    expected
+        .iter()
+        .zip(presented)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
 }
 
 async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -179,7 +215,10 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
     let response = next.run(request).await;
-    state.jobs.metrics().http_request(&method, &route, response.status().as_u16());
+    state
+        .jobs
+        .metrics()
+        .http_request(&method, &route, response.status().as_u16());
     response
 }
 

@@ -16,21 +16,32 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::dto::{
-    cancelled_detail, rfc3339, GenerateRequest, GenerateResponse, JobAccepted, JobStatus, OutputFormat,
-    ProgressBody,
+    cancelled_detail, rfc3339, GenerateRequest, GenerateResponse, JobAccepted, JobStatus,
+    OutputFormat, ProgressBody,
 };
 use super::error::{ApiError, AppJson, ErrorResponse};
 use super::AppState;
 use crate::codec::ImageFormat;
-use crate::jobs::{CancelOutcome, JobEvent, JobId, JobManager, JobSnapshot, JobState, OutputOptions};
+use crate::jobs::{
+    CancelOutcome, JobEvent, JobId, JobManager, JobSnapshot, JobState, OutputOptions,
+};
 
 /// Validates a request body and queues it.
-fn submit(state: &AppState, body: &GenerateRequest, accepted: Option<ImageFormat>) -> Result<JobSnapshot, ApiError> {
+fn submit(
+    state: &AppState,
+    body: &GenerateRequest,
+    accepted: Option<ImageFormat>,
+) -> Result<JobSnapshot, ApiError> {
     if body.prompt.is_none() {
-        return Err(ApiError::invalid_value("prompt", "prompt: is required (it may be empty)"));
+        return Err(ApiError::invalid_value(
+            "prompt",
+            "prompt: is required (it may be empty)",
+        ));
     }
     let model = state.registry.resolve(body.model.as_deref())?;
-    let request = body.to_params().validate(&model.defaults, &state.settings.request_limits())?;
+    let request = body
+        .to_params()
+        .validate(&model.defaults, &state.settings.request_limits())?;
     let format = match (body.output_format.map(OutputFormat::to_codec), accepted) {
         (Some(asked), Some(accepted)) if asked != accepted => {
             return Err(ApiError::invalid_value(
@@ -54,21 +65,24 @@ fn submit(state: &AppState, body: &GenerateRequest, accepted: Option<ImageFormat
         ));
     }
     let output = OutputOptions { format, quality };
-    Ok(state.jobs.submit(request, output, body.priority.unwrap_or(0))?)
+    Ok(state
+        .jobs
+        .submit(request, output, body.priority.unwrap_or(0))?)
 }
 
 /// The image format an `Accept` header prefers, if it prefers an image over JSON.
 fn accepted_image_format(headers: &HeaderMap) -> Option<ImageFormat> {
     let accept = headers.get(header::ACCEPT)?.to_str().ok()?;
-    accept.split(',').map(|range| range.split(';').next().unwrap_or("").trim()).find_map(|media| {
-        match media {
+    accept
+        .split(',')
+        .map(|range| range.split(';').next().unwrap_or("").trim())
+        .find_map(|media| match media {
             "image/png" => Some(Some(ImageFormat::Png)),
             "image/jpeg" => Some(Some(ImageFormat::Jpeg)),
             "image/webp" => Some(Some(ImageFormat::Webp)),
             "application/json" | "*/*" | "application/*" => Some(None),
             _ => None,
-        }
-    })?
+        })?
 }
 
 /// Cancels its job when dropped armed: the synchronous handler's future is dropped when
@@ -117,7 +131,10 @@ fn millis_header(value: u64) -> HeaderValue {
 fn image_response(bytes: Vec<u8>, format: ImageFormat, seed: u64) -> Response {
     let mut response = bytes.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.mime_type()));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.mime_type()),
+    );
     headers.insert(HeaderName::from_static("x-seed"), HeaderValue::from(seed));
     response
 }
@@ -166,7 +183,11 @@ pub async fn generate(
         ));
     }
     let job = submit(&state, &body, accepted)?;
-    let mut guard = CancelOnDrop { jobs: state.jobs.clone(), id: job.id.clone(), armed: true };
+    let mut guard = CancelOnDrop {
+        jobs: state.jobs.clone(),
+        id: job.id.clone(),
+        armed: true,
+    };
     let finished = wait_until_finished(&state.jobs, &job.id).await;
     guard.armed = false;
     let finished = finished?;
@@ -174,25 +195,47 @@ pub async fn generate(
         JobState::Succeeded => {}
         JobState::Cancelled => {
             let detail = cancelled_detail();
-            return Err(ApiError { status: StatusCode::CONFLICT, detail, retry_after_secs: None });
+            return Err(ApiError {
+                status: StatusCode::CONFLICT,
+                detail,
+                retry_after_secs: None,
+            });
         }
         _ => {
-            let error = finished.error.as_ref().expect("failed jobs carry an error; this is a bug");
+            let error = finished
+                .error
+                .as_ref()
+                .expect("failed jobs carry an error; this is a bug");
             return Err(ApiError::from(error));
         }
     }
-    let result = finished.result.as_ref().expect("succeeded jobs carry a result; this is a bug");
+    let result = finished
+        .result
+        .as_ref()
+        .expect("succeeded jobs carry a result; this is a bug");
     let mut response = match accepted {
         Some(_) => {
-            let image = result.images.first().expect("a succeeded job has an image; this is a bug");
+            let image = result
+                .images
+                .first()
+                .expect("a succeeded job has an image; this is a bug");
             image_response(image.bytes.clone(), image.format, image.seed)
         }
         None => Json(GenerateResponse::from_snapshot(&finished)).into_response(),
     };
     let headers = response.headers_mut();
-    headers.insert(HeaderName::from_static("x-queue-time"), millis_header(result.queue_ms));
-    headers.insert(HeaderName::from_static("x-inference-time"), millis_header(result.inference_ms));
-    headers.insert(HeaderName::from_static("x-job-id"), HeaderValue::from_str(job.id.as_str()).expect("ids are ASCII"));
+    headers.insert(
+        HeaderName::from_static("x-queue-time"),
+        millis_header(result.queue_ms),
+    );
+    headers.insert(
+        HeaderName::from_static("x-inference-time"),
+        millis_header(result.inference_ms),
+    );
+    headers.insert(
+        HeaderName::from_static("x-job-id"),
+        HeaderValue::from_str(job.id.as_str()).expect("ids are ASCII"),
+    );
     Ok(response)
 }
 
@@ -227,9 +270,10 @@ pub async fn create_job(
         queue_position: job.queue_position.unwrap_or(0),
     };
     let mut response = (StatusCode::ACCEPTED, Json(accepted)).into_response();
-    response
-        .headers_mut()
-        .insert(header::LOCATION, HeaderValue::from_str(&location).expect("ids are ASCII"));
+    response.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).expect("ids are ASCII"),
+    );
     Ok(response)
 }
 
@@ -244,7 +288,10 @@ pub async fn create_job(
         (status = 410, description = "The result expired (result_retention_secs)", body = ErrorResponse),
     )
 )]
-pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobStatus>, ApiError> {
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
     let job = state.jobs.get(&JobId::from_client(&id))?;
     Ok(Json(JobStatus::from_snapshot(&job)))
 }
@@ -262,7 +309,10 @@ pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> R
         (status = 410, description = "The result expired", body = ErrorResponse),
     )
 )]
-pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     match state.jobs.cancel(&JobId::from_client(&id))? {
         CancelOutcome::Cancelled(job) => Ok(Json(JobStatus::from_snapshot(&job)).into_response()),
         CancelOutcome::Cancelling(job) => {
@@ -298,28 +348,45 @@ pub async fn job_image(
     Path((id, index)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let job = state.jobs.get(&JobId::from_client(&id))?;
-    let index: u32 = index
-        .parse()
-        .map_err(|_| ApiError::invalid_value("index", format!("index: {index:?} is not an image index")))?;
+    let index: u32 = index.parse().map_err(|_| {
+        ApiError::invalid_value("index", format!("index: {index:?} is not an image index"))
+    })?;
     if job.state != JobState::Succeeded {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "invalid_request_error",
             "job_not_succeeded",
-            format!("the job is {}; images exist once it succeeded", job.state.as_str()),
+            format!(
+                "the job is {}; images exist once it succeeded",
+                job.state.as_str()
+            ),
         ));
     }
-    let result = job.result.as_ref().expect("succeeded jobs carry a result; this is a bug");
-    let image = result.images.iter().find(|image| image.index == index).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found_error",
-            "image_not_found",
-            format!("the job has {} image(s); there is no index {index}", result.images.len()),
-        )
-        .with_param("index")
-    })?;
-    Ok(image_response(image.bytes.clone(), image.format, image.seed))
+    let result = job
+        .result
+        .as_ref()
+        .expect("succeeded jobs carry a result; this is a bug");
+    let image = result
+        .images
+        .iter()
+        .find(|image| image.index == index)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "image_not_found",
+                format!(
+                    "the job has {} image(s); there is no index {index}",
+                    result.images.len()
+                ),
+            )
+            .with_param("index")
+        })?;
+    Ok(image_response(
+        image.bytes.clone(),
+        image.format,
+        image.seed,
+    ))
 }
 
 /// Follow a job as Server-Sent Events.
@@ -401,16 +468,25 @@ async fn forward_events(
 }
 
 fn json_event(name: &str, data: &impl serde::Serialize) -> Event {
-    Event::default().event(name).json_data(data).expect("event payloads serialize; this is a bug")
+    Event::default()
+        .event(name)
+        .json_data(data)
+        .expect("event payloads serialize; this is a bug")
 }
 
 fn queued_event(id: &JobId, position: usize) -> Event {
-    json_event("queued", &json!({ "id": id.as_str(), "position": position }))
+    json_event(
+        "queued",
+        &json!({ "id": id.as_str(), "position": position }),
+    )
 }
 
 fn started_event(job: &JobSnapshot) -> Event {
     let started_at = job.started_at.map(rfc3339);
-    json_event("started", &json!({ "id": job.id.as_str(), "started_at": started_at }))
+    json_event(
+        "started",
+        &json!({ "id": job.id.as_str(), "started_at": started_at }),
+    )
 }
 
 fn progress_event(id: &JobId, progress: &ProgressBody) -> Event {
@@ -447,7 +523,10 @@ mod tests {
     #[test]
     fn the_first_acceptable_media_type_wins() {
         assert_eq!(accept("image/png"), Some(ImageFormat::Png));
-        assert_eq!(accept("image/webp;q=0.9, application/json"), Some(ImageFormat::Webp));
+        assert_eq!(
+            accept("image/webp;q=0.9, application/json"),
+            Some(ImageFormat::Webp)
+        );
         assert_eq!(accept("application/json, image/png"), None);
         assert_eq!(accept("*/*"), None);
         assert_eq!(accept("text/html, image/jpeg"), Some(ImageFormat::Jpeg));

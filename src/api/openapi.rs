@@ -59,5 +59,7 @@ impl Modify for ApiKeySchemes {
 
 /// The OpenAPI document as YAML (what `sdserve print-openapi` prints).
 pub fn openapi_yaml() -> String {
-    ApiDoc::openapi().to_yaml().expect("the OpenAPI document serializes; this is a bug")
+    ApiDoc::openapi()
+        .to_yaml()
+        .expect("the OpenAPI document serializes; this is a bug")
 }

@@ -69,7 +69,10 @@ impl RunningServer {
 
 /// Probes the models, starts the workers (which load the models in the background;
 /// `/ready` says when they are done) and starts serving on `settings.bind`.
-pub async fn start(settings: Settings, backend: Arc<dyn ModelBackend>) -> anyhow::Result<RunningServer> {
+pub async fn start(
+    settings: Settings,
+    backend: Arc<dyn ModelBackend>,
+) -> anyhow::Result<RunningServer> {
     let settings = Arc::new(settings);
     let registry = {
         let settings = settings.clone();
@@ -89,9 +92,16 @@ pub async fn start(settings: Settings, backend: Arc<dyn ModelBackend>) -> anyhow
     let listener = TcpListener::bind(settings.bind)
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;
-    let addr = listener.local_addr().context("the listener has no address")?;
-    let pool =
-        WorkerPool::spawn(&settings.devices, settings.workers_per_device, &settings.models, backend, jobs.clone());
+    let addr = listener
+        .local_addr()
+        .context("the listener has no address")?;
+    let pool = WorkerPool::spawn(
+        &settings.devices,
+        settings.workers_per_device,
+        &settings.models,
+        backend,
+        jobs.clone(),
+    );
     let state = AppState::new(SharedState {
         settings: settings.clone(),
         registry,
@@ -102,7 +112,12 @@ pub async fn start(settings: Settings, backend: Arc<dyn ModelBackend>) -> anyhow
     let (shutdown, shutdown_requested) = watch::channel(false);
     let task = tokio::spawn(serve(listener, state.clone(), pool, shutdown_requested));
     tracing::info!(%addr, models = settings.models.len(), devices = ?settings.devices, "listening");
-    Ok(RunningServer { addr, state, shutdown, task })
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
 }
 
 fn probe_models(settings: &Settings, backend: &dyn ModelBackend) -> anyhow::Result<ModelRegistry> {
@@ -117,7 +132,10 @@ fn probe_models(settings: &Settings, backend: &dyn ModelBackend) -> anyhow::Resu
             Ok(RegisteredModel { spec: spec.clone(), defaults })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(ModelRegistry { models, default_model: settings.default_model.clone() })
+    Ok(ModelRegistry {
+        models,
+        default_model: settings.default_model.clone(),
+    })
 }
 
 async fn serve(
@@ -142,7 +160,11 @@ async fn serve(
                     state.jobs.abort_remaining();
                 }
             }
-            drain_jobs(&state.jobs, Duration::from_secs(state.settings.drain_timeout_secs)).await;
+            drain_jobs(
+                &state.jobs,
+                Duration::from_secs(state.settings.drain_timeout_secs),
+            )
+            .await;
         }
     };
     axum::serve(listener, app(state.clone()))
@@ -166,10 +188,13 @@ async fn serve(
 /// Resolves with the first worker failure (a model that did not load).
 async fn first_failure(health: &mut watch::Receiver<Vec<SlotHealth>>) -> String {
     loop {
-        let failed = health.borrow_and_update().iter().find_map(|slot| match &slot.state {
-            SlotState::Failed(message) => Some(message.clone()),
-            _ => None,
-        });
+        let failed = health
+            .borrow_and_update()
+            .iter()
+            .find_map(|slot| match &slot.state {
+                SlotState::Failed(message) => Some(message.clone()),
+                _ => None,
+            });
         if let Some(message) = failed {
             return message;
         }
@@ -188,7 +213,11 @@ async fn drain_jobs(jobs: &JobManager, timeout: Duration) {
         tracing::info!("all jobs finished");
         return;
     }
-    tracing::warn!(queued = jobs.queue_depth(), running = jobs.running(), "drain timeout: cancelling what is left");
+    tracing::warn!(
+        queued = jobs.queue_depth(),
+        running = jobs.running(),
+        "drain timeout: cancelling what is left"
+    );
     jobs.abort_remaining();
     let _ = tokio::time::timeout(ABORT_GRACE, wait_idle(jobs)).await;
 }

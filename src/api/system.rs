@@ -20,7 +20,9 @@ use crate::workers::SlotState;
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, description = "Alive", body = HealthResponse)))]
 pub async fn health() -> Json<HealthResponse> {
-    Json(HealthResponse { status: "ok".into() })
+    Json(HealthResponse {
+        status: "ok".into(),
+    })
 }
 
 /// Every model is loaded on every device and the server takes work.
@@ -41,19 +43,31 @@ pub async fn ready(State(state): State<AppState>) -> Response {
                 SlotState::Failed(message) => ("failed", Some(message.clone())),
                 SlotState::Stopped => ("stopped", None),
             };
-            WorkerStatus { device: slot.device.clone(), slot: slot.slot, state: name.into(), error }
+            WorkerStatus {
+                device: slot.device.clone(),
+                slot: slot.slot,
+                state: name.into(),
+                error,
+            }
         })
         .collect();
     let status = if !state.jobs.is_accepting() {
         "shutting_down"
-    } else if slots.iter().any(|s| matches!(s.state, SlotState::Failed(_))) {
+    } else if slots
+        .iter()
+        .any(|s| matches!(s.state, SlotState::Failed(_)))
+    {
         "failed"
     } else if slots.iter().all(|s| s.state == SlotState::Ready) {
         "ready"
     } else {
         "loading"
     };
-    let code = if status == "ready" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = ReadyResponse {
         status: status.into(),
         workers,
@@ -70,8 +84,18 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
     ))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.jobs.metrics().render(state.jobs.queue_depth(), state.jobs.running());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let text = state
+        .jobs
+        .metrics()
+        .render(state.jobs.queue_depth(), state.jobs.running());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 /// This API's OpenAPI document.
@@ -81,7 +105,11 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
     ))]
 pub async fn openapi_yaml() -> Response {
-    ([(header::CONTENT_TYPE, "application/yaml")], super::openapi::openapi_yaml()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/yaml")],
+        super::openapi::openapi_yaml(),
+    )
+        .into_response()
 }
 
 /// The models this server serves (OpenAI's list shape).
@@ -98,7 +126,11 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
         .borrow()
         .iter()
         .all(|s| matches!(s.state, SlotState::Ready | SlotState::Stopped));
-    let created = state.started_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let created = state
+        .started_at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let data = state
         .registry
         .models
@@ -115,7 +147,10 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
             height: model.defaults.height,
         })
         .collect();
-    Json(ModelList { object: "list".into(), data })
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
 }
 
 /// The samplers requests may name.
@@ -133,5 +168,8 @@ pub async fn list_samplers() -> Json<SamplerList> {
             aliases: kind.aliases().iter().map(|a| a.to_string()).collect(),
         })
         .collect();
-    Json(SamplerList { object: "list".into(), data })
+    Json(SamplerList {
+        object: "list".into(),
+        data,
+    })
 }

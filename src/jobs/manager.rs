@@ -90,7 +90,11 @@ pub struct JobError {
 
 impl JobError {
     pub fn new(kind: JobErrorKind, message: impl Into<String>) -> JobError {
-        JobError { kind, message: message.into(), param: None }
+        JobError {
+            kind,
+            message: message.into(),
+            param: None,
+        }
     }
 }
 
@@ -123,7 +127,9 @@ pub enum JobOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobEvent {
     /// The job's place in the queue changed (0: next).
-    Queued { position: usize },
+    Queued {
+        position: usize,
+    },
     Started,
     Progress(Progress),
     /// The job reached a final state; read the record for its result or error.
@@ -153,7 +159,10 @@ pub struct JobSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("the queue is full ({capacity} jobs waiting); retry in {retry_after_secs} s")]
-    QueueFull { capacity: usize, retry_after_secs: u64 },
+    QueueFull {
+        capacity: usize,
+        retry_after_secs: u64,
+    },
     #[error("the server is shutting down and takes no new work")]
     ShuttingDown,
 }
@@ -227,11 +236,16 @@ impl JobRecord {
             JobState::Running => None,
             _ => Some(0),
         };
-        Some(Progress { step, steps, eta_ms })
+        Some(Progress {
+            step,
+            steps,
+            eta_ms,
+        })
     }
 
     fn is_expired(&self, now: Instant, retention: Duration) -> bool {
-        self.finished.is_some_and(|finished| now.duration_since(finished) >= retention)
+        self.finished
+            .is_some_and(|finished| now.duration_since(finished) >= retention)
     }
 
     fn snapshot(&self, queue: &JobQueue) -> JobSnapshot {
@@ -287,7 +301,12 @@ impl JobManager {
             stop_workers: false,
             last_prune: Instant::now(),
         };
-        JobManager { settings, metrics, inner: Mutex::new(inner), work_available: Condvar::new() }
+        JobManager {
+            settings,
+            metrics,
+            inner: Mutex::new(inner),
+            work_available: Condvar::new(),
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -301,7 +320,9 @@ impl JobManager {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock would be a bug in this file (no user code runs
         // under it); recover the data rather than poisoning every later request.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues a validated request.
@@ -320,7 +341,10 @@ impl JobManager {
         if let Err(full) = inner.queue.push(id.clone(), priority) {
             self.metrics.job_rejected();
             let retry_after_secs = self.retry_after_secs(inner.queue.len());
-            return Err(SubmitError::QueueFull { capacity: full.capacity, retry_after_secs });
+            return Err(SubmitError::QueueFull {
+                capacity: full.capacity,
+                retry_after_secs,
+            });
         }
         let now = Instant::now();
         let images = request.n.max(1) as usize;
@@ -392,7 +416,9 @@ impl JobManager {
         retention: Duration,
     ) -> Result<&'a JobRecord, LookupError> {
         match inner.jobs.get(id) {
-            Some(record) if record.is_expired(Instant::now(), retention) => Err(LookupError::Expired),
+            Some(record) if record.is_expired(Instant::now(), retention) => {
+                Err(LookupError::Expired)
+            }
             Some(record) => Ok(record),
             None if inner.expired.contains(id) => Err(LookupError::Expired),
             None => Err(LookupError::NotFound),
@@ -417,7 +443,9 @@ impl JobManager {
                 record.cancel.store(true, Ordering::Relaxed);
                 Ok(CancelOutcome::Cancelling(record.snapshot(&inner.queue)))
             }
-            _ => Ok(CancelOutcome::AlreadyFinished(inner.jobs[id].snapshot(&inner.queue))),
+            _ => Ok(CancelOutcome::AlreadyFinished(
+                inner.jobs[id].snapshot(&inner.queue),
+            )),
         }
     }
 
@@ -470,7 +498,9 @@ impl JobManager {
     /// Records that `step` of `steps` steps of image `image_index` of a running job is done.
     pub fn report_progress(&self, id: &JobId, image_index: u32, step: usize, steps: usize) {
         let mut inner = self.lock();
-        let Some(record) = inner.jobs.get_mut(id) else { return };
+        let Some(record) = inner.jobs.get_mut(id) else {
+            return;
+        };
         if record.state != JobState::Running {
             return;
         }
@@ -498,7 +528,9 @@ impl JobManager {
             JobOutcome::Failed(error) => {
                 self.transition(&mut inner, id, JobState::Failed, None, Some(error));
             }
-            JobOutcome::Cancelled => self.transition(&mut inner, id, JobState::Cancelled, None, None),
+            JobOutcome::Cancelled => {
+                self.transition(&mut inner, id, JobState::Cancelled, None, None)
+            }
         }
     }
 
@@ -528,7 +560,8 @@ impl JobManager {
                 record.started_at = Some(SystemTime::now());
                 record.last_step = Some(now);
                 inner.running += 1;
-                self.metrics.observe_queue_time(now.duration_since(record.created));
+                self.metrics
+                    .observe_queue_time(now.duration_since(record.created));
                 let _ = record.events.send(JobEvent::Started);
             }
             _ => {
@@ -536,8 +569,11 @@ impl JobManager {
                 record.finished_at = Some(SystemTime::now());
                 if was_running {
                     inner.running -= 1;
-                    let started = record.started.expect("running jobs have a start time; this is a bug");
-                    self.metrics.observe_inference_time(now.duration_since(started));
+                    let started = record
+                        .started
+                        .expect("running jobs have a start time; this is a bug");
+                    self.metrics
+                        .observe_inference_time(now.duration_since(started));
                 }
                 if let Some(images) = images {
                     let started = record.started.unwrap_or(now);
@@ -562,7 +598,13 @@ impl JobManager {
             ),
             _ => "the server shut down before the job could run".to_string(),
         };
-        self.transition(inner, id, JobState::Failed, None, Some(JobError::new(kind, message)));
+        self.transition(
+            inner,
+            id,
+            JobState::Failed,
+            None,
+            Some(JobError::new(kind, message)),
+        );
     }
 
     /// Tells subscribers of waiting jobs their new places.
@@ -584,8 +626,12 @@ impl JobManager {
         }
         inner.last_prune = now;
         let retention = self.settings.retention;
-        let expired: Vec<JobId> =
-            inner.jobs.values().filter(|r| r.is_expired(now, retention)).map(|r| r.id.clone()).collect();
+        let expired: Vec<JobId> = inner
+            .jobs
+            .values()
+            .filter(|r| r.is_expired(now, retention))
+            .map(|r| r.id.clone())
+            .collect();
         for id in expired {
             inner.jobs.remove(&id);
             inner.expired.insert(id.clone());
@@ -661,23 +707,45 @@ mod tests {
     use crate::pipeline::{GenerationParams, Limits, ModelDefaults};
 
     fn manager(capacity: usize, retention: Duration, timeout: Duration) -> JobManager {
-        let settings =
-            JobSettings { queue_capacity: capacity, job_timeout: timeout, retention, worker_slots: 1 };
+        let settings = JobSettings {
+            queue_capacity: capacity,
+            job_timeout: timeout,
+            retention,
+            worker_slots: 1,
+        };
         JobManager::new(settings, Arc::new(Metrics::default()))
     }
 
     fn request(steps: u32, n: u32) -> GenerationRequest {
-        let model = ModelDefaults { name: "tiny".into(), family: ModelFamily::Sd1, width: 64, height: 64 };
-        GenerationParams { prompt: "a cat".into(), steps: Some(steps), n: Some(n), ..Default::default() }
-            .validate(&model, &Limits::default())
-            .expect("valid test request")
+        let model = ModelDefaults {
+            name: "tiny".into(),
+            family: ModelFamily::Sd1,
+            width: 64,
+            height: 64,
+        };
+        GenerationParams {
+            prompt: "a cat".into(),
+            steps: Some(steps),
+            n: Some(n),
+            ..Default::default()
+        }
+        .validate(&model, &Limits::default())
+        .expect("valid test request")
     }
 
-    const PNG: OutputOptions = OutputOptions { format: ImageFormat::Png, quality: 90 };
+    const PNG: OutputOptions = OutputOptions {
+        format: ImageFormat::Png,
+        quality: 90,
+    };
     const LONG: Duration = Duration::from_secs(3600);
 
     fn image(index: u32) -> EncodedImage {
-        EncodedImage { index, seed: 1, format: ImageFormat::Png, bytes: vec![1, 2, 3] }
+        EncodedImage {
+            index,
+            seed: 1,
+            format: ImageFormat::Png,
+            bytes: vec![1, 2, 3],
+        }
     }
 
     #[test]
@@ -696,7 +764,10 @@ mod tests {
             }
         }
         let running = jobs.get(&job.id).unwrap();
-        assert_eq!(running.progress.as_ref().map(|p| (p.step, p.steps)), Some((4, 4)));
+        assert_eq!(
+            running.progress.as_ref().map(|p| (p.step, p.steps)),
+            Some((4, 4))
+        );
         jobs.finish(&job.id, JobOutcome::Succeeded(vec![image(0), image(1)]));
 
         let done = jobs.get(&job.id).unwrap();
@@ -709,7 +780,12 @@ mod tests {
             seen.push(event);
         }
         assert_eq!(seen.first(), Some(&JobEvent::Started));
-        assert_eq!(seen.iter().filter(|e| matches!(e, JobEvent::Progress(_))).count(), 4);
+        assert_eq!(
+            seen.iter()
+                .filter(|e| matches!(e, JobEvent::Progress(_)))
+                .count(),
+            4
+        );
         assert_eq!(seen.last(), Some(&JobEvent::Finished(JobState::Succeeded)));
     }
 
@@ -720,7 +796,10 @@ mod tests {
         jobs.next_batch(1).unwrap();
         jobs.submit(request(1, 1), PNG, 0).unwrap();
         match jobs.submit(request(1, 1), PNG, 0) {
-            Err(SubmitError::QueueFull { capacity: 1, retry_after_secs }) => assert!(retry_after_secs >= 1),
+            Err(SubmitError::QueueFull {
+                capacity: 1,
+                retry_after_secs,
+            }) => assert!(retry_after_secs >= 1),
             other => panic!("expected a full queue, got {other:?}"),
         }
         jobs.finish(&running.id, JobOutcome::Succeeded(vec![image(0)]));
@@ -735,12 +814,22 @@ mod tests {
         let claimed = jobs.next_batch(1).unwrap().remove(0);
         assert_eq!(claimed.id, first.id);
 
-        assert!(matches!(jobs.cancel(&second.id), Ok(CancelOutcome::Cancelled(s)) if s.state == JobState::Cancelled));
-        assert!(matches!(jobs.cancel(&first.id), Ok(CancelOutcome::Cancelling(s)) if s.state == JobState::Running));
+        assert!(
+            matches!(jobs.cancel(&second.id), Ok(CancelOutcome::Cancelled(s)) if s.state == JobState::Cancelled)
+        );
+        assert!(
+            matches!(jobs.cancel(&first.id), Ok(CancelOutcome::Cancelling(s)) if s.state == JobState::Running)
+        );
         assert!(claimed.cancel.load(Ordering::Relaxed));
         jobs.finish(&first.id, JobOutcome::Cancelled);
-        assert!(matches!(jobs.cancel(&first.id), Ok(CancelOutcome::AlreadyFinished(_))));
-        assert_eq!(jobs.cancel(&JobId::from_client("nope")).unwrap_err(), LookupError::NotFound);
+        assert!(matches!(
+            jobs.cancel(&first.id),
+            Ok(CancelOutcome::AlreadyFinished(_))
+        ));
+        assert_eq!(
+            jobs.cancel(&JobId::from_client("nope")).unwrap_err(),
+            LookupError::NotFound
+        );
         assert!(jobs.is_idle());
     }
 
@@ -754,7 +843,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         assert_eq!(jobs.get(&job.id).unwrap_err(), LookupError::Expired);
         jobs.prune(&mut jobs.lock(), true);
-        assert_eq!(jobs.get(&job.id).unwrap_err(), LookupError::Expired, "still 410 once forgotten");
+        assert_eq!(
+            jobs.get(&job.id).unwrap_err(),
+            LookupError::Expired,
+            "still 410 once forgotten"
+        );
     }
 
     #[test]
@@ -774,7 +867,10 @@ mod tests {
         let jobs = manager(4, LONG, LONG);
         let waiting = jobs.submit(request(1, 1), PNG, 0).unwrap();
         jobs.stop_accepting();
-        assert_eq!(jobs.submit(request(1, 1), PNG, 0).unwrap_err(), SubmitError::ShuttingDown);
+        assert_eq!(
+            jobs.submit(request(1, 1), PNG, 0).unwrap_err(),
+            SubmitError::ShuttingDown
+        );
         let batch = jobs.next_batch(1).expect("queued work is still handed out");
         assert_eq!(batch[0].id, waiting.id);
         jobs.finish(&waiting.id, JobOutcome::Succeeded(vec![image(0)]));

@@ -27,12 +27,21 @@ struct HistogramData {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Histogram {
-        let data = HistogramData { counts: vec![0; bounds.len()], ..Default::default() };
-        Histogram { bounds, inner: Mutex::new(data) }
+        let data = HistogramData {
+            counts: vec![0; bounds.len()],
+            ..Default::default()
+        };
+        Histogram {
+            bounds,
+            inner: Mutex::new(data),
+        }
     }
 
     fn observe(&self, value: f64) {
-        let mut data = self.inner.lock().expect("metrics lock poisoned; this is a bug");
+        let mut data = self
+            .inner
+            .lock()
+            .expect("metrics lock poisoned; this is a bug");
         if let Some(slot) = self.bounds.iter().position(|b| value <= *b) {
             data.counts[slot] += 1;
         }
@@ -41,12 +50,18 @@ impl Histogram {
     }
 
     fn mean(&self) -> Option<f64> {
-        let data = self.inner.lock().expect("metrics lock poisoned; this is a bug");
+        let data = self
+            .inner
+            .lock()
+            .expect("metrics lock poisoned; this is a bug");
         (data.count > 0).then(|| data.sum / data.count as f64)
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
-        let data = self.inner.lock().expect("metrics lock poisoned; this is a bug");
+        let data = self
+            .inner
+            .lock()
+            .expect("metrics lock poisoned; this is a bug");
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (bound, count) in self.bounds.iter().zip(&data.counts) {
@@ -58,8 +73,12 @@ impl Histogram {
     }
 }
 
-const JOB_SECONDS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
-const STEP_SECONDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const JOB_SECONDS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+const STEP_SECONDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// The service's metrics.
 #[derive(Debug)]
@@ -90,7 +109,10 @@ impl Default for Metrics {
 impl Metrics {
     /// A job entered `state` (queued on submit, then its final state).
     pub fn job_entered(&self, state: JobState) {
-        let mut jobs = self.jobs_by_state.lock().expect("metrics lock poisoned; this is a bug");
+        let mut jobs = self
+            .jobs_by_state
+            .lock()
+            .expect("metrics lock poisoned; this is a bug");
         *jobs.entry(state.as_str()).or_default() += 1;
     }
 
@@ -122,8 +144,13 @@ impl Metrics {
 
     /// One HTTP response went out.
     pub fn http_request(&self, method: &str, route: &str, status: u16) {
-        let mut requests = self.http_requests.lock().expect("metrics lock poisoned; this is a bug");
-        *requests.entry((method.to_string(), route.to_string(), status)).or_default() += 1;
+        let mut requests = self
+            .http_requests
+            .lock()
+            .expect("metrics lock poisoned; this is a bug");
+        *requests
+            .entry((method.to_string(), route.to_string(), status))
+            .or_default() += 1;
     }
 
     /// The text exposition format; `queue_depth` and `running` are sampled by the caller.
@@ -132,10 +159,22 @@ impl Metrics {
         out.push_str("# HELP sdserve_jobs_total Jobs that entered each state (rejected: refused, queue full).\n");
         out.push_str("# TYPE sdserve_jobs_total counter\n");
         {
-            let jobs = self.jobs_by_state.lock().expect("metrics lock poisoned; this is a bug");
-            for state in [JobState::Queued, JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
+            let jobs = self
+                .jobs_by_state
+                .lock()
+                .expect("metrics lock poisoned; this is a bug");
+            for state in [
+                JobState::Queued,
+                JobState::Succeeded,
+                JobState::Failed,
+                JobState::Cancelled,
+            ] {
                 let count = jobs.get(state.as_str()).copied().unwrap_or(0);
-                let _ = writeln!(out, "sdserve_jobs_total{{state=\"{}\"}} {count}", state.as_str());
+                let _ = writeln!(
+                    out,
+                    "sdserve_jobs_total{{state=\"{}\"}} {count}",
+                    state.as_str()
+                );
             }
             let rejected = self.jobs_rejected.load(Ordering::Relaxed);
             let _ = writeln!(out, "sdserve_jobs_total{{state=\"rejected\"}} {rejected}");
@@ -148,21 +187,34 @@ impl Metrics {
             out,
             "# HELP sdserve_jobs_running Jobs being generated now.\n# TYPE sdserve_jobs_running gauge\nsdserve_jobs_running {running}"
         );
-        self.queue_seconds.render(&mut out, "sdserve_job_queue_seconds", "Time jobs waited in the queue.");
+        self.queue_seconds.render(
+            &mut out,
+            "sdserve_job_queue_seconds",
+            "Time jobs waited in the queue.",
+        );
         self.inference_seconds.render(
             &mut out,
             "sdserve_job_inference_seconds",
             "Time jobs ran on a worker (generation and encoding).",
         );
-        self.step_seconds.render(&mut out, "sdserve_step_seconds", "Time of one denoising step.");
+        self.step_seconds.render(
+            &mut out,
+            "sdserve_step_seconds",
+            "Time of one denoising step.",
+        );
         let _ = writeln!(
             out,
             "# HELP sdserve_images_total Images generated.\n# TYPE sdserve_images_total counter\nsdserve_images_total {}",
             self.images.load(Ordering::Relaxed)
         );
-        out.push_str("# HELP sdserve_http_requests_total HTTP responses by method, route and status.\n");
+        out.push_str(
+            "# HELP sdserve_http_requests_total HTTP responses by method, route and status.\n",
+        );
         out.push_str("# TYPE sdserve_http_requests_total counter\n");
-        let requests = self.http_requests.lock().expect("metrics lock poisoned; this is a bug");
+        let requests = self
+            .http_requests
+            .lock()
+            .expect("metrics lock poisoned; this is a bug");
         for ((method, route, status), count) in requests.iter() {
             let _ = writeln!(
                 out,
@@ -183,9 +235,18 @@ mod tests {
         metrics.observe_step_time(Duration::from_millis(20));
         metrics.observe_step_time(Duration::from_secs(100));
         let text = metrics.render(0, 0);
-        assert!(text.contains("sdserve_step_seconds_bucket{le=\"0.025\"} 1"), "{text}");
-        assert!(text.contains("sdserve_step_seconds_bucket{le=\"10\"} 1"), "{text}");
-        assert!(text.contains("sdserve_step_seconds_bucket{le=\"+Inf\"} 2"), "{text}");
+        assert!(
+            text.contains("sdserve_step_seconds_bucket{le=\"0.025\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sdserve_step_seconds_bucket{le=\"10\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sdserve_step_seconds_bucket{le=\"+Inf\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("sdserve_step_seconds_count 2"), "{text}");
     }
 

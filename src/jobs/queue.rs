@@ -27,7 +27,12 @@ pub struct JobQueue {
 
 impl JobQueue {
     pub fn new(capacity: usize) -> JobQueue {
-        JobQueue { capacity, order: BTreeMap::new(), keys: HashMap::new(), arrivals: 0 }
+        JobQueue {
+            capacity,
+            order: BTreeMap::new(),
+            keys: HashMap::new(),
+            arrivals: 0,
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -45,7 +50,9 @@ impl JobQueue {
     /// Adds a job; refused when `capacity` jobs already wait.
     pub fn push(&mut self, id: JobId, priority: i32) -> Result<(), QueueFull> {
         if self.order.len() >= self.capacity {
-            return Err(QueueFull { capacity: self.capacity });
+            return Err(QueueFull {
+                capacity: self.capacity,
+            });
         }
         let key = (Reverse(priority), self.arrivals);
         self.arrivals += 1;
@@ -58,7 +65,9 @@ impl JobQueue {
     pub fn pop_batch(&mut self, max: usize) -> Vec<JobId> {
         let mut batch = Vec::new();
         while batch.len() < max {
-            let Some((_, id)) = self.order.pop_first() else { break };
+            let Some((_, id)) = self.order.pop_first() else {
+                break;
+            };
             self.keys.remove(&id);
             batch.push(id);
         }
@@ -109,8 +118,11 @@ mod tests {
         queue.push(id("low"), -1).unwrap();
         assert_eq!(queue.position(&id("urgent")), Some(0));
         assert_eq!(queue.position(&id("c")), Some(3));
-        let order: Vec<String> =
-            queue.pop_batch(10).into_iter().map(|j| j.as_str().to_string()).collect();
+        let order: Vec<String> = queue
+            .pop_batch(10)
+            .into_iter()
+            .map(|j| j.as_str().to_string())
+            .collect();
         assert_eq!(order, ["urgent", "a", "b", "c", "low"]);
     }
 

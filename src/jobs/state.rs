@@ -52,12 +52,20 @@ pub enum JobState {
 
 impl JobState {
     /// Every state, for metrics.
-    pub const ALL: [JobState; 5] =
-        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
 
     /// Succeeded, failed or cancelled: nothing will change any more.
     pub fn is_finished(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// Whether a job in this state may move to `next`.
@@ -103,7 +111,10 @@ mod tests {
     fn a_running_job_never_goes_back_to_the_queue() {
         assert!(!JobState::Running.can_become(JobState::Queued));
         assert!(JobState::Queued.can_become(JobState::Running));
-        assert!(!JobState::Queued.can_become(JobState::Succeeded), "only run jobs succeed");
+        assert!(
+            !JobState::Queued.can_become(JobState::Succeeded),
+            "only run jobs succeed"
+        );
     }
 
     #[test]

@@ -68,7 +68,10 @@ impl ModelBackend for CandleBackend {
     }
 
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError> {
-        let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
+        let options = LoadOptions {
+            device: parse_device(device)?,
+            dtype: spec.dtype.to_candle(),
+        };
         Ok(Arc::new(Pipeline::load(&spec.name, &spec.path, &options)?))
     }
 }
@@ -184,7 +187,9 @@ impl DeviceContext {
                 Ok(Ok(generator)) => {
                     loaded.insert(spec.name.clone(), generator);
                 }
-                Ok(Err(error)) => return self.fail(format!("loading model {:?}: {error}", spec.name)),
+                Ok(Err(error)) => {
+                    return self.fail(format!("loading model {:?}: {error}", spec.name))
+                }
                 Err(panic) => {
                     return self.fail(format!(
                         "loading model {:?} panicked: {}",
@@ -243,8 +248,12 @@ impl Worker {
                 let _entered = span.enter();
                 let outcome = self.run_job(&job);
                 match &outcome {
-                    JobOutcome::Succeeded(images) => tracing::info!(images = images.len(), "job succeeded"),
-                    JobOutcome::Failed(error) => tracing::warn!(error = %error.message, "job failed"),
+                    JobOutcome::Succeeded(images) => {
+                        tracing::info!(images = images.len(), "job succeeded")
+                    }
+                    JobOutcome::Failed(error) => {
+                        tracing::warn!(error = %error.message, "job failed")
+                    }
                     JobOutcome::Cancelled => tracing::info!("job cancelled"),
                 }
                 self.jobs.finish(&job.id, outcome);
@@ -255,29 +264,40 @@ impl Worker {
     fn run_job(&self, job: &ClaimedJob) -> JobOutcome {
         let Some(generator) = self.models.get(&job.request.model) else {
             tracing::error!("job names a model this worker did not load; this is a bug");
-            return JobOutcome::Failed(JobError::new(JobErrorKind::Internal, "the model is not loaded"));
+            return JobOutcome::Failed(JobError::new(
+                JobErrorKind::Internal,
+                "the model is not loaded",
+            ));
         };
-        let mut observer = JobObserver { job, jobs: &self.jobs };
-        let result =
-            catch_unwind(AssertUnwindSafe(|| generator.generate(&job.request, &mut observer)));
+        let mut observer = JobObserver {
+            job,
+            jobs: &self.jobs,
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            generator.generate(&job.request, &mut observer)
+        }));
         // A stop that nobody asked for was the deadline.
-        let deadline_passed =
-            Instant::now() >= job.deadline && !job.cancel.load(Ordering::Relaxed);
+        let deadline_passed = Instant::now() >= job.deadline && !job.cancel.load(Ordering::Relaxed);
         match result {
             Ok(Ok(images)) => match encode_output(&job.request, job.output, &images) {
                 Ok(encoded) => JobOutcome::Succeeded(encoded),
                 Err(error) => {
                     tracing::error!(%error, "encoding the images failed");
-                    JobOutcome::Failed(JobError::new(JobErrorKind::Internal, "encoding the images failed"))
+                    JobOutcome::Failed(JobError::new(
+                        JobErrorKind::Internal,
+                        "encoding the images failed",
+                    ))
                 }
             },
-            Ok(Err(PipelineError::Cancelled)) if deadline_passed => JobOutcome::Failed(JobError::new(
-                JobErrorKind::Timeout,
-                format!(
-                    "the job did not finish within its deadline ({} s)",
-                    self.jobs.settings().job_timeout.as_secs()
-                ),
-            )),
+            Ok(Err(PipelineError::Cancelled)) if deadline_passed => {
+                JobOutcome::Failed(JobError::new(
+                    JobErrorKind::Timeout,
+                    format!(
+                        "the job did not finish within its deadline ({} s)",
+                        self.jobs.settings().job_timeout.as_secs()
+                    ),
+                ))
+            }
             Ok(Err(PipelineError::Cancelled)) => JobOutcome::Cancelled,
             Ok(Err(PipelineError::Invalid(error))) => JobOutcome::Failed(JobError {
                 kind: JobErrorKind::InvalidRequest,
@@ -321,7 +341,12 @@ pub fn encode_output(
                 Some(output.quality),
                 Some(&parameters),
             )?;
-            Ok(EncodedImage { index: image.index, seed: image.seed, format: output.format, bytes })
+            Ok(EncodedImage {
+                index: image.index,
+                seed: image.seed,
+                format: output.format,
+                bytes,
+            })
         })
         .collect()
 }
@@ -334,7 +359,8 @@ struct JobObserver<'a> {
 
 impl StepObserver for JobObserver<'_> {
     fn on_step(&mut self, image_index: u32, step: usize, steps: usize) {
-        self.jobs.report_progress(&self.job.id, image_index, step, steps);
+        self.jobs
+            .report_progress(&self.job.id, image_index, step, steps);
     }
 
     fn should_cancel(&self) -> bool {
