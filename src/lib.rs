@@ -13,3 +13,5 @@ pub mod models;
 pub mod pipeline;
 pub mod samplers;
 pub mod workers;
+
+pub use api::{app, run, start, AppState, RunningServer};

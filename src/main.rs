@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sdserve::config::{ServeArgs, Settings};
 
 /// HTTP image generation with Stable Diffusion 1.x / 2.x / SDXL.
 #[derive(Parser)]
@@ -14,22 +15,74 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the HTTP service (with no flags: the bundled tiny model on the CPU).
+    Serve(Box<ServeArgs>),
     /// Generate images from the command line, without a server.
     Generate(sdserve::cli::GenerateArgs),
     /// Time the text encoder, UNet steps, VAE decode and whole requests on a model.
     Bench(sdserve::cli::BenchArgs),
+    /// Print the OpenAPI document (YAML).
+    PrintOpenapi,
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
-        Command::Generate(args) => sdserve::cli::generate(&args),
-        Command::Bench(args) => sdserve::cli::bench(&args),
-    };
+    match Cli::parse().command {
+        Command::Serve(args) => serve(&args),
+        Command::Generate(args) => report(sdserve::cli::generate(&args)),
+        Command::Bench(args) => report(sdserve::cli::bench(&args)),
+        Command::PrintOpenapi => {
+            print!("{}", sdserve::api::openapi::openapi_yaml());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Exit status of a library command: failure with its error chain on stderr.
+fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sdserve: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let settings = match Settings::load(args) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("sdserve: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(settings.json_logs);
+    tracing::info!(?settings, "starting");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sdserve: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sdserve::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("sdserve: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Text or JSON logs to stderr; `RUST_LOG` filters (default: info).
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(true).init();
+    } else {
+        builder.init();
     }
 }

@@ -1,1 +1,202 @@
-//! api layer (to be written).
+//! The HTTP API: the router ([`app`]), its shared state, middleware (request ids, tracing,
+//! API keys, request metrics, body limit), and the handlers of the native `/v1` dialect
+//! and the operational endpoints. Knows no tensors: requests become
+//! `pipeline::GenerationRequest`s and go to the job queue.
+
+pub mod dto;
+pub mod error;
+pub mod native;
+pub mod openapi;
+pub mod server;
+pub mod system;
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::watch;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+
+use crate::config::{ModelSpec, Settings};
+use crate::jobs::JobManager;
+use crate::pipeline::ModelDefaults;
+use crate::workers::SlotHealth;
+use error::ApiError;
+
+pub use server::{run, start, RunningServer};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A model of the registry: its configured spec and what probing its files found.
+#[derive(Debug, Clone)]
+pub struct RegisteredModel {
+    pub spec: ModelSpec,
+    pub defaults: ModelDefaults,
+}
+
+/// The models this server serves.
+#[derive(Debug, Clone)]
+pub struct ModelRegistry {
+    pub models: Vec<RegisteredModel>,
+    pub default_model: String,
+}
+
+impl ModelRegistry {
+    /// The named model, or the default one; 404 listing the valid names otherwise.
+    pub fn resolve(&self, name: Option<&str>) -> Result<&RegisteredModel, ApiError> {
+        let wanted = name.filter(|n| !n.is_empty()).unwrap_or(&self.default_model);
+        self.models.iter().find(|m| m.spec.name == wanted).ok_or_else(|| {
+            let valid: Vec<String> = self.models.iter().map(|m| m.spec.name.clone()).collect();
+            ApiError::model_not_found(wanted, &valid)
+        })
+    }
+}
+
+/// What every handler shares.
+pub struct SharedState {
+    pub settings: Arc<Settings>,
+    pub registry: ModelRegistry,
+    pub jobs: Arc<JobManager>,
+    /// Health of every worker slot, kept current by the worker threads.
+    pub workers: watch::Receiver<Vec<SlotHealth>>,
+    pub started_at: SystemTime,
+}
+
+/// Cheap to clone handle on the shared state.
+#[derive(Clone)]
+pub struct AppState(Arc<SharedState>);
+
+impl AppState {
+    pub fn new(shared: SharedState) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = SharedState;
+    fn deref(&self) -> &SharedState {
+        &self.0
+    }
+}
+
+/// The router with every route and middleware.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.settings.limits.max_body_bytes;
+    // Layers listed first run first (outermost): the request id exists before the
+    // tracing span that records it, and is copied onto the response last.
+    let http_layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let request_id =
+                        request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+                    tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+                })
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID));
+    Router::new()
+        .route("/v1/generate", post(native::generate))
+        .route("/v1/jobs", post(native::create_job))
+        .route("/v1/jobs/{id}", get(native::get_job).delete(native::cancel_job))
+        .route("/v1/jobs/{id}/events", get(native::job_events))
+        .route("/v1/jobs/{id}/images/{index}", get(native::job_image))
+        .route("/v1/models", get(system::list_models))
+        .route("/v1/samplers", get(system::list_samplers))
+        .route("/health", get(system::health))
+        .route("/ready", get(system::ready))
+        .route("/metrics", get(system::metrics))
+        .route("/openapi.yaml", get(system::openapi_yaml))
+        // route_layer: these see the matched route; the last one added runs first, so
+        // refused (401) requests are counted too.
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key))
+        .route_layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(http_layers)
+        .with_state(state)
+}
+
+async fn unknown_route() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "unknown_route",
+        "no such route; see /openapi.yaml",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        "this route does not take this method; see /openapi.yaml",
+    )
+}
+
+/// When API keys are configured, every route but `/health` needs one, as
+/// `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`.
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let keys = &state.settings.api_keys;
+    if keys.is_empty() || request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim);
+    let error = match presented {
+        Some(key) if keys.iter().any(|k| same_secret(k.0.as_bytes(), key.as_bytes())) => {
+            return next.run(request).await
+        }
+        Some(_) => "invalid API key",
+        None => "missing API key: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
+    };
+    ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", error)
+        .into_response()
+}
+
+/// Compares without an early exit, so response times do not reveal matching prefixes.
+fn same_secret(expected: &[u8], presented: &[u8]) -> bool {
+    if expected.len() != presented.len() {
+        return false;
+    }
+    expected.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |path| path.as_str().to_string());
+    let response = next.run(request).await;
+    state.jobs.metrics().http_request(&method, &route, response.status().as_u16());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"ab"));
+    }
+}

@@ -105,8 +105,11 @@ impl MidBlock {
         let mut x = self.resnet_in.forward(x, None)?;
         if let Some((norm, attention)) = &self.attention {
             let (batch, channels, height, width) = x.dims4()?;
-            let tokens =
-                norm.forward(&x)?.reshape((batch, channels, height * width))?.transpose(1, 2)?.contiguous()?;
+            let tokens = norm
+                .forward(&x)?
+                .reshape((batch, channels, height * width))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let attended = attention.forward(&tokens, None)?;
             let attended = attended.transpose(1, 2)?.reshape((batch, channels, height, width))?;
             x = (attended + x)?;

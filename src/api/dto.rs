@@ -1,0 +1,443 @@
+//! Request and response bodies of the native API (serde + utoipa schemas), and their
+//! conversions from the job layer's types.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::ErrorDetail;
+use crate::codec::{self, ImageFormat};
+use crate::jobs::{JobSnapshot, JobState, Progress};
+use crate::pipeline::GenerationParams;
+
+/// Output image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Png,
+    #[serde(alias = "jpg")]
+    Jpeg,
+    Webp,
+}
+
+impl OutputFormat {
+    pub fn to_codec(self) -> ImageFormat {
+        match self {
+            OutputFormat::Png => ImageFormat::Png,
+            OutputFormat::Jpeg => ImageFormat::Jpeg,
+            OutputFormat::Webp => ImageFormat::Webp,
+        }
+    }
+
+    pub fn from_codec(format: ImageFormat) -> OutputFormat {
+        match format {
+            ImageFormat::Png => OutputFormat::Png,
+            ImageFormat::Jpeg => OutputFormat::Jpeg,
+            ImageFormat::Webp => OutputFormat::Webp,
+        }
+    }
+}
+
+/// A text-to-image request. Every field but `prompt` is optional; unknown fields are
+/// refused (422) so that a typo never silently does nothing.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// Registry name of the model (`GET /v1/models`); the server's default when absent.
+    #[schema(example = "sd1-tiny")]
+    pub model: Option<String>,
+    /// What to draw. Required (may be empty).
+    #[schema(example = "a watercolor fox in the snow")]
+    pub prompt: Option<String>,
+    /// What to steer away from.
+    #[schema(default = "", example = "blurry")]
+    pub negative_prompt: Option<String>,
+    /// Image width in pixels, a multiple of 8; the model's native width when absent.
+    #[schema(example = 512, minimum = 8, multiple_of = 8)]
+    pub width: Option<u32>,
+    /// Image height in pixels, a multiple of 8; the model's native height when absent.
+    #[schema(example = 512, minimum = 8, multiple_of = 8)]
+    pub height: Option<u32>,
+    /// Denoising steps.
+    #[schema(default = 30, minimum = 1)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale (0-100; 1 or less disables guidance).
+    #[schema(default = 7.5, minimum = 0, maximum = 100)]
+    pub guidance_scale: Option<f64>,
+    /// Guidance rescale φ (0-1), against over-exposure with zero-SNR models.
+    #[schema(default = 0.0, minimum = 0, maximum = 1)]
+    pub guidance_rescale: Option<f64>,
+    /// Sampler id, A1111 display name or alias (`GET /v1/samplers`).
+    #[schema(default = "euler_a", example = "euler_a")]
+    pub sampler: Option<String>,
+    /// Seed of the first image (image i uses seed + i); absent or -1: random (reported).
+    #[schema(default = -1, example = 42)]
+    pub seed: Option<i64>,
+    /// Number of images.
+    #[schema(default = 1, minimum = 1)]
+    pub n: Option<u32>,
+    /// CLIP layers to skip, A1111 style (1 = last layer, 2 = penultimate).
+    #[schema(default = 1, minimum = 1, maximum = 12)]
+    pub clip_skip: Option<u32>,
+    /// SDXL micro-conditioning `[width, height]`; the image size when absent.
+    pub original_size: Option<[u32; 2]>,
+    /// SDXL micro-conditioning `[top, left]`.
+    #[schema(default = json!([0, 0]))]
+    pub crop_top_left: Option<[u32; 2]>,
+    /// SDXL micro-conditioning `[width, height]`; the image size when absent.
+    pub target_size: Option<[u32; 2]>,
+    /// SDXL refiner aesthetic score.
+    #[schema(default = 6.0, minimum = 0, maximum = 10)]
+    pub aesthetic_score: Option<f64>,
+    /// SDXL refiner negative aesthetic score.
+    #[schema(default = 2.5, minimum = 0, maximum = 10)]
+    pub negative_aesthetic_score: Option<f64>,
+    /// Output format; the server's default (`output.format`) when absent.
+    pub output_format: Option<OutputFormat>,
+    /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
+    #[schema(minimum = 1, maximum = 100)]
+    pub output_quality: Option<u8>,
+    /// Queue priority: higher runs first; equal priorities run in arrival order.
+    #[schema(default = 0)]
+    pub priority: Option<i32>,
+}
+
+impl GenerateRequest {
+    /// The pipeline's unvalidated parameters (the prompt must have been checked present).
+    pub fn to_params(&self) -> GenerationParams {
+        GenerationParams {
+            prompt: self.prompt.clone().unwrap_or_default(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            guidance_rescale: self.guidance_rescale,
+            sampler: self.sampler.clone(),
+            seed: self.seed,
+            n: self.n,
+            clip_skip: self.clip_skip,
+            original_size: self.original_size.map(|[w, h]| (w, h)),
+            crop_top_left: self.crop_top_left.map(|[t, l]| (t, l)),
+            target_size: self.target_size.map(|[w, h]| (w, h)),
+            aesthetic_score: self.aesthetic_score,
+            negative_aesthetic_score: self.negative_aesthetic_score,
+        }
+    }
+}
+
+/// The request as it ran: every default filled in.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct NormalizedParameters {
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f64,
+    pub guidance_rescale: f64,
+    /// Sampler id.
+    pub sampler: String,
+    /// Seed of the first image.
+    pub seed: u64,
+    pub n: u32,
+    pub clip_skip: u32,
+    pub original_size: [u32; 2],
+    pub crop_top_left: [u32; 2],
+    pub target_size: [u32; 2],
+    pub aesthetic_score: f64,
+    pub negative_aesthetic_score: f64,
+    pub output_format: OutputFormat,
+    pub output_quality: u8,
+    pub priority: i32,
+}
+
+impl NormalizedParameters {
+    pub fn from_snapshot(job: &JobSnapshot) -> NormalizedParameters {
+        let r = &job.request;
+        NormalizedParameters {
+            model: r.model.clone(),
+            prompt: r.prompt.clone(),
+            negative_prompt: r.negative_prompt.clone(),
+            width: r.width,
+            height: r.height,
+            steps: r.steps,
+            guidance_scale: r.guidance_scale,
+            guidance_rescale: r.guidance_rescale,
+            sampler: r.sampler.id().to_string(),
+            seed: r.seed,
+            n: r.n,
+            clip_skip: r.clip_skip,
+            original_size: [r.sdxl.original_size.0, r.sdxl.original_size.1],
+            crop_top_left: [r.sdxl.crop_top_left.0, r.sdxl.crop_top_left.1],
+            target_size: [r.sdxl.target_size.0, r.sdxl.target_size.1],
+            aesthetic_score: r.sdxl.aesthetic_score,
+            negative_aesthetic_score: r.sdxl.negative_aesthetic_score,
+            output_format: OutputFormat::from_codec(job.output.format),
+            output_quality: job.output.quality,
+            priority: job.priority,
+        }
+    }
+}
+
+/// One generated image.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ImageData {
+    /// Position in the request (0-based).
+    pub index: u32,
+    /// The seed this image was made from.
+    pub seed: u64,
+    pub format: OutputFormat,
+    /// The encoded image, base64.
+    pub data: String,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Timings {
+    pub queue_ms: u64,
+    pub inference_ms: u64,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GenerateResponse {
+    /// The job id (also usable with `/v1/jobs/{id}` until the result expires).
+    pub id: String,
+    pub images: Vec<ImageData>,
+    pub parameters: NormalizedParameters,
+    pub timings: Timings,
+}
+
+impl GenerateResponse {
+    /// The response of a succeeded job; None for any other job.
+    pub fn from_snapshot(job: &JobSnapshot) -> Option<GenerateResponse> {
+        let result = job.result.as_ref()?;
+        Some(GenerateResponse {
+            id: job.id.to_string(),
+            images: result
+                .images
+                .iter()
+                .map(|image| ImageData {
+                    index: image.index,
+                    seed: image.seed,
+                    format: OutputFormat::from_codec(image.format),
+                    data: codec::base64_encode(&image.bytes),
+                })
+                .collect(),
+            parameters: NormalizedParameters::from_snapshot(job),
+            timings: Timings { queue_ms: result.queue_ms, inference_ms: result.inference_ms },
+        })
+    }
+}
+
+/// An accepted asynchronous job.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobAccepted {
+    pub id: String,
+    pub state: JobState,
+    /// Jobs ahead of this one (0: it runs next).
+    pub queue_position: usize,
+}
+
+/// Progress over all images of a job.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ProgressBody {
+    /// Denoising steps done (over all images).
+    pub step: usize,
+    /// Denoising steps in all (`steps × n`).
+    pub steps: usize,
+    /// Estimated milliseconds left; null before the first step.
+    pub eta_ms: Option<u64>,
+}
+
+impl From<&Progress> for ProgressBody {
+    fn from(progress: &Progress) -> Self {
+        ProgressBody { step: progress.step, steps: progress.steps, eta_ms: progress.eta_ms }
+    }
+}
+
+/// A job's status.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobStatus {
+    pub id: String,
+    pub state: JobState,
+    /// Jobs ahead of this one while it waits; null otherwise.
+    pub queue_position: Option<usize>,
+    /// Null until the job starts.
+    pub progress: Option<ProgressBody>,
+    /// As from `POST /v1/generate`, once the job succeeded.
+    pub result: Option<GenerateResponse>,
+    /// Why the job failed or was cancelled.
+    pub error: Option<ErrorDetail>,
+    /// RFC 3339 UTC.
+    #[schema(example = "2025-01-01T12:00:00.000Z")]
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    /// True when a cancellation was requested while the job ran.
+    pub cancel_requested: bool,
+}
+
+impl JobStatus {
+    pub fn from_snapshot(job: &JobSnapshot) -> JobStatus {
+        let error = match (&job.error, job.state) {
+            (Some(error), _) => Some(super::error::ApiError::from(error).detail),
+            (None, JobState::Cancelled) => Some(cancelled_detail()),
+            _ => None,
+        };
+        JobStatus {
+            id: job.id.to_string(),
+            state: job.state,
+            queue_position: job.queue_position,
+            progress: job.progress.as_ref().map(ProgressBody::from),
+            result: GenerateResponse::from_snapshot(job),
+            error,
+            created_at: rfc3339(job.created_at),
+            started_at: job.started_at.map(rfc3339),
+            finished_at: job.finished_at.map(rfc3339),
+            cancel_requested: job.cancel_requested,
+        }
+    }
+}
+
+/// The error shown for a cancelled job.
+pub fn cancelled_detail() -> ErrorDetail {
+    ErrorDetail {
+        message: "the job was cancelled".into(),
+        kind: "invalid_request_error".into(),
+        param: None,
+        code: Some("job_cancelled".into()),
+    }
+}
+
+/// A model of the registry (OpenAI's model object, plus sdserve's fields).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelCard {
+    /// The name requests use.
+    pub id: String,
+    /// Always `model`.
+    #[schema(example = "model")]
+    pub object: String,
+    /// Unix seconds when the server registered it.
+    pub created: u64,
+    pub owned_by: String,
+    /// `sd1`, `sd2`, `sdxl` or `sdxl_refiner`.
+    pub family: String,
+    /// Loaded on every device.
+    pub loaded: bool,
+    /// Used when a request names no model.
+    pub default: bool,
+    /// Native width and height.
+    pub width: u32,
+    pub height: u32,
+}
+
+/// The model list (OpenAI's list shape).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    #[schema(example = "list")]
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+/// A sampler.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SamplerInfo {
+    /// The id requests use.
+    #[schema(example = "euler_a")]
+    pub id: String,
+    /// The AUTOMATIC1111 name (also accepted).
+    #[schema(example = "Euler a")]
+    pub display_name: String,
+    /// Other accepted names.
+    pub aliases: Vec<String>,
+}
+
+/// The sampler list.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SamplerList {
+    #[schema(example = "list")]
+    pub object: String,
+    pub data: Vec<SamplerInfo>,
+}
+
+/// Liveness.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HealthResponse {
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+/// One worker slot.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WorkerStatus {
+    pub device: String,
+    pub slot: usize,
+    /// `loading`, `ready`, `failed` or `stopped`.
+    pub state: String,
+    /// Why loading failed.
+    pub error: Option<String>,
+}
+
+/// Readiness: every model loaded and every worker up.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ReadyResponse {
+    /// `ready`, `loading`, `failed` or `shutting_down`.
+    pub status: String,
+    pub workers: Vec<WorkerStatus>,
+    /// Jobs waiting.
+    pub queue_depth: usize,
+    /// Jobs running.
+    pub running: usize,
+}
+
+/// Formats a time as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(time: SystemTime) -> String {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = since_epoch.as_secs();
+    let (days, second_of_day) = ((seconds / 86_400) as i64, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian; eras of 400 years).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap_day = UNIX_EPOCH + Duration::from_millis(951_782_400_123);
+        assert_eq!(rfc3339(leap_day), "2000-02-29T00:00:00.123Z");
+        let later = UNIX_EPOCH + Duration::from_secs(1_735_732_245);
+        assert_eq!(rfc3339(later), "2025-01-01T11:50:45.000Z");
+    }
+
+    #[test]
+    fn unknown_request_fields_are_refused() {
+        let parsed: Result<GenerateRequest, _> =
+            serde_json::from_str(r#"{"prompt":"a","stpes":3}"#);
+        assert!(parsed.unwrap_err().to_string().contains("stpes"));
+    }
+}

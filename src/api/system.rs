@@ -1,0 +1,137 @@
+//! Operational endpoints: liveness, readiness, metrics, the OpenAPI document, and the
+//! model and sampler lists.
+
+use std::time::UNIX_EPOCH;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::dto::{
+    HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo, SamplerList, WorkerStatus,
+};
+use super::error::ErrorResponse;
+use super::AppState;
+use crate::samplers::SamplerKind;
+use crate::workers::SlotState;
+
+/// The process is alive (never needs an API key).
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "Alive", body = HealthResponse)))]
+pub async fn health() -> Json<HealthResponse> {
+    Json(HealthResponse { status: "ok".into() })
+}
+
+/// Every model is loaded on every device and the server takes work.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = ReadyResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 503, description = "Loading, failed or shutting down", body = ReadyResponse),
+    ))]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let slots = state.workers.borrow().clone();
+    let workers: Vec<WorkerStatus> = slots
+        .iter()
+        .map(|slot| {
+            let (name, error) = match &slot.state {
+                SlotState::Loading => ("loading", None),
+                SlotState::Ready => ("ready", None),
+                SlotState::Failed(message) => ("failed", Some(message.clone())),
+                SlotState::Stopped => ("stopped", None),
+            };
+            WorkerStatus { device: slot.device.clone(), slot: slot.slot, state: name.into(), error }
+        })
+        .collect();
+    let status = if !state.jobs.is_accepting() {
+        "shutting_down"
+    } else if slots.iter().any(|s| matches!(s.state, SlotState::Failed(_))) {
+        "failed"
+    } else if slots.iter().all(|s| s.state == SlotState::Ready) {
+        "ready"
+    } else {
+        "loading"
+    };
+    let code = if status == "ready" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = ReadyResponse {
+        status: status.into(),
+        workers,
+        queue_depth: state.jobs.queue_depth(),
+        running: state.jobs.running(),
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Metrics", content_type = "text/plain", body = String),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.jobs.metrics().render(state.jobs.queue_depth(), state.jobs.running());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/openapi.yaml", tag = "operations",
+    responses(
+        (status = 200, description = "OpenAPI 3.1 YAML", content_type = "application/yaml", body = String),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn openapi_yaml() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], super::openapi::openapi_yaml()).into_response()
+}
+
+/// The models this server serves (OpenAI's list shape).
+#[utoipa::path(get, path = "/v1/models", tag = "models",
+    responses(
+        (status = 200, description = "Models", body = ModelList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    // Every device loads every model, so a model is loaded once no slot is still loading
+    // or failed.
+    let loaded = state
+        .workers
+        .borrow()
+        .iter()
+        .all(|s| matches!(s.state, SlotState::Ready | SlotState::Stopped));
+    let created = state.started_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let data = state
+        .registry
+        .models
+        .iter()
+        .map(|model| ModelCard {
+            id: model.spec.name.clone(),
+            object: "model".into(),
+            created,
+            owned_by: "sdserve".into(),
+            family: model.defaults.family.id().into(),
+            loaded,
+            default: model.spec.name == state.registry.default_model,
+            width: model.defaults.width,
+            height: model.defaults.height,
+        })
+        .collect();
+    Json(ModelList { object: "list".into(), data })
+}
+
+/// The samplers requests may name.
+#[utoipa::path(get, path = "/v1/samplers", tag = "models",
+    responses(
+        (status = 200, description = "Samplers", body = SamplerList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_samplers() -> Json<SamplerList> {
+    let data = SamplerKind::ALL
+        .iter()
+        .map(|kind| SamplerInfo {
+            id: kind.id().into(),
+            display_name: kind.display_name().into(),
+            aliases: kind.aliases().iter().map(|a| a.to_string()).collect(),
+        })
+        .collect();
+    Json(SamplerList { object: "list".into(), data })
+}

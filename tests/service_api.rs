@@ -1,0 +1,209 @@
+//! The service's endpoints and error cases, against the real server with the bundled
+//! tiny model (tests/fixtures/sd1).
+
+mod service_support;
+
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use service_support::{
+    error_body, test_settings, tiny_request, with_api_key, Double, TestServer, PNG_MAGIC,
+};
+
+#[tokio::test]
+#[ignore = "needs the pipeline"]
+async fn sync_generate_returns_json_or_image_bytes() {
+    let server = TestServer::start(test_settings(), Double::None).await;
+
+    let response = server.post_json("/v1/generate", &tiny_request("a red cube")).await;
+    assert_eq!(response.status(), 200);
+    for header in ["x-queue-time", "x-inference-time", "x-request-id"] {
+        assert!(response.headers().contains_key(header), "missing {header}");
+    }
+    let body: Value = response.json().await.unwrap();
+    assert!(body["id"].is_string());
+    let image = &body["images"][0];
+    assert_eq!((image["index"].as_u64(), image["seed"].as_u64()), (Some(0), Some(7)));
+    assert_eq!(image["format"], "png");
+    let png =
+        base64::engine::general_purpose::STANDARD.decode(image["data"].as_str().unwrap()).unwrap();
+    assert!(png.starts_with(PNG_MAGIC));
+    let parameters = &body["parameters"];
+    for (field, value) in [
+        ("width", json!(64)),
+        ("height", json!(64)),
+        ("steps", json!(2)),
+        ("seed", json!(7)),
+        ("n", json!(1)),
+        ("sampler", json!("euler_a")),
+        ("guidance_scale", json!(7.5)),
+        ("negative_prompt", json!("")),
+        ("output_format", json!("png")),
+        ("priority", json!(0)),
+    ] {
+        assert_eq!(parameters[field], value, "parameters.{field} in {parameters}");
+    }
+    assert!(parameters["model"].is_string() && parameters["original_size"].is_array());
+    assert!(body["timings"]["queue_ms"].is_u64() && body["timings"]["inference_ms"].is_u64());
+
+    // Accept: image/png returns the bytes themselves.
+    let response = server
+        .client
+        .post(server.url("/v1/generate"))
+        .header("accept", "image/png")
+        .json(&tiny_request("a red cube"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    assert_eq!(response.headers()["x-seed"], "7");
+    let bytes = response.bytes().await.unwrap();
+    assert!(bytes.starts_with(PNG_MAGIC));
+    assert_eq!(&bytes[..], &png[..], "same seed, same settings: same image");
+
+    // A random seed is reported; JPEG on request.
+    let mut body = tiny_request("a red cube");
+    body["seed"] = json!(-1);
+    body["output_format"] = json!("jpeg");
+    let response: Value = server.post_json("/v1/generate", &body).await.json().await.unwrap();
+    assert!(response["parameters"]["seed"].is_u64());
+    assert_eq!(response["images"][0]["format"], "jpeg");
+    server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the pipeline"]
+async fn listing_and_operational_endpoints() {
+    let server = TestServer::start(test_settings(), Double::None).await;
+
+    let models: Value = server.get("/v1/models").await.json().await.unwrap();
+    assert_eq!(models["object"], "list");
+    let model = &models["data"][0];
+    assert_eq!(model["object"], "model");
+    assert_eq!(model["family"], "sd1");
+    assert_eq!((model["loaded"].as_bool(), model["default"].as_bool()), (Some(true), Some(true)));
+
+    let samplers: Value = server.get("/v1/samplers").await.json().await.unwrap();
+    let ids: Vec<&str> =
+        samplers["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&"euler_a"), "{samplers}");
+    assert!(
+        samplers["data"][0]["display_name"].is_string()
+            && samplers["data"][0]["aliases"].is_array()
+    );
+
+    assert_eq!(server.get("/health").await.status(), 200);
+    let ready: Value = server.get("/ready").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+
+    let spec = server.get("/openapi.yaml").await.text().await.unwrap();
+    assert_eq!(spec, sdserve::api::openapi::openapi_yaml());
+
+    server.post_json("/v1/generate", &tiny_request("metrics")).await;
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    for name in [
+        "sdserve_jobs_total{state=\"succeeded\"} 1",
+        "sdserve_queue_depth 0",
+        "sdserve_job_queue_seconds_count 1",
+        "sdserve_job_inference_seconds_count 1",
+        "sdserve_step_seconds_count",
+        "sdserve_images_total 1",
+        "sdserve_http_requests_total{method=\"POST\",route=\"/v1/generate\",status=\"200\"} 1",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the pipeline"]
+async fn every_error_case_has_its_status_and_body() {
+    let mut settings = test_settings();
+    settings.result_retention_secs = 1;
+    settings.limits.max_body_bytes = 4096;
+    let server = TestServer::start(settings, Double::None).await;
+
+    // 400: malformed JSON.
+    let response =
+        server.client.post(server.url("/v1/jobs")).body("{not json").send().await.unwrap();
+    assert_eq!(error_body(response, 400).await["code"], "invalid_json");
+
+    // 422: bad values name their field; unknown fields and samplers are errors.
+    for (patch, param) in [
+        (json!({"steps": 0}), "steps"),
+        (json!({"width": 65}), "width"),
+        (json!({"stpes": 3}), "stpes"),
+        (json!({"steps": "many"}), "steps"),
+        (json!({"output_format": "gif"}), "output_format"),
+        (json!({"sampler": "warp_drive"}), "sampler"),
+    ] {
+        let mut body = tiny_request("x");
+        body.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
+        let error = error_body(server.post_json("/v1/jobs", &body).await, 422).await;
+        assert_eq!(error["param"], param, "{error}");
+        if param == "sampler" {
+            assert!(
+                error["message"].as_str().unwrap().contains("euler_a"),
+                "lists valid samplers: {error}"
+            );
+        }
+    }
+    let error = error_body(server.post_json("/v1/jobs", &json!({"steps": 2})).await, 422).await;
+    assert_eq!(error["param"], "prompt");
+
+    // 404: unknown job, unknown model (listing the valid ones), unknown route.
+    let error = error_body(server.get("/v1/jobs/nope").await, 404).await;
+    assert_eq!(error["code"], "job_not_found");
+    let mut body = tiny_request("x");
+    body["model"] = json!("no-such-model");
+    let error = error_body(server.post_json("/v1/generate", &body).await, 404).await;
+    assert_eq!(error["param"], "model");
+    assert!(error["message"].as_str().unwrap().contains("sd1-tiny"), "{error}");
+    error_body(server.get("/v2/nothing").await, 404).await;
+
+    // 413: body too large.
+    let big = json!({ "prompt": "x".repeat(10_000) });
+    let error = error_body(server.post_json("/v1/jobs", &big).await, 413).await;
+    assert_eq!(error["code"], "body_too_large");
+
+    // 409: cancelling a finished job; 410 once its result expired.
+    let id = server.submit(&tiny_request("x")).await;
+    let job = server.wait_finished(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let error = error_body(server.delete(&format!("/v1/jobs/{id}")).await, 409).await;
+    assert_eq!(error["code"], "job_finished");
+    let image = server.get(&format!("/v1/jobs/{id}/images/0")).await;
+    assert_eq!(image.status(), 200);
+    assert!(image.bytes().await.unwrap().starts_with(PNG_MAGIC));
+    error_body(server.get(&format!("/v1/jobs/{id}/images/3")).await, 404).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let error = error_body(server.get(&format!("/v1/jobs/{id}")).await, 410).await;
+    assert_eq!(error["code"], "result_expired");
+    server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the pipeline"]
+async fn api_keys_guard_everything_but_health() {
+    let server = TestServer::start(with_api_key(test_settings(), "sesame"), Double::None).await;
+    assert_eq!(server.get("/health").await.status(), 200);
+    let error = error_body(server.get("/v1/models").await, 401).await;
+    assert_eq!(error["type"], "authentication_error");
+    let wrong =
+        server.client.get(server.url("/v1/models")).bearer_auth("open").send().await.unwrap();
+    error_body(wrong, 401).await;
+    let right =
+        server.client.get(server.url("/v1/models")).bearer_auth("sesame").send().await.unwrap();
+    assert_eq!(right.status(), 200);
+    let header = server
+        .client
+        .get(server.url("/v1/samplers"))
+        .header("x-api-key", "sesame")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header.status(), 200);
+    server.stop().await;
+}
