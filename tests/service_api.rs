@@ -12,7 +12,6 @@ use service_support::{
 };
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn sync_generate_returns_json_or_image_bytes() {
     let server = TestServer::start(test_settings(), Double::None).await;
 
@@ -74,7 +73,6 @@ async fn sync_generate_returns_json_or_image_bytes() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn listing_and_operational_endpoints() {
     let server = TestServer::start(test_settings(), Double::None).await;
 
@@ -118,7 +116,6 @@ async fn listing_and_operational_endpoints() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn every_error_case_has_its_status_and_body() {
     let mut settings = test_settings();
     settings.result_retention_secs = 1;
@@ -185,7 +182,6 @@ async fn every_error_case_has_its_status_and_body() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn api_keys_guard_everything_but_health() {
     let server = TestServer::start(with_api_key(test_settings(), "sesame"), Double::None).await;
     assert_eq!(server.get("/health").await.status(), 200);

@@ -42,7 +42,6 @@ async fn read_events(response: reqwest::Response) -> Vec<(String, Value)> {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn sse_shows_queued_started_progress_succeeded() {
     let server = TestServer::start(test_settings(), SLOW).await;
     let blocker = server.submit(&long_request("first", 3)).await;
@@ -85,7 +84,6 @@ async fn sse_shows_queued_started_progress_succeeded() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn cancelling_stops_a_running_job_within_one_step_and_a_queued_one_at_once() {
     let server = TestServer::start(test_settings(), SLOW).await;
     let running = server.submit(&long_request("long", 40)).await;
@@ -114,7 +112,6 @@ async fn cancelling_stops_a_running_job_within_one_step_and_a_queued_one_at_once
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn a_full_queue_answers_429_and_loses_no_accepted_job() {
     const CAPACITY: usize = 2;
     let mut settings = test_settings();
@@ -139,7 +136,6 @@ async fn a_full_queue_answers_429_and_loses_no_accepted_job() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn priority_jumps_the_queue() {
     let server = TestServer::start(test_settings(), SLOW).await;
     let blocker = server.submit(&long_request("first", 3)).await;
@@ -157,7 +153,6 @@ async fn priority_jumps_the_queue() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn a_panicking_job_fails_and_the_worker_goes_on() {
     let server = TestServer::start(test_settings(), Double::PanicsOnPrompt).await;
     let error =
@@ -171,7 +166,6 @@ async fn a_panicking_job_fails_and_the_worker_goes_on() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn a_sync_client_that_disconnects_cancels_its_job() {
     let server = TestServer::start(test_settings(), SLOW).await;
     let impatient = server
@@ -196,7 +190,6 @@ async fn a_sync_client_that_disconnects_cancels_its_job() {
 }
 
 #[tokio::test]
-#[ignore = "needs the pipeline"]
 async fn shutdown_refuses_new_work_and_finishes_jobs_in_flight() {
     let server =
         TestServer::start(test_settings(), Double::SlowSteps(Duration::from_millis(150))).await;
