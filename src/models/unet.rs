@@ -115,16 +115,17 @@ impl UNetConfig {
             None | Some("UNetMidBlock2DCrossAttn") => {}
             Some(other) => return Err(format!("unsupported mid block type {other}")),
         }
-        match self.addition_embed_type.as_deref() {
-            None => {}
-            Some("text_time") => {
-                if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none()
-                {
-                    return Err("text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
-                }
-            }
-            Some(other) => return Err(format!("unsupported addition_embed_type {other}")),
+        let text_time = self.addition_embed_type.as_deref() == Some("text_time");
+        if let Some(other) = self.addition_embed_type.as_deref().filter(|_| !text_time) {
+            return Err(format!("unsupported addition_embed_type {other}"));
+        }
+        if text_time
+            && (self.addition_time_embed_dim.is_none()
+                || self.projection_class_embeddings_input_dim.is_none())
+        {
+            return Err("text_time needs addition_time_embed_dim and \
+                        projection_class_embeddings_input_dim"
+                .into());
         }
         if let Some(kind) = &self.class_embed_type {
             return Err(format!("unsupported class_embed_type {kind}"));
