@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::text::{tokenizer_from, EncoderStage, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
-use crate::error::{ModelError, PipelineError};
+use crate::error::{ModelError, PipelineError, ValidationError};
 use crate::models::loader::{self, ModelLayout};
 use crate::models::unet::{AddedConditions, UNet};
 use crate::models::vae::AutoencoderKl;
@@ -210,11 +210,22 @@ impl Pipeline {
             None
         };
 
+        let latent_channels = self.vae.config().latent_channels;
+        if self.unet.config().in_channels != latent_channels {
+            return Err(ValidationError::new(
+                "model",
+                format!(
+                    "this UNet takes {} input channels (an inpainting model); text-to-image \
+                     needs a {latent_channels}-channel model",
+                    self.unet.config().in_channels
+                ),
+            )
+            .into());
+        }
         let steps = request.steps as usize;
         let mut sampler = request.sampler.build(&self.scheduler, steps)?;
         let mut generators: Vec<TorchGenerator> =
             (0..n).map(|i| TorchGenerator::new(request.seed.wrapping_add(i as u64))).collect();
-        let latent_channels = self.unet.config().in_channels.min(self.vae.config().latent_channels);
         let latent_shape =
             (1, latent_channels, request.height as usize / 8, request.width as usize / 8);
         let noise = generators
