@@ -38,7 +38,7 @@ pub enum ModelError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
 }
 
 /// A request that failed validation: `field` names the offending request field.
@@ -66,5 +66,26 @@ pub enum PipelineError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("tensor error: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+/// Drops the backtraces candle attaches to its errors when `RUST_BACKTRACE` is set: they
+/// would end up in messages written for users. Errors are logged where they happen.
+pub fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
+    }
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(error: candle_core::Error) -> Self {
+        ModelError::Candle(without_backtrace(error))
+    }
+}
+
+impl From<candle_core::Error> for PipelineError {
+    fn from(error: candle_core::Error) -> Self {
+        PipelineError::Tensor(without_backtrace(error))
+    }
 }

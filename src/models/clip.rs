@@ -144,7 +144,13 @@ impl ClipTextModel {
     /// Loads from a `VarBuilder` at the root of the component's weights (the keys start with
     /// `text_model.`); `with_projection` for `CLIPTextModelWithProjection`.
     pub fn new(vb: VarBuilder, config: &ClipTextConfig, with_projection: bool) -> Result<Self> {
-        let text = vb.pp("text_model");
+        // transformers < 5 saves the encoder under `text_model.`; transformers 5 saves it
+        // at the root.
+        let text = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
         let embeddings = text.pp("embeddings");
         let token_embedding = candle_nn::embedding(
             config.vocab_size,

@@ -258,7 +258,10 @@ fn mmap_var_builder(
 }
 
 fn weights_error(component: &str) -> impl Fn(candle_core::Error) -> ModelError + '_ {
-    move |source| ModelError::Weights { component: component.to_string(), source }
+    move |source| ModelError::Weights {
+        component: component.to_string(),
+        source: crate::error::without_backtrace(source),
+    }
 }
 
 /// Older diffusers VAEs name the mid-block attention `query/key/value/proj_attn`.
