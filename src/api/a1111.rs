@@ -233,7 +233,9 @@ pub fn resolve_sampler(
         Some(wanted) => {
             let (id, label) = SCHEDULERS
                 .iter()
-                .find(|(id, label)| id.eq_ignore_ascii_case(wanted) || label.eq_ignore_ascii_case(wanted))
+                .find(|(id, label)| {
+                    id.eq_ignore_ascii_case(wanted) || label.eq_ignore_ascii_case(wanted)
+                })
                 .ok_or_else(|| unknown_scheduler(wanted))?;
             (*id != "automatic").then_some(*label)
         }
@@ -265,7 +267,10 @@ fn unknown_scheduler(wanted: &str) -> ApiError {
     let valid: Vec<String> = available_schedulers().into_iter().map(|s| s.label).collect();
     ApiError::invalid_value(
         "scheduler",
-        format!("scheduler: unknown or unavailable scheduler {wanted:?}; valid: {}", valid.join(", ")),
+        format!(
+            "scheduler: unknown or unavailable scheduler {wanted:?}; valid: {}",
+            valid.join(", ")
+        ),
     )
 }
 
@@ -275,9 +280,9 @@ fn available_schedulers() -> Vec<A1111Scheduler> {
         .iter()
         .filter(|(id, label)| {
             *id == "automatic"
-                || SamplerKind::ALL
-                    .iter()
-                    .any(|s| SamplerKind::from_name(&format!("{} {label}", s.display_name())).is_some())
+                || SamplerKind::ALL.iter().any(|s| {
+                    SamplerKind::from_name(&format!("{} {label}", s.display_name())).is_some()
+                })
         })
         .map(|(id, label)| A1111Scheduler {
             name: id.to_string(),
@@ -315,16 +320,12 @@ fn resolve_model<'a>(state: &'a AppState, title: &str) -> Result<&'a RegisteredM
 }
 
 fn clip_skip_option(value: &Value) -> Result<u32, ApiError> {
-    value
-        .as_u64()
-        .filter(|n| (1..=12).contains(n))
-        .map(|n| n as u32)
-        .ok_or_else(|| {
-            ApiError::invalid_value(
-                "CLIP_stop_at_last_layers",
-                format!("CLIP_stop_at_last_layers: must be an integer from 1 to 12, got {value}"),
-            )
-        })
+    value.as_u64().filter(|n| (1..=12).contains(n)).map(|n| n as u32).ok_or_else(|| {
+        ApiError::invalid_value(
+            "CLIP_stop_at_last_layers",
+            format!("CLIP_stop_at_last_layers: must be an integer from 1 to 12, got {value}"),
+        )
+    })
 }
 
 /// The field names `T` knows (from a default value serialized with every field).
@@ -368,7 +369,10 @@ fn translate(state: &AppState, raw: Value) -> Result<Translated, ApiError> {
         match key.as_str() {
             "sd_model_checkpoint" => {
                 let title = value.as_str().ok_or_else(|| {
-                    ApiError::invalid_value("sd_model_checkpoint", "sd_model_checkpoint: must be a string")
+                    ApiError::invalid_value(
+                        "sd_model_checkpoint",
+                        "sd_model_checkpoint: must be a string",
+                    )
                 })?;
                 model = Some(resolve_model(state, title)?.spec.name.clone());
             }
@@ -509,7 +513,8 @@ pub async fn txt2img(
     let finished = finished?;
     let images = match finished.state {
         JobState::Succeeded if translated.send_images => {
-            let result = finished.result.as_ref().expect("succeeded jobs carry a result; this is a bug");
+            let result =
+                finished.result.as_ref().expect("succeeded jobs carry a result; this is a bug");
             result.images.iter().map(|image| codec::base64_encode(&image.bytes)).collect()
         }
         JobState::Succeeded | JobState::Cancelled => Vec::new(),
@@ -538,7 +543,10 @@ pub async fn img2img(
 ) -> Result<Response, ApiError> {
     let images = raw.get("init_images").and_then(Value::as_array).filter(|a| !a.is_empty());
     let Some(images) = images else {
-        return Err(ApiError::invalid_value("init_images", "init_images: needs at least one image"));
+        return Err(ApiError::invalid_value(
+            "init_images",
+            "init_images: needs at least one image",
+        ));
     };
     let limits = &state.settings.limits;
     let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height);
@@ -614,7 +622,9 @@ fn stop_running(state: &AppState) -> Json<Value> {
     let (jobs, _) = live_jobs(state);
     let mut stopped = 0;
     for job in jobs.iter().filter(|job| job.state == JobState::Running) {
-        if let Ok(CancelOutcome::Cancelling(_) | CancelOutcome::Cancelled(_)) = state.jobs.cancel(&job.id) {
+        if let Ok(CancelOutcome::Cancelling(_) | CancelOutcome::Cancelled(_)) =
+            state.jobs.cancel(&job.id)
+        {
             stopped += 1;
         }
     }
@@ -719,7 +729,8 @@ pub async fn embeddings() -> Json<Value> {
 
 fn current_options(state: &AppState) -> Value {
     let session = state.a1111.lock();
-    let model = session.default_model.clone().unwrap_or_else(|| state.registry.default_model.clone());
+    let model =
+        session.default_model.clone().unwrap_or_else(|| state.registry.default_model.clone());
     json!({
         "sd_model_checkpoint": model,
         "sd_checkpoint_hash": Value::Null,
@@ -763,7 +774,10 @@ pub async fn set_options(
         match key.as_str() {
             "sd_model_checkpoint" => {
                 let title = value.as_str().ok_or_else(|| {
-                    ApiError::invalid_value("sd_model_checkpoint", "sd_model_checkpoint: must be a string")
+                    ApiError::invalid_value(
+                        "sd_model_checkpoint",
+                        "sd_model_checkpoint: must be a string",
+                    )
                 })?;
                 model = Some(resolve_model(&state, title)?.spec.name.clone());
             }
@@ -903,7 +917,10 @@ mod tests {
     #[test]
     fn sampler_names_resolve_with_and_without_schedulers() {
         assert_eq!(resolve_sampler(None, None).unwrap(), SamplerKind::Euler);
-        assert_eq!(resolve_sampler(Some("Euler a"), Some("Automatic")).unwrap(), SamplerKind::EulerA);
+        assert_eq!(
+            resolve_sampler(Some("Euler a"), Some("Automatic")).unwrap(),
+            SamplerKind::EulerA
+        );
         assert_eq!(resolve_sampler(Some("euler_a"), Some("")).unwrap(), SamplerKind::EulerA);
         assert_eq!(resolve_sampler(Some("DDIM"), Some("automatic")).unwrap(), SamplerKind::Ddim);
         let unknown = resolve_sampler(Some("Warp"), None).unwrap_err();

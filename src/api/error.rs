@@ -223,10 +223,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
 pub fn from_json_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
     match serde_json::from_value::<T>(value.clone()) {
         Ok(parsed) => Ok(parsed),
-        Err(error) => Err(ApiError::invalid_value(
-            offending_field::<T>(&value, &error),
-            error.to_string(),
-        )),
+        Err(error) => {
+            Err(ApiError::invalid_value(offending_field::<T>(&value, &error), error.to_string()))
+        }
     }
 }
 

@@ -106,9 +106,11 @@ pub(super) async fn wait_for_job(state: &AppState, id: &JobId) -> Result<JobSnap
 /// The error of a job that finished without succeeding.
 pub(super) fn unsuccessful_job_error(job: &JobSnapshot) -> ApiError {
     match (&job.error, job.state) {
-        (_, JobState::Cancelled) => {
-            ApiError { status: StatusCode::CONFLICT, detail: cancelled_detail(), retry_after_secs: None }
-        }
+        (_, JobState::Cancelled) => ApiError {
+            status: StatusCode::CONFLICT,
+            detail: cancelled_detail(),
+            retry_after_secs: None,
+        },
         (Some(error), _) => ApiError::from(error),
         (None, _) => ApiError::internal("the job failed"),
     }

@@ -15,10 +15,7 @@ pub const PLAYGROUND_HTML: &str = include_str!("playground.html");
     responses((status = 200, description = "The playground page", content_type = "text/html", body = String)))]
 pub async fn playground() -> Response {
     (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
         PLAYGROUND_HTML,
     )
         .into_response()
