@@ -328,5 +328,11 @@ async fn the_playground_page_is_served_without_an_api_key() {
     }
     error_body(server.get("/v1/models").await, 401).await;
     error_body(server.get("/sdapi/v1/options").await, 401).await;
+    // A1111 clients' --api-auth style: basic auth with the key as the password.
+    let basic =
+        server.client.get(server.url("/sdapi/v1/options")).basic_auth("webui", Some("sesame"));
+    assert_eq!(basic.send().await.unwrap().status(), 200);
+    let wrong = server.client.get(server.url("/sdapi/v1/options")).basic_auth("webui", Some("x"));
+    error_body(wrong.send().await.unwrap(), 401).await;
     server.stop().await;
 }

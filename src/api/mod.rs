@@ -175,7 +175,8 @@ async fn method_not_allowed() -> ApiError {
 const OPEN_ROUTES: [&str; 3] = ["/health", "/", "/playground"];
 
 /// When API keys are configured, every route but [`OPEN_ROUTES`] needs one, as
-/// `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`.
+/// `Authorization: Bearer KEY` (what OpenAI clients send), `x-api-key: KEY`, or HTTP
+/// basic auth with the key as the password (what A1111 clients send for `--api-auth`).
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let keys = &state.settings.api_keys;
     if keys.is_empty() || OPEN_ROUTES.contains(&request.uri().path()) {
@@ -186,8 +187,10 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim);
+        .map(str::to_string)
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_string))
+        .or_else(|| basic_auth_password(headers));
+    let presented = presented.as_deref().map(str::trim);
     let error = match presented {
         Some(key) if keys.iter().any(|k| same_secret(k.0.as_bytes(), key.as_bytes())) => {
             return next.run(request).await
@@ -197,6 +200,16 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
     };
     ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", error)
         .into_response()
+}
+
+/// The password of an `Authorization: Basic` header (the user name is not checked).
+fn basic_auth_password(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let credentials = String::from_utf8(decoded).ok()?;
+    credentials.split_once(':').map(|(_, password)| password.to_string())
 }
 
 /// Compares without an early exit, so response times do not reveal matching prefixes.

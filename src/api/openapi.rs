@@ -12,9 +12,11 @@ use super::{a1111, dto, error, native, openai, playground, system};
     info(
         title = "sdserve",
         description = "HTTP image generation with Stable Diffusion 1.x / 2.x / SDXL. \
-            When the server has API keys configured, every route except /health needs one \
-            (`Authorization: Bearer KEY` or `x-api-key: KEY`). Every error has the body \
-            `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.",
+            When the server has API keys configured, every route except /health and the \
+            playground page (/, /playground) needs one (`Authorization: Bearer KEY`, \
+            `x-api-key: KEY`, or HTTP basic auth with the key as the password). Every error \
+            has the body `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}` \
+            (the /sdapi routes add a top-level `detail`).",
         license(name = "Apache-2.0")
     ),
     paths(
