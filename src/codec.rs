@@ -351,7 +351,8 @@ fn decode_base64_limited(payload: &str, max_bytes: usize) -> Result<Vec<u8>, Cod
     Ok(bytes)
 }
 
-fn decode_image_bytes(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, CodecError> {
+/// Decodes an image file's bytes (PNG, JPEG or WebP) as [`decode_base64_image`] does.
+pub fn decode_image_bytes(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, CodecError> {
     let format = image::guess_format(bytes).map_err(|_| {
         CodecError::UnsupportedFormat("(unrecognised data, not an image file)".into())
     })?;

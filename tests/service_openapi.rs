@@ -31,10 +31,26 @@ fn every_route_is_documented() {
         "/ready:",
         "/metrics:",
         "/openapi.yaml:",
+        "/:",
+        "/v1/images/generations:",
+        "/v1/images/edits:",
+        "/sdapi/v1/txt2img:",
+        "/sdapi/v1/img2img:",
+        "/sdapi/v1/progress:",
+        "/sdapi/v1/interrupt:",
+        "/sdapi/v1/skip:",
+        "/sdapi/v1/samplers:",
+        "/sdapi/v1/schedulers:",
+        "/sdapi/v1/sd-models:",
+        "/sdapi/v1/loras:",
+        "/sdapi/v1/embeddings:",
+        "/sdapi/v1/options:",
+        "/sdapi/v1/png-info:",
     ] {
         assert!(spec.contains(&format!("  {route}\n")), "{route} is not in the OpenAPI document");
     }
-    for status in ["'400'", "'401'", "'404'", "'409'", "'410'", "'413'", "'422'", "'429'", "'503'"]
+    for status in
+        ["'400'", "'401'", "'404'", "'409'", "'410'", "'413'", "'422'", "'429'", "'501'", "'503'"]
     {
         assert!(spec.contains(status), "no response documents status {status}");
     }

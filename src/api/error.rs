@@ -214,12 +214,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
         })?;
         let value: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::malformed_json(format!("the body is not valid JSON: {e}")))?;
-        match serde_json::from_value::<T>(value.clone()) {
-            Ok(parsed) => Ok(AppJson(parsed)),
-            Err(error) => Err(ApiError::invalid_value(
-                offending_field::<T>(&value, &error),
-                error.to_string(),
-            )),
+        from_json_value(value).map(AppJson)
+    }
+}
+
+/// Parses an already-read JSON body into `T` with the same 422 errors as [`AppJson`]
+/// (for handlers that also need the raw body, e.g. to list fields they ignore).
+pub fn from_json_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    match serde_json::from_value::<T>(value.clone()) {
+        Ok(parsed) => Ok(parsed),
+        Err(error) => {
+            Err(ApiError::invalid_value(offending_field::<T>(&value, &error), error.to_string()))
         }
     }
 }

@@ -1,12 +1,16 @@
 //! The HTTP API: the router ([`app`]), its shared state, middleware (request ids, tracing,
-//! API keys, request metrics, body limit), and the handlers of the native `/v1` dialect
-//! and the operational endpoints. Knows no tensors: requests become
+//! API keys, request metrics, body limit), and the handlers of the native `/v1` dialect,
+//! the OpenAI and AUTOMATIC1111 dialects, the playground page and the operational
+//! endpoints. Knows no tensors: requests become
 //! `pipeline::GenerationRequest`s and go to the job queue.
 
+pub mod a1111;
 pub mod dto;
 pub mod error;
 pub mod native;
+pub mod openai;
 pub mod openapi;
+pub mod playground;
 pub mod server;
 pub mod system;
 
@@ -68,6 +72,8 @@ pub struct SharedState {
     /// Health of every worker slot, kept current by the worker threads.
     pub workers: watch::Receiver<Vec<SlotHealth>>,
     pub started_at: SystemTime,
+    /// Options and jobs of the AUTOMATIC1111 dialect.
+    pub a1111: a1111::A1111Session,
 }
 
 /// Cheap to clone handle on the shared state.
@@ -104,7 +110,26 @@ pub fn app(state: AppState) -> Router {
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID));
+    let automatic1111 = Router::new()
+        .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
+        .route("/sdapi/v1/progress", get(a1111::progress))
+        .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+        .route("/sdapi/v1/skip", post(a1111::skip))
+        .route("/sdapi/v1/samplers", get(a1111::samplers))
+        .route("/sdapi/v1/schedulers", get(a1111::schedulers))
+        .route("/sdapi/v1/sd-models", get(a1111::sd_models))
+        .route("/sdapi/v1/loras", get(a1111::loras))
+        .route("/sdapi/v1/embeddings", get(a1111::embeddings))
+        .route("/sdapi/v1/options", get(a1111::get_options).post(a1111::set_options))
+        .route("/sdapi/v1/png-info", post(a1111::png_info))
+        .route_layer(middleware::from_fn(a1111::add_error_detail));
     Router::new()
+        .route("/", get(playground::playground))
+        .route("/playground", get(playground::playground))
+        .route("/v1/images/generations", post(openai::create_images))
+        .route("/v1/images/edits", post(openai::edit_images))
+        .merge(automatic1111)
         .route("/v1/generate", post(native::generate))
         .route("/v1/jobs", post(native::create_job))
         .route("/v1/jobs/{id}", get(native::get_job).delete(native::cancel_job))
@@ -145,11 +170,16 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// When API keys are configured, every route but `/health` needs one, as
-/// `Authorization: Bearer KEY` (what OpenAI clients send) or `x-api-key: KEY`.
+/// Routes that never need an API key: liveness, and the playground page (which holds no
+/// secrets; its requests carry the key the user types in).
+const OPEN_ROUTES: [&str; 3] = ["/health", "/", "/playground"];
+
+/// When API keys are configured, every route but [`OPEN_ROUTES`] needs one, as
+/// `Authorization: Bearer KEY` (what OpenAI clients send), `x-api-key: KEY`, or HTTP
+/// basic auth with the key as the password (what A1111 clients send for `--api-auth`).
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let keys = &state.settings.api_keys;
-    if keys.is_empty() || request.uri().path() == "/health" {
+    if keys.is_empty() || OPEN_ROUTES.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     let headers = request.headers();
@@ -157,8 +187,10 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim);
+        .map(str::to_string)
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_string))
+        .or_else(|| basic_auth_password(headers));
+    let presented = presented.as_deref().map(str::trim);
     let error = match presented {
         Some(key) if keys.iter().any(|k| same_secret(k.0.as_bytes(), key.as_bytes())) => {
             return next.run(request).await
@@ -168,6 +200,16 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
     };
     ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", error)
         .into_response()
+}
+
+/// The password of an `Authorization: Basic` header (the user name is not checked).
+fn basic_auth_password(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let credentials = String::from_utf8(decoded).ok()?;
+    credentials.split_once(':').map(|(_, password)| password.to_string())
 }
 
 /// Compares without an early exit, so response times do not reveal matching prefixes.

@@ -26,8 +26,8 @@ use crate::jobs::{
     CancelOutcome, JobEvent, JobId, JobManager, JobSnapshot, JobState, OutputOptions,
 };
 
-/// Validates a request body and queues it.
-fn submit(
+/// Validates a request body and queues it (every dialect ends here).
+pub(super) fn submit(
     state: &AppState,
     body: &GenerateRequest,
     accepted: Option<ImageFormat>,
@@ -91,6 +91,28 @@ impl Drop for CancelOnDrop {
             tracing::info!(job = %self.id, "client went away; cancelling its job");
             let _ = self.jobs.cancel(&self.id);
         }
+    }
+}
+
+/// Waits until the job finished, cancelling it if the caller's future is dropped (the
+/// client went away). Cancelled and failed jobs are returned as they are.
+pub(super) async fn wait_for_job(state: &AppState, id: &JobId) -> Result<JobSnapshot, ApiError> {
+    let mut guard = CancelOnDrop { jobs: state.jobs.clone(), id: id.clone(), armed: true };
+    let finished = wait_until_finished(&state.jobs, id).await;
+    guard.armed = false;
+    finished
+}
+
+/// The error of a job that finished without succeeding.
+pub(super) fn unsuccessful_job_error(job: &JobSnapshot) -> ApiError {
+    match (&job.error, job.state) {
+        (_, JobState::Cancelled) => ApiError {
+            status: StatusCode::CONFLICT,
+            detail: cancelled_detail(),
+            retry_after_secs: None,
+        },
+        (Some(error), _) => ApiError::from(error),
+        (None, _) => ApiError::internal("the job failed"),
     }
 }
 

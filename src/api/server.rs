@@ -106,6 +106,7 @@ pub async fn start(
         jobs,
         workers: pool.health(),
         started_at: SystemTime::now(),
+        a1111: Default::default(),
     });
     let (shutdown, shutdown_requested) = watch::channel(false);
     let task = tokio::spawn(serve(listener, state.clone(), pool, shutdown_requested));
