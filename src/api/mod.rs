@@ -25,6 +25,7 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
+use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::config::{ModelSpec, Settings};
 use crate::jobs::JobManager;
 use crate::pipeline::ModelDefaults;
@@ -68,6 +69,8 @@ pub struct SharedState {
     /// Health of every worker slot, kept current by the worker threads.
     pub workers: watch::Receiver<Vec<SlotHealth>>,
     pub started_at: SystemTime,
+    /// The textual-inversion embeddings offered (`GET /v1/embeddings`).
+    pub embeddings: Option<Arc<EmbeddingLibrary>>,
 }
 
 /// Cheap to clone handle on the shared state.
@@ -112,6 +115,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/images/{index}", get(native::job_image))
         .route("/v1/models", get(system::list_models))
         .route("/v1/samplers", get(system::list_samplers))
+        .route("/v1/embeddings", get(system::list_embeddings))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(system::metrics))

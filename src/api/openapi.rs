@@ -20,13 +20,14 @@ use super::{dto, error, native, system};
     paths(
         native::generate, native::create_job, native::get_job, native::cancel_job,
         native::job_image, native::job_events,
-        system::list_models, system::list_samplers,
+        system::list_models, system::list_samplers, system::list_embeddings,
         system::health, system::ready, system::metrics, system::openapi_yaml,
     ),
     components(schemas(
         dto::GenerateRequest, dto::GenerateResponse, dto::NormalizedParameters, dto::ImageData,
         dto::Timings, dto::OutputFormat, dto::JobAccepted, dto::JobStatus, dto::ProgressBody,
         dto::ModelList, dto::ModelCard, dto::SamplerList, dto::SamplerInfo,
+        dto::EmbeddingList, dto::EmbeddingCard,
         dto::HealthResponse, dto::ReadyResponse, dto::WorkerStatus,
         error::ErrorResponse, error::ErrorDetail, crate::jobs::JobState,
     )),
@@ -35,7 +36,7 @@ use super::{dto, error, native, system};
     tags(
         (name = "generation", description = "Synchronous generation"),
         (name = "jobs", description = "Asynchronous jobs: status, events, cancellation, images"),
-        (name = "models", description = "Models and samplers"),
+        (name = "models", description = "Models, samplers and embeddings"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]

@@ -9,7 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::{
-    HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo, SamplerList, WorkerStatus,
+    EmbeddingCard, EmbeddingList, HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo,
+    SamplerList, WorkerStatus,
 };
 use super::error::ErrorResponse;
 use super::AppState;
@@ -116,6 +117,38 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
         })
         .collect();
     Json(ModelList { object: "list".into(), data })
+}
+
+/// The textual-inversion embeddings of the configured directories (names without
+/// paths, read from the file headers).
+#[utoipa::path(get, path = "/v1/embeddings", tag = "models",
+    responses(
+        (status = 200, description = "Embeddings", body = EmbeddingList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_embeddings(State(state): State<AppState>) -> Json<EmbeddingList> {
+    let library = state.embeddings.clone();
+    let infos = match library {
+        Some(library) => {
+            tokio::task::spawn_blocking(move || library.list()).await.unwrap_or_else(|error| {
+                tracing::error!(%error, "listing embeddings panicked");
+                Vec::new()
+            })
+        }
+        None => Vec::new(),
+    };
+    let data = infos
+        .into_iter()
+        .map(|info| EmbeddingCard {
+            name: info.name,
+            format: info.format,
+            vectors: info.vectors,
+            width: info.width,
+            width_g: info.width_g,
+            metadata: info.metadata,
+        })
+        .collect();
+    Json(EmbeddingList { object: "list".into(), data })
 }
 
 /// The samplers requests may name.

@@ -11,6 +11,7 @@ pub mod tokenizer;
 
 pub use generate::{parse_device, probe, LoadOptions, Pipeline};
 pub use request::{GenerationParams, GenerationRequest, Limits, ModelDefaults};
+pub use text::PromptContext;
 
 /// Receives progress from a running generation and can stop it.
 ///

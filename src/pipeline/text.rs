@@ -467,7 +467,8 @@ impl PromptEncoder {
             }
             let chunk = empty.context.dim(1)?;
             let repeats = (tokens - have) / chunk;
-            let filler = empty.context.repeat((1, repeats, 1))?.to_dtype(conditioning.context.dtype())?;
+            let filler =
+                empty.context.repeat((1, repeats, 1))?.to_dtype(conditioning.context.dtype())?;
             Ok(TextConditioning {
                 context: Tensor::cat(&[&conditioning.context, &filler], 1)?,
                 pooled: conditioning.pooled,
@@ -608,7 +609,8 @@ mod tests {
         let weighted = apply_emphasis(&hidden, &[1.0, 2.0, 0.5]).unwrap();
         let mean = |t: &Tensor| t.mean_all().unwrap().to_scalar::<f32>().unwrap();
         assert!((mean(&weighted) - mean(&hidden)).abs() < 1e-5);
-        let (rows, original) = (weighted.to_vec3::<f32>().unwrap(), hidden.to_vec3::<f32>().unwrap());
+        let (rows, original) =
+            (weighted.to_vec3::<f32>().unwrap(), hidden.to_vec3::<f32>().unwrap());
         let scale_of = |token: usize| rows[0][token][1] / original[0][token][1];
         assert!((scale_of(1) - 2.0 * scale_of(0)).abs() < 1e-5);
         assert!((scale_of(2) - 0.5 * scale_of(0)).abs() < 1e-5);
