@@ -333,6 +333,28 @@ impl Pipeline {
             .collect()
     }
 
+    /// Encodes one prompt (A1111 syntax, chunked, with `context`'s embeddings) as the
+    /// pipeline conditions the UNet on it; `field` names it in errors.
+    pub fn encode_prompt(
+        &self,
+        text: &str,
+        clip_skip: u32,
+        context: &PromptContext,
+        field: &str,
+    ) -> Result<TextConditioning, PipelineError> {
+        self.prompts.encode_prompt(text, clip_skip, context, field)
+    }
+
+    /// Encodes `text` literally (no prompt syntax; truncated to 77 tokens), as diffusers'
+    /// `encode_prompt` does.
+    pub fn encode_literal(
+        &self,
+        text: &str,
+        clip_skip: u32,
+    ) -> Result<TextConditioning, PipelineError> {
+        self.prompts.encode(text, clip_skip)
+    }
+
     /// Benchmark hook: encodes the request's prompt.
     pub fn bench_text(
         &self,
