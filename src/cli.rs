@@ -1,14 +1,16 @@
 //! Command-line uses of the library that need no server: `sdserve generate`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
 use clap::Args;
 
+use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::codec::{encode_image, ImageFormat};
-use crate::pipeline::{GenerationParams, LoadOptions, Pipeline, StepObserver};
+use crate::pipeline::{GenerationParams, LoadOptions, Pipeline, PromptContext, StepObserver};
 
 /// `sdserve generate`: one request through the pipeline, written to image files.
 #[derive(Debug, Clone, Args)]
@@ -16,7 +18,8 @@ pub struct GenerateArgs {
     /// A diffusers folder or a single-file .safetensors checkpoint.
     #[arg(long)]
     pub model: PathBuf,
-    /// What to draw. A1111 prompt syntax is not parsed yet: the text goes to CLIP as is.
+    /// What to draw, in A1111 prompt syntax: (word:1.2), [word], BREAK, embeddings by
+    /// file stem (see the README's "Prompt syntax").
     #[arg(long)]
     pub prompt: String,
     /// What to steer away from (empty: unconditional; SDXL uses zeros).
@@ -68,6 +71,10 @@ pub struct GenerateArgs {
     /// `out.png` becomes out-0.png, out-1.png, ...
     #[arg(long, default_value = "out.png")]
     pub output: PathBuf,
+    /// A directory of textual-inversion embeddings (.safetensors), used by file stem in
+    /// the prompt and negative prompt. Repeatable.
+    #[arg(long = "embeddings-dir", value_name = "DIR")]
+    pub embeddings_dirs: Vec<PathBuf>,
 }
 
 fn parse_size(text: &str) -> Result<(u32, u32), String> {
@@ -135,8 +142,12 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let name = args.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
     let loading = Instant::now();
     let options = LoadOptions { device, dtype: args.dtype };
-    let pipeline = Pipeline::load(&name, &args.model, &options)
+    let mut pipeline = Pipeline::load(&name, &args.model, &options)
         .with_context(|| format!("--model {}", args.model.display()))?;
+    if !args.embeddings_dirs.is_empty() {
+        let library = EmbeddingLibrary::new(&args.embeddings_dirs).context("--embeddings-dir")?;
+        pipeline.set_prompt_context(PromptContext::with_embeddings(Arc::new(library)));
+    }
     eprintln!(
         "loaded {} ({}) in {:.1} s",
         name,

@@ -6,7 +6,11 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use serde::Deserialize;
+
+use crate::adapters::embeddings::EmbeddingLibrary;
 
 use crate::codec::ImageFormat;
 use crate::pipeline::Limits;
@@ -118,6 +122,10 @@ pub struct Settings {
     pub models: Vec<ModelSpec>,
     pub limits: LimitSettings,
     pub output: OutputSettings,
+    /// Directories of textual-inversion embeddings (`.safetensors`, used by file stem in
+    /// prompts); an earlier directory wins on equal names.
+    #[serde(default)]
+    pub embeddings_dirs: Vec<PathBuf>,
 }
 
 /// Flags of `sdserve serve`; each overrides the configuration file.
@@ -194,6 +202,15 @@ pub struct ServeArgs {
     /// Log JSON lines instead of text.
     #[arg(long, env = "SDSERVE_JSON_LOGS")]
     pub json_logs: bool,
+    /// A directory of textual-inversion embeddings (.safetensors; a prompt uses one by its
+    /// file stem). Repeatable; replaces the configured `embeddings_dirs`.
+    #[arg(
+        long = "embeddings-dir",
+        env = "SDSERVE_EMBEDDINGS_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub embeddings_dirs: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -281,6 +298,9 @@ impl Settings {
                 *slot = value;
             }
         }
+        if !args.embeddings_dirs.is_empty() {
+            self.embeddings_dirs = args.embeddings_dirs.clone();
+        }
         if let Some(format) = &args.output_format {
             self.output.format = format.clone();
         }
@@ -359,7 +379,26 @@ impl Settings {
         if !(1..=100).contains(&self.output.quality) {
             return Err(invalid("output.quality", "must be between 1 and 100"));
         }
+        for dir in &mut self.embeddings_dirs {
+            *dir = resolve_model_path(dir);
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "embeddings_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The embedding library of `embeddings_dirs`; `None` when none are configured.
+    pub fn embedding_library(&self) -> Result<Option<Arc<EmbeddingLibrary>>, ConfigError> {
+        if self.embeddings_dirs.is_empty() {
+            return Ok(None);
+        }
+        EmbeddingLibrary::new(&self.embeddings_dirs)
+            .map(|library| Some(Arc::new(library)))
+            .map_err(|e| invalid("embeddings_dirs", e.to_string()))
     }
 
     /// The request limits the pipeline validates against.

@@ -203,3 +203,27 @@ async fn api_keys_guard_everything_but_health() {
     assert_eq!(header.status(), 200);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn embeddings_are_listed_without_paths() {
+    let mut settings = test_settings();
+    settings.embeddings_dirs = vec![
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/embeddings/sd1")
+    ];
+    let server = TestServer::start(settings, Double::None).await;
+    let list: Value = server.get("/v1/embeddings").await.json().await.unwrap();
+    assert_eq!(list["object"], "list");
+    let card = &list["data"][0];
+    assert_eq!(card["name"], "tinyemb");
+    assert_eq!((card["format"].as_str(), card["vectors"].as_u64()), (Some("a1111"), Some(2)));
+    assert_eq!(card["width"], 32);
+    assert_eq!(card["metadata"]["made_by"], "tools/make_prompt_fixtures.py");
+    assert!(!list.to_string().contains("tests/fixtures"), "no paths in {list}");
+    server.stop().await;
+
+    // No directories configured: an empty list.
+    let server = TestServer::start(test_settings(), Double::None).await;
+    let list: Value = server.get("/v1/embeddings").await.json().await.unwrap();
+    assert_eq!(list["data"], json!([]));
+    server.stop().await;
+}

@@ -723,8 +723,22 @@ pub async fn loras() -> Json<Vec<Value>> {
     responses((status = 200, description = "Embeddings", body = Object,
         example = json!({"loaded": {}, "skipped": {}})))
 )]
-pub async fn embeddings() -> Json<Value> {
-    Json(json!({"loaded": {}, "skipped": {}}))
+pub async fn embeddings(State(state): State<AppState>) -> Json<Value> {
+    let loaded: Map<String, Value> = super::system::embedding_infos(&state)
+        .await
+        .into_iter()
+        .map(|info| {
+            let entry = json!({
+                "step": Value::Null,
+                "sd_checkpoint": Value::Null,
+                "sd_checkpoint_name": Value::Null,
+                "shape": info.width,
+                "vectors": info.vectors,
+            });
+            (info.name, entry)
+        })
+        .collect();
+    Json(json!({"loaded": loaded, "skipped": {}}))
 }
 
 fn current_options(state: &AppState) -> Value {

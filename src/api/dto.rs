@@ -344,6 +344,33 @@ pub struct ModelList {
     pub data: Vec<ModelCard>,
 }
 
+/// A textual-inversion embedding a prompt may use by name.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingCard {
+    /// The file stem; writing it in a prompt uses the embedding.
+    #[schema(example = "bad-hands-5")]
+    pub name: String,
+    /// File layout: `a1111`, `diffusers` or `sdxl`.
+    #[schema(example = "a1111")]
+    pub format: String,
+    /// Number of token vectors it stands for.
+    pub vectors: usize,
+    /// Width of its vectors (SDXL files: the `clip_l` ones).
+    pub width: usize,
+    /// SDXL files: width of the `clip_g` vectors.
+    pub width_g: Option<usize>,
+    /// The file's safetensors metadata.
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// The embedding list.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EmbeddingList {
+    #[schema(example = "list")]
+    pub object: String,
+    pub data: Vec<EmbeddingCard>,
+}
+
 /// A sampler.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SamplerInfo {

@@ -29,6 +29,7 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
+use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::config::{ModelSpec, Settings};
 use crate::jobs::JobManager;
 use crate::pipeline::ModelDefaults;
@@ -74,6 +75,8 @@ pub struct SharedState {
     pub started_at: SystemTime,
     /// Options and jobs of the AUTOMATIC1111 dialect.
     pub a1111: a1111::A1111Session,
+    /// The textual-inversion embeddings offered (`GET /v1/embeddings`).
+    pub embeddings: Option<Arc<EmbeddingLibrary>>,
 }
 
 /// Cheap to clone handle on the shared state.
@@ -137,6 +140,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/images/{index}", get(native::job_image))
         .route("/v1/models", get(system::list_models))
         .route("/v1/samplers", get(system::list_samplers))
+        .route("/v1/embeddings", get(system::list_embeddings))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(system::metrics))

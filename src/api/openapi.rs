@@ -22,7 +22,7 @@ use super::{a1111, dto, error, native, openai, playground, system};
     paths(
         native::generate, native::create_job, native::get_job, native::cancel_job,
         native::job_image, native::job_events,
-        system::list_models, system::list_samplers,
+        system::list_models, system::list_samplers, system::list_embeddings,
         system::health, system::ready, system::metrics, system::openapi_yaml,
         playground::playground,
         openai::create_images, openai::edit_images,
@@ -34,6 +34,7 @@ use super::{a1111, dto, error, native, openai, playground, system};
         dto::GenerateRequest, dto::GenerateResponse, dto::NormalizedParameters, dto::ImageData,
         dto::Timings, dto::OutputFormat, dto::JobAccepted, dto::JobStatus, dto::ProgressBody,
         dto::ModelList, dto::ModelCard, dto::SamplerList, dto::SamplerInfo,
+        dto::EmbeddingList, dto::EmbeddingCard,
         dto::HealthResponse, dto::ReadyResponse, dto::WorkerStatus,
         error::ErrorResponse, error::ErrorDetail, crate::jobs::JobState,
         openai::ImageGenerationRequest, openai::ResponseFormat, openai::ImagesResponse,
@@ -47,7 +48,7 @@ use super::{a1111, dto, error, native, openai, playground, system};
     tags(
         (name = "generation", description = "Synchronous generation"),
         (name = "jobs", description = "Asynchronous jobs: status, events, cancellation, images"),
-        (name = "models", description = "Models and samplers"),
+        (name = "models", description = "Models, samplers and embeddings"),
         (name = "operations", description = "Health, readiness, metrics, this document, the playground page"),
         (name = "openai", description = "The OpenAI Images API dialect"),
         (name = "automatic1111", description = "The AUTOMATIC1111 (/sdapi/v1) dialect; error bodies also carry `detail`"),

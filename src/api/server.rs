@@ -107,6 +107,7 @@ pub async fn start(
         workers: pool.health(),
         started_at: SystemTime::now(),
         a1111: Default::default(),
+        embeddings: settings.embedding_library()?,
     });
     let (shutdown, shutdown_requested) = watch::channel(false);
     let task = tokio::spawn(serve(listener, state.clone(), pool, shutdown_requested));
@@ -243,7 +244,8 @@ pub async fn shutdown_signal() {
 /// Runs the service with the real models until ctrl-c or SIGTERM, then shuts down
 /// gracefully. A second ctrl-c exits at once.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let server = start(settings, Arc::new(CandleBackend)).await?;
+    let backend = CandleBackend { embeddings: settings.embedding_library()? };
+    let server = start(settings, Arc::new(backend)).await?;
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -9,7 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::{
-    HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo, SamplerList, WorkerStatus,
+    EmbeddingCard, EmbeddingList, HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo,
+    SamplerList, WorkerStatus,
 };
 use super::error::ErrorResponse;
 use super::AppState;
@@ -118,6 +119,29 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList { object: "list".into(), data })
 }
 
+/// The textual-inversion embeddings of the configured directories (names without
+/// paths, read from the file headers).
+#[utoipa::path(get, path = "/v1/embeddings", tag = "models",
+    responses(
+        (status = 200, description = "Embeddings", body = EmbeddingList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_embeddings(State(state): State<AppState>) -> Json<EmbeddingList> {
+    let infos = embedding_infos(&state).await;
+    let data = infos
+        .into_iter()
+        .map(|info| EmbeddingCard {
+            name: info.name,
+            format: info.format,
+            vectors: info.vectors,
+            width: info.width,
+            width_g: info.width_g,
+            metadata: info.metadata,
+        })
+        .collect();
+    Json(EmbeddingList { object: "list".into(), data })
+}
+
 /// The samplers requests may name.
 #[utoipa::path(get, path = "/v1/samplers", tag = "models",
     responses(
@@ -134,4 +158,18 @@ pub async fn list_samplers() -> Json<SamplerList> {
         })
         .collect();
     Json(SamplerList { object: "list".into(), data })
+}
+
+/// The embeddings of the configured directories (read off the async runtime: it touches
+/// the disk). Shared by the native and the AUTOMATIC1111 listings.
+pub(crate) async fn embedding_infos(
+    state: &AppState,
+) -> Vec<crate::adapters::embeddings::EmbeddingInfo> {
+    let Some(library) = state.embeddings.clone() else {
+        return Vec::new();
+    };
+    tokio::task::spawn_blocking(move || library.list()).await.unwrap_or_else(|error| {
+        tracing::error!(%error, "listing embeddings panicked");
+        Vec::new()
+    })
 }

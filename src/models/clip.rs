@@ -208,7 +208,28 @@ impl ClipTextModel {
 
     /// Runs the encoder on `input_ids` (`[batch, tokens]`, u32).
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
+        self.forward_with_token_embeddings(input_ids, &self.embed_tokens(input_ids)?)
+    }
+
+    /// The token embeddings of `input_ids` (`[batch, tokens, hidden]`), before positions
+    /// are added: where textual-inversion vectors replace some of them.
+    pub fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.token_embedding.forward(input_ids)
+    }
+
+    /// Runs the encoder on precomputed token embeddings (`[batch, tokens, hidden]`, e.g.
+    /// [`ClipTextModel::embed_tokens`] with some rows replaced). `input_ids` still choose
+    /// the pooled position.
+    pub fn forward_with_token_embeddings(
+        &self,
+        input_ids: &Tensor,
+        token_embeddings: &Tensor,
+    ) -> Result<ClipTextOutput> {
         let (_, tokens) = input_ids.dims2()?;
+        let (_, embedded_tokens, _) = token_embeddings.dims3()?;
+        if embedded_tokens != tokens {
+            candle_core::bail!("{embedded_tokens} token embeddings for {tokens} token ids");
+        }
         if tokens > self.config.max_position_embeddings {
             candle_core::bail!(
                 "{tokens} tokens exceed the encoder's {} positions",
@@ -216,7 +237,7 @@ impl ClipTextModel {
             );
         }
         let positions = self.position_embedding.i(..tokens)?;
-        let mut x = self.token_embedding.forward(input_ids)?.broadcast_add(&positions)?;
+        let mut x = token_embeddings.broadcast_add(&positions)?;
         let mask = Self::causal_mask(tokens, x.dtype(), x.device())?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());

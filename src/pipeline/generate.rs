@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::text::{tokenizer_from, EncoderStage, PromptEncoder, TextConditioning};
+use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
 use crate::error::{ModelError, PipelineError, ValidationError};
 use crate::models::loader::{self, ModelLayout};
@@ -42,6 +42,8 @@ pub struct Pipeline {
     scheduler: SchedulerConfig,
     device: Device,
     dtype: DType,
+    /// What [`Pipeline::generate`] encodes prompts with (embeddings).
+    prompt_context: PromptContext,
 }
 
 fn defaults_from(name: &str, layout: &ModelLayout) -> ModelDefaults {
@@ -98,6 +100,7 @@ impl Pipeline {
             scheduler,
             device: options.device.clone(),
             dtype: options.dtype,
+            prompt_context: PromptContext::default(),
         })
     }
 
@@ -111,13 +114,27 @@ impl Pipeline {
         &self.scheduler
     }
 
-    /// Encodes the prompt and the negative prompt.
+    /// Sets the context [`Pipeline::generate`] encodes prompts with (the embeddings a
+    /// worker offers); [`Pipeline::generate_with`] takes one per call instead.
+    pub fn set_prompt_context(&mut self, context: PromptContext) {
+        self.prompt_context = context;
+    }
+
+    /// The context [`Pipeline::generate`] uses.
+    pub fn prompt_context(&self) -> &PromptContext {
+        &self.prompt_context
+    }
+
+    /// Encodes the prompt and the negative prompt in A1111's prompt syntax; when their
+    /// chunk counts differ, the shorter is padded with empty-prompt chunks.
     fn conditioning(
         &self,
         request: &GenerationRequest,
         guided: bool,
+        context: &PromptContext,
     ) -> Result<(TextConditioning, Option<TextConditioning>), PipelineError> {
-        let positive = self.prompts.encode(&request.prompt, request.clip_skip)?;
+        let positive =
+            self.prompts.encode_prompt(&request.prompt, request.clip_skip, context, "prompt")?;
         if !guided {
             return Ok((positive, None));
         }
@@ -125,8 +142,18 @@ impl Pipeline {
             if request.negative_prompt.is_empty() && self.layout.force_zeros_for_empty_prompt {
                 positive.zeros_like()?
             } else {
-                self.prompts.encode(&request.negative_prompt, request.clip_skip)?
+                self.prompts.encode_prompt(
+                    &request.negative_prompt,
+                    request.clip_skip,
+                    context,
+                    "negative_prompt",
+                )?
             };
+        if positive.context.dim(1)? == negative.context.dim(1)? {
+            return Ok((positive, Some(negative)));
+        }
+        let empty = self.prompts.encode_prompt("", request.clip_skip, context, "prompt")?;
+        let (positive, negative) = PromptEncoder::pad_to_same_length(positive, negative, &empty)?;
         Ok((positive, Some(negative)))
     }
 
@@ -159,7 +186,17 @@ impl Pipeline {
         request: &GenerationRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
-        let latents = self.denoise(request, observer)?;
+        self.generate_with(request, &self.prompt_context, observer)
+    }
+
+    /// [`Pipeline::generate`] with an explicit prompt context (embeddings).
+    pub fn generate_with(
+        &self,
+        request: &GenerationRequest,
+        context: &PromptContext,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Vec<GeneratedImage>, PipelineError> {
+        let latents = self.denoise_with(request, context, observer)?;
         self.decode(&latents, request)
     }
 
@@ -170,9 +207,19 @@ impl Pipeline {
         request: &GenerationRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Tensor, PipelineError> {
+        self.denoise_with(request, &self.prompt_context, observer)
+    }
+
+    /// [`Pipeline::denoise`] with an explicit prompt context (embeddings).
+    pub fn denoise_with(
+        &self,
+        request: &GenerationRequest,
+        context: &PromptContext,
+        observer: &mut dyn StepObserver,
+    ) -> Result<Tensor, PipelineError> {
         let n = request.n as usize;
         let guided = request.guidance_scale > 1.0;
-        let (positive, negative) = self.conditioning(request, guided)?;
+        let (positive, negative) = self.conditioning(request, guided, context)?;
 
         // The guidance batch is [negative × n, positive × n], as diffusers lays it out.
         let repeat = |t: &Tensor| {
@@ -286,12 +333,39 @@ impl Pipeline {
             .collect()
     }
 
+    /// Encodes one prompt (A1111 syntax, chunked, with `context`'s embeddings) as the
+    /// pipeline conditions the UNet on it; `field` names it in errors.
+    pub fn encode_prompt(
+        &self,
+        text: &str,
+        clip_skip: u32,
+        context: &PromptContext,
+        field: &str,
+    ) -> Result<TextConditioning, PipelineError> {
+        self.prompts.encode_prompt(text, clip_skip, context, field)
+    }
+
+    /// Encodes `text` literally (no prompt syntax; truncated to 77 tokens), as diffusers'
+    /// `encode_prompt` does.
+    pub fn encode_literal(
+        &self,
+        text: &str,
+        clip_skip: u32,
+    ) -> Result<TextConditioning, PipelineError> {
+        self.prompts.encode(text, clip_skip)
+    }
+
     /// Benchmark hook: encodes the request's prompt.
     pub fn bench_text(
         &self,
         request: &GenerationRequest,
     ) -> Result<TextConditioning, PipelineError> {
-        self.prompts.encode(&request.prompt, request.clip_skip)
+        self.prompts.encode_prompt(
+            &request.prompt,
+            request.clip_skip,
+            &self.prompt_context,
+            "prompt",
+        )
     }
 
     /// Benchmark hook: one UNet forward at the request's size with `batch` latents
@@ -301,7 +375,7 @@ impl Pipeline {
         request: &GenerationRequest,
         batch: usize,
     ) -> Result<(), PipelineError> {
-        let (positive, _) = self.conditioning(request, false)?;
+        let (positive, _) = self.conditioning(request, false, &self.prompt_context)?;
         let context = positive.context.repeat((batch, 1, 1))?.to_dtype(self.dtype)?;
         let latent_channels = self.unet.config().in_channels;
         let shape =

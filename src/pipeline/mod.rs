@@ -4,12 +4,14 @@
 //! Used by the worker threads of the service and by the `generate` CLI command.
 
 pub mod generate;
+pub mod prompt;
 pub mod request;
 pub mod text;
 pub mod tokenizer;
 
 pub use generate::{parse_device, probe, LoadOptions, Pipeline};
 pub use request::{GenerationParams, GenerationRequest, Limits, ModelDefaults};
+pub use text::PromptContext;
 
 /// Receives progress from a running generation and can stop it.
 ///

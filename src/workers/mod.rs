@@ -12,13 +12,14 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::codec;
 use crate::config::ModelSpec;
 use crate::error::{ModelError, PipelineError};
 use crate::jobs::{ClaimedJob, EncodedImage, JobError, JobErrorKind, JobManager, JobOutcome};
 use crate::pipeline::{
     parse_device, probe, GeneratedImage, GenerationRequest, LoadOptions, ModelDefaults, Pipeline,
-    StepObserver,
+    PromptContext, StepObserver,
 };
 
 /// Jobs a worker takes at once. One for now; the queue and the worker loop already deal
@@ -59,8 +60,12 @@ pub trait ModelBackend: Send + Sync {
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError>;
 }
 
-/// The real backend: [`probe`] and [`Pipeline::load`].
-pub struct CandleBackend;
+/// The real backend: [`probe`] and [`Pipeline::load`]; every loaded pipeline encodes
+/// prompts with `embeddings`.
+#[derive(Debug, Default)]
+pub struct CandleBackend {
+    pub embeddings: Option<Arc<EmbeddingLibrary>>,
+}
 
 impl ModelBackend for CandleBackend {
     fn probe(&self, spec: &ModelSpec) -> Result<ModelDefaults, ModelError> {
@@ -69,7 +74,9 @@ impl ModelBackend for CandleBackend {
 
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
-        Ok(Arc::new(Pipeline::load(&spec.name, &spec.path, &options)?))
+        let mut pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
+        pipeline.set_prompt_context(PromptContext { embeddings: self.embeddings.clone() });
+        Ok(Arc::new(pipeline))
     }
 }
 

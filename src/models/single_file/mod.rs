@@ -18,7 +18,7 @@ mod clip_keys;
 mod configs;
 mod detect;
 mod fields;
-mod header;
+pub(crate) mod header;
 mod plan;
 mod unet_keys;
 mod vae_keys;
