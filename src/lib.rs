@@ -3,6 +3,7 @@
 //! Layers (see DESIGN.md): `api` → `jobs` → `workers` → `pipeline` → `models`, `samplers`.
 //! Dependencies point one way; `pipeline` and below know nothing about HTTP.
 
+pub mod adapters;
 pub mod api;
 pub mod cli;
 pub mod codec;

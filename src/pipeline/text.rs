@@ -60,33 +60,52 @@ pub fn tokenizer_from(source: &TokenizerSource) -> Result<ClipTokenizer, ModelEr
 }
 
 impl PromptEncoder {
-    fn run(stage: &EncoderStage, text: &str) -> Result<ClipTextOutput, PipelineError> {
+    fn run(
+        stage: &EncoderStage,
+        encoder: Option<&ClipTextModel>,
+        text: &str,
+    ) -> Result<ClipTextOutput, PipelineError> {
+        let encoder = encoder.unwrap_or(&stage.encoder);
         let ids = stage.tokenizer.encode_padded(text, MAX_TOKENS)?;
-        let ids = Tensor::from_vec(ids, (1, MAX_TOKENS), stage.encoder.device())?;
-        Ok(stage.encoder.forward(&ids)?)
+        let ids = Tensor::from_vec(ids, (1, MAX_TOKENS), encoder.device())?;
+        Ok(encoder.forward(&ids)?)
     }
 
     /// Encodes `text` with A1111's clip skip (1 = last layer).
     pub fn encode(&self, text: &str, clip_skip: u32) -> Result<TextConditioning, PipelineError> {
+        self.encode_with(text, clip_skip, [None, None])
+    }
+
+    /// [`PromptEncoder::encode`] with the first / second encoder replaced where
+    /// `encoders` gives one (a request's LoRA-patched copies).
+    pub fn encode_with(
+        &self,
+        text: &str,
+        clip_skip: u32,
+        encoders: [Option<&ClipTextModel>; 2],
+    ) -> Result<TextConditioning, PipelineError> {
         let skip = clip_skip.saturating_sub(1) as usize;
         if !self.sdxl {
             let stage = self
                 .first
                 .as_ref()
                 .expect("SD 1.x/2.x pipelines have a first encoder; this is a bug");
-            let output = Self::run(stage, text)?;
+            let output = Self::run(stage, encoders[0], text)?;
             let context = if skip == 0 {
                 output.last_hidden_state
             } else {
                 let hidden = ClipTextModel::hidden_state_from_end(&output, skip)?;
-                stage.encoder.final_layer_norm(&hidden)?
+                encoders[0].unwrap_or(&stage.encoder).final_layer_norm(&hidden)?
             };
             return Ok(TextConditioning { context, pooled: None });
         }
         let mut contexts = Vec::new();
         let mut pooled = None;
-        for stage in [&self.first, &self.second].into_iter().flatten() {
-            let output = Self::run(stage, text)?;
+        for (stage, encoder) in [&self.first, &self.second].into_iter().zip(encoders) {
+            let Some(stage) = stage else {
+                continue;
+            };
+            let output = Self::run(stage, encoder, text)?;
             // SDXL always starts from the penultimate layer.
             contexts.push(ClipTextModel::hidden_state_from_end(&output, skip + 1)?);
             if let Some(embeds) = output.text_embeds {
