@@ -465,3 +465,22 @@ mod tests {
         assert!(parsed.unwrap_err().to_string().contains("stpes"));
     }
 }
+
+/// The LoRA list.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LoraList {
+    /// Always `list`.
+    #[schema(example = "list")]
+    pub object: String,
+    pub data: Vec<LoraCard>,
+}
+
+/// One LoRA file.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LoraCard {
+    /// The name requests use (`loras[].name`, `<lora:name:weight>`).
+    #[schema(example = "watercolor")]
+    pub name: String,
+    /// The file's safetensors `__metadata__` (kohya writes its training settings here).
+    pub metadata: std::collections::BTreeMap<String, String>,
+}

@@ -68,6 +68,8 @@ pub struct SharedState {
     /// Health of every worker slot, kept current by the worker threads.
     pub workers: watch::Receiver<Vec<SlotHealth>>,
     pub started_at: SystemTime,
+    /// The LoRAs requests may name (`lora_dirs`).
+    pub loras: Arc<crate::adapters::lora::LoraLibrary>,
 }
 
 /// Cheap to clone handle on the shared state.
@@ -112,6 +114,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/images/{index}", get(native::job_image))
         .route("/v1/models", get(system::list_models))
         .route("/v1/samplers", get(system::list_samplers))
+        .route("/v1/loras", get(system::list_loras))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(system::metrics))

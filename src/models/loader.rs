@@ -296,7 +296,8 @@ fn load_tensors(
         reason: e.to_string(),
     };
     // Safety: as in `mmap_var_builder`, the files are mapped read-only.
-    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(invalid)?;
+    let mapped =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(invalid)?;
     let mut tensors = HashMap::new();
     for (name, _) in mapped.tensors() {
         let tensor = mapped.load(&name, device).and_then(|t| t.to_dtype(dtype)).map_err(invalid)?;
@@ -378,8 +379,11 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
                 .map_err(weights_error("vae"))?;
             let mut encoders: HashMap<String, ClipTextModel> = HashMap::new();
             for (name, config) in &text_encoders {
-                let tensors =
-                    load_tensors(&component_weights(&root.join(name), "model", dtype)?, dtype, device)?;
+                let tensors = load_tensors(
+                    &component_weights(&root.join(name), "model", dtype)?,
+                    dtype,
+                    device,
+                )?;
                 let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
                 encoder_tensors.push((name.clone(), tensors));
                 let model = ClipTextModel::new(vb, config, name == "text_encoder_2")
@@ -450,11 +454,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
             let tokenizer_2 = text_encoder_2.as_ref().map(|_| tokenizer_pad("text_encoder_2"));
             let unet_tensors = kept.remove(0).1;
             Ok(LoadedModel {
-                weights: NetworkWeights {
-                    unet: unet_tensors,
-                    unet_config,
-                    text_encoders: kept,
-                },
+                weights: NetworkWeights { unet: unet_tensors, unet_config, text_encoders: kept },
                 layout,
                 unet,
                 vae,

@@ -147,7 +147,10 @@ impl Pipeline {
     /// Builds the UNet / text encoders that `request`'s LoRAs change, from the base
     /// weights with the merged copies swapped in; the base networks stay untouched, so
     /// the next request without LoRAs runs on exactly the original weights.
-    fn patched_networks(&self, request: &GenerationRequest) -> Result<PatchedNetworks, PipelineError> {
+    fn patched_networks(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<PatchedNetworks, PipelineError> {
         if request.loras.is_empty() {
             return Ok(PatchedNetworks::default());
         }
@@ -166,7 +169,8 @@ impl Pipeline {
                 .weights
                 .tensors(component.id())
                 .expect("overrides only name loaded components; this is a bug");
-            let builder = VarBuilder::from_tensors(with_overrides(base, replaced), self.dtype, &self.device);
+            let builder =
+                VarBuilder::from_tensors(with_overrides(base, replaced), self.dtype, &self.device);
             match component {
                 Component::Unet => patched.unet = Some(UNet::new(builder, self.unet.config())?),
                 Component::TextEncoder | Component::TextEncoder2 => {

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::adapters::lora::LoraLibrary;
 use crate::codec;
 use crate::config::ModelSpec;
 use crate::error::{ModelError, PipelineError};
@@ -57,6 +58,17 @@ pub trait ModelBackend: Send + Sync {
     fn probe(&self, spec: &ModelSpec) -> Result<ModelDefaults, ModelError>;
     /// Loads the model onto `device` (called on a worker thread).
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError>;
+    /// Loads the model so that requests can name the LoRAs of `loras`; backends without
+    /// adapter support load it plainly.
+    fn load_with_loras(
+        &self,
+        spec: &ModelSpec,
+        device: &str,
+        loras: &Arc<LoraLibrary>,
+    ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
+        let _ = loras;
+        self.load(spec, device)
+    }
 }
 
 /// The real backend: [`probe`] and [`Pipeline::load`].
@@ -70,6 +82,17 @@ impl ModelBackend for CandleBackend {
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
         Ok(Arc::new(Pipeline::load(&spec.name, &spec.path, &options)?))
+    }
+
+    fn load_with_loras(
+        &self,
+        spec: &ModelSpec,
+        device: &str,
+        loras: &Arc<LoraLibrary>,
+    ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
+        let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
+        let pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
+        Ok(Arc::new(pipeline.with_lora_library(loras.clone())))
     }
 }
 
@@ -110,6 +133,19 @@ impl WorkerPool {
         backend: Arc<dyn ModelBackend>,
         jobs: Arc<JobManager>,
     ) -> WorkerPool {
+        let loras = Arc::new(LoraLibrary::default());
+        WorkerPool::spawn_with_loras(devices, workers_per_device, models, backend, jobs, loras)
+    }
+
+    /// [`WorkerPool::spawn`] whose models resolve request LoRAs in `loras`.
+    pub fn spawn_with_loras(
+        devices: &[String],
+        workers_per_device: usize,
+        models: &[ModelSpec],
+        backend: Arc<dyn ModelBackend>,
+        jobs: Arc<JobManager>,
+        loras: Arc<LoraLibrary>,
+    ) -> WorkerPool {
         let slots: Vec<SlotHealth> = devices
             .iter()
             .flat_map(|device| {
@@ -131,6 +167,7 @@ impl WorkerPool {
                 slots: workers_per_device,
                 models: models.to_vec(),
                 backend: backend.clone(),
+                loras: loras.clone(),
                 jobs: jobs.clone(),
                 health: health_tx.clone(),
             };
@@ -164,6 +201,7 @@ struct DeviceContext {
     slots: usize,
     models: Vec<ModelSpec>,
     backend: Arc<dyn ModelBackend>,
+    loras: Arc<LoraLibrary>,
     jobs: Arc<JobManager>,
     health: Arc<watch::Sender<Vec<SlotHealth>>>,
 }
@@ -179,7 +217,9 @@ impl DeviceContext {
         for spec in &self.models {
             let span = tracing::info_span!("load_model", model = %spec.name, device = %self.device);
             let _entered = span.enter();
-            let result = catch_unwind(AssertUnwindSafe(|| self.backend.load(spec, &self.device)));
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                self.backend.load_with_loras(spec, &self.device, &self.loras)
+            }));
             match result {
                 Ok(Ok(generator)) => {
                     loaded.insert(spec.name.clone(), generator);

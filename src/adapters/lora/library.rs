@@ -63,7 +63,8 @@ impl Default for LoraLibrary {
 
 /// Checks that `name` is a relative path of plain components.
 pub fn check_name(name: &str) -> Result<(), LoraError> {
-    let refuse = |reason: &str| LoraError::BadName { name: name.to_string(), reason: reason.into() };
+    let refuse =
+        |reason: &str| LoraError::BadName { name: name.to_string(), reason: reason.into() };
     if name.trim().is_empty() {
         return Err(refuse("it is empty"));
     }
@@ -128,8 +129,11 @@ impl LoraLibrary {
             return Ok(path.clone());
         }
         check_name(name)?;
-        let file_name =
-            if name.ends_with(".safetensors") { name.to_string() } else { format!("{name}.safetensors") };
+        let file_name = if name.ends_with(".safetensors") {
+            name.to_string()
+        } else {
+            format!("{name}.safetensors")
+        };
         for dir in &self.dirs {
             let candidate = dir.join(&file_name);
             if !candidate.is_file() {
@@ -246,7 +250,9 @@ mod tests {
 
     #[test]
     fn traversal_and_absolute_names_are_refused() {
-        for name in ["../x", "a/../../x", "/etc/passwd", "..", "./x", "a\\..\\b", "C:x", "", "x.ckpt"] {
+        for name in
+            ["../x", "a/../../x", "/etc/passwd", "..", "./x", "a\\..\\b", "C:x", "", "x.ckpt"]
+        {
             assert!(check_name(name).is_err(), "{name:?} was accepted");
         }
         for name in ["style", "sub/style", "style.v2"] {
@@ -263,8 +269,11 @@ mod tests {
         std::fs::create_dir_all(&outside).unwrap();
         std::fs::write(outside.join("x.safetensors"), b"not really").unwrap();
         #[cfg(unix)]
-        std::os::unix::fs::symlink(outside.join("x.safetensors"), inside.join("escape.safetensors"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            outside.join("x.safetensors"),
+            inside.join("escape.safetensors"),
+        )
+        .unwrap();
         let library = LoraLibrary::new(vec![inside.clone()], 16);
         #[cfg(unix)]
         assert!(matches!(library.resolve("escape"), Err(LoraError::BadName { .. })));

@@ -309,7 +309,8 @@ impl LoraFile {
 }
 
 fn scalar(tensor: &Tensor) -> Result<f64, String> {
-    let values = tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+    let values =
+        tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
     match values.as_slice() {
         [value] if value.is_finite() => Ok(f64::from(*value)),
         _ => Err(format!("alpha must be one finite number, got shape {:?}", tensor.dims())),

@@ -231,7 +231,11 @@ pub fn patch_weights(
 }
 
 fn bad_layer(file: &LoraFile, layer: &str, error: candle_core::Error) -> LoraError {
-    LoraError::BadLayer { path: file.path.clone(), layer: layer.to_string(), reason: error.to_string() }
+    LoraError::BadLayer {
+        path: file.path.clone(),
+        layer: layer.to_string(),
+        reason: error.to_string(),
+    }
 }
 
 /// `base` with `overrides` swapped in (the rest shares storage with `base`).

@@ -373,7 +373,10 @@ fn check_shapes(
 /// LDM path, as LoRA trainers that work on the LDM model name their layers (kohya's
 /// SDXL LoRAs: `input_blocks.4.1.transformer_blocks.0.attn1.to_q`). Modules with no LDM
 /// counterpart are left out.
-pub(crate) fn ldm_aliases(config: &Value, modules: &[String]) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn ldm_aliases(
+    config: &Value,
+    modules: &[String],
+) -> Result<Vec<(String, String)>, String> {
     let table = block_table(config)?;
     let mut aliases = Vec::new();
     for module in modules {
