@@ -8,7 +8,7 @@
 //! those copies swapped in (candle's layers are immutable and share storage with the
 //! maps, so the untouched tensors cost nothing). The base networks are never modified,
 //! so "restoring" them is exact by construction and concurrent requests cannot see each
-//! other's weights. See [`targets::patch_weights`] for the measured cost.
+//! other's weights. See [`targets::patch_weights`] for the cost.
 
 pub mod delta;
 pub mod library;
