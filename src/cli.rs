@@ -75,6 +75,21 @@ pub struct GenerateArgs {
     /// the prompt and negative prompt. Repeatable.
     #[arg(long = "embeddings-dir", value_name = "DIR")]
     pub embeddings_dirs: Vec<PathBuf>,
+    /// A LoRA `.safetensors` file to apply, optionally with its weight (default 1):
+    /// `--lora style.safetensors:0.8` (repeatable). `<lora:STEM:WEIGHT>` in the prompt
+    /// names these files by stem too.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]", value_parser = parse_lora_arg)]
+    pub loras: Vec<(PathBuf, f64)>,
+}
+
+/// Parses `FILE[:WEIGHT]`; a suffix that is not a number stays part of the path.
+fn parse_lora_arg(text: &str) -> Result<(PathBuf, f64), String> {
+    if let Some((path, weight)) = text.rsplit_once(':') {
+        if let Ok(weight) = weight.trim().parse::<f64>() {
+            return Ok((PathBuf::from(path), weight));
+        }
+    }
+    Ok((PathBuf::from(text), 1.0))
 }
 
 fn parse_size(text: &str) -> Result<(u32, u32), String> {
@@ -142,8 +157,15 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let name = args.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
     let loading = Instant::now();
     let options = LoadOptions { device, dtype: args.dtype };
+    let mut library = crate::adapters::lora::LoraLibrary::new(Vec::new(), 4096);
+    let mut loras = Vec::new();
+    for (path, weight) in &args.loras {
+        let name = library.add_file(path).context("--lora")?;
+        loras.push(crate::pipeline::LoraChoice { name, weight: *weight });
+    }
     let mut pipeline = Pipeline::load(&name, &args.model, &options)
-        .with_context(|| format!("--model {}", args.model.display()))?;
+        .with_context(|| format!("--model {}", args.model.display()))?
+        .with_lora_library(Arc::new(library));
     if !args.embeddings_dirs.is_empty() {
         let library = EmbeddingLibrary::new(&args.embeddings_dirs).context("--embeddings-dir")?;
         pipeline.set_prompt_context(PromptContext::with_embeddings(Arc::new(library)));
@@ -169,6 +191,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         original_size: args.original_size,
         crop_top_left: args.crop_top_left,
         target_size: args.target_size,
+        loras,
         ..Default::default()
     };
     let limits = crate::pipeline::Limits { max_n: 64, max_steps: 1000, ..Default::default() };

@@ -126,6 +126,16 @@ pub struct Settings {
     /// prompts); an earlier directory wins on equal names.
     #[serde(default)]
     pub embeddings_dirs: Vec<PathBuf>,
+    /// Directories whose `.safetensors` files requests may name as LoRAs.
+    #[serde(default)]
+    pub lora_dirs: Vec<PathBuf>,
+    /// Memory bound (MiB) of the cache of parsed LoRA files.
+    #[serde(default = "default_lora_cache_mb")]
+    pub lora_cache_mb: usize,
+}
+
+fn default_lora_cache_mb() -> usize {
+    512
 }
 
 /// Flags of `sdserve serve`; each overrides the configuration file.
@@ -211,6 +221,13 @@ pub struct ServeArgs {
         value_name = "DIR"
     )]
     pub embeddings_dirs: Vec<PathBuf>,
+    /// A directory of LoRA `.safetensors` files requests may name (repeatable; adds to
+    /// the config file's `lora_dirs`).
+    #[arg(long = "lora-dir", env = "SDSERVE_LORA_DIRS", value_delimiter = ',', value_name = "DIR")]
+    pub lora_dirs: Vec<PathBuf>,
+    /// Memory bound (MiB) of the parsed-LoRA cache.
+    #[arg(long, env = "SDSERVE_LORA_CACHE_MB", value_name = "MIB")]
+    pub lora_cache_mb: Option<usize>,
 }
 
 impl Settings {
@@ -307,6 +324,10 @@ impl Settings {
         if let Some(quality) = args.output_quality {
             self.output.quality = quality;
         }
+        self.lora_dirs.extend(args.lora_dirs.iter().cloned());
+        if let Some(megabytes) = args.lora_cache_mb {
+            self.lora_cache_mb = megabytes;
+        }
         Ok(())
     }
 
@@ -337,6 +358,11 @@ impl Settings {
                     self.model_names()
                 ),
             ));
+        }
+        for dir in &self.lora_dirs {
+            if !dir.is_dir() {
+                return Err(invalid("lora_dirs", format!("{} is not a directory", dir.display())));
+            }
         }
         if self.devices.is_empty() || self.devices.iter().any(|d| d.trim().is_empty()) {
             return Err(invalid("devices", "list at least one device, e.g. [\"cpu\"]"));

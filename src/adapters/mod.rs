@@ -1,4 +1,6 @@
-//! Adapters chosen per request on top of a loaded model: textual-inversion embeddings
-//! (and LoRA-family weights). They are read from the configured directories only.
+//! Adapters chosen per request on top of a loaded model: textual-inversion embeddings and
+//! the LoRA family (kohya / A1111, diffusers / peft, LoCon, LoHa, LoKr), applied without
+//! reloading the base weights. They are read from the configured directories only.
 
 pub mod embeddings;
+pub mod lora;

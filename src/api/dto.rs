@@ -39,6 +39,19 @@ impl OutputFormat {
     }
 }
 
+/// One LoRA to apply to a request.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    /// Name of a `.safetensors` file in a configured LoRA directory, without the
+    /// extension (`GET /v1/loras`).
+    #[schema(example = "watercolor")]
+    pub name: String,
+    /// Strength, -10 to 10 (1 = as trained).
+    #[schema(default = 1.0, minimum = -10, maximum = 10)]
+    pub weight: Option<f64>,
+}
+
 /// A text-to-image request. Every field but `prompt` is optional; unknown fields are
 /// refused (422) so that a typo never silently does nothing.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -93,6 +106,9 @@ pub struct GenerateRequest {
     /// SDXL refiner negative aesthetic score.
     #[schema(default = 2.5, minimum = 0, maximum = 10)]
     pub negative_aesthetic_score: Option<f64>,
+    /// LoRAs to apply (at most 16); `<lora:name:weight>` tags in the prompts add more.
+    #[serde(default)]
+    pub loras: Vec<LoraRequest>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -123,6 +139,14 @@ impl GenerateRequest {
             target_size: self.target_size.map(|[w, h]| (w, h)),
             aesthetic_score: self.aesthetic_score,
             negative_aesthetic_score: self.negative_aesthetic_score,
+            loras: self
+                .loras
+                .iter()
+                .map(|l| crate::pipeline::LoraChoice {
+                    name: l.name.clone(),
+                    weight: l.weight.unwrap_or(1.0),
+                })
+                .collect(),
         }
     }
 }
@@ -467,4 +491,23 @@ mod tests {
             serde_json::from_str(r#"{"prompt":"a","stpes":3}"#);
         assert!(parsed.unwrap_err().to_string().contains("stpes"));
     }
+}
+
+/// The LoRA list.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LoraList {
+    /// Always `list`.
+    #[schema(example = "list")]
+    pub object: String,
+    pub data: Vec<LoraCard>,
+}
+
+/// One LoRA file.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LoraCard {
+    /// The name requests use (`loras[].name`, `<lora:name:weight>`).
+    #[schema(example = "watercolor")]
+    pub name: String,
+    /// The file's safetensors `__metadata__` (kohya writes its training settings here).
+    pub metadata: std::collections::BTreeMap<String, String>,
 }

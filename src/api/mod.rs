@@ -77,6 +77,8 @@ pub struct SharedState {
     pub a1111: a1111::A1111Session,
     /// The textual-inversion embeddings offered (`GET /v1/embeddings`).
     pub embeddings: Option<Arc<EmbeddingLibrary>>,
+    /// The LoRAs requests may name (`lora_dirs`).
+    pub loras: Arc<crate::adapters::lora::LoraLibrary>,
 }
 
 /// Cheap to clone handle on the shared state.
@@ -141,6 +143,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models", get(system::list_models))
         .route("/v1/samplers", get(system::list_samplers))
         .route("/v1/embeddings", get(system::list_embeddings))
+        .route("/v1/loras", get(system::list_loras))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(system::metrics))

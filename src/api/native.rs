@@ -37,6 +37,12 @@ pub(super) fn submit(
     }
     let model = state.registry.resolve(body.model.as_deref())?;
     let request = body.to_params().validate(&model.defaults, &state.settings.request_limits())?;
+    for lora in &request.loras {
+        state
+            .loras
+            .resolve(&lora.name)
+            .map_err(|e| crate::error::ValidationError::new("loras", e.to_string()))?;
+    }
     let format = match (body.output_format.map(OutputFormat::to_codec), accepted) {
         (Some(asked), Some(accepted)) if asked != accepted => {
             return Err(ApiError::invalid_value(

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{app, AppState, ModelRegistry, RegisteredModel, SharedState};
+use crate::adapters::lora::LoraLibrary;
 use crate::config::Settings;
 use crate::jobs::{JobManager, JobSettings, Metrics};
 use crate::workers::{CandleBackend, ModelBackend, SlotHealth, SlotState, WorkerPool};
@@ -93,14 +94,17 @@ pub async fn start(
         .await
         .with_context(|| format!("cannot listen on {}", settings.bind))?;
     let addr = listener.local_addr().context("the listener has no address")?;
-    let pool = WorkerPool::spawn(
+    let loras = Arc::new(LoraLibrary::new(settings.lora_dirs.clone(), settings.lora_cache_mb));
+    let pool = WorkerPool::spawn_with_loras(
         &settings.devices,
         settings.workers_per_device,
         &settings.models,
         backend,
         jobs.clone(),
+        loras.clone(),
     );
     let state = AppState::new(SharedState {
+        loras,
         settings: settings.clone(),
         registry,
         jobs,

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::{
-    EmbeddingCard, EmbeddingList, HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo,
-    SamplerList, WorkerStatus,
+    EmbeddingCard, EmbeddingList, HealthResponse, LoraCard, LoraList, ModelCard, ModelList,
+    ReadyResponse, SamplerInfo, SamplerList, WorkerStatus,
 };
 use super::error::ErrorResponse;
 use super::AppState;
@@ -172,4 +172,21 @@ pub(crate) async fn embedding_infos(
         tracing::error!(%error, "listing embeddings panicked");
         Vec::new()
     })
+}
+
+/// The LoRAs requests may name (`lora_dirs`), with their safetensors metadata.
+#[utoipa::path(get, path = "/v1/loras", tag = "models",
+    responses(
+        (status = 200, description = "LoRA files", body = LoraList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_loras(State(state): State<AppState>) -> Json<LoraList> {
+    let library = state.loras.clone();
+    // Listing reads file headers from disk: keep it off the async runtime's threads.
+    let loras = tokio::task::spawn_blocking(move || library.list()).await.unwrap_or_default();
+    let data = loras
+        .into_iter()
+        .map(|info| LoraCard { name: info.name, metadata: info.metadata })
+        .collect();
+    Json(LoraList { object: "list".into(), data })
 }

@@ -48,6 +48,28 @@ enum Source {
     SingleFile { path: PathBuf, text_encoders: Vec<(String, ClipTextConfig)> },
 }
 
+/// The tensors the UNet and the text encoders were built from, by diffusers name, so
+/// adapters can rebuild those networks with some weights replaced. The networks share
+/// storage with these maps: keeping them costs no memory.
+#[derive(Debug, Clone)]
+pub struct NetworkWeights {
+    pub unet: HashMap<String, Tensor>,
+    /// The UNet's diffusers `config.json` (LDM-style adapter names are derived from it).
+    pub unet_config: Value,
+    /// ("text_encoder" | "text_encoder_2", tensors).
+    pub text_encoders: Vec<(String, HashMap<String, Tensor>)>,
+}
+
+impl NetworkWeights {
+    /// The tensors of component `id` ("unet", "text_encoder", "text_encoder_2").
+    pub fn tensors(&self, id: &str) -> Option<&HashMap<String, Tensor>> {
+        if id == "unet" {
+            return Some(&self.unet);
+        }
+        self.text_encoders.iter().find(|(name, _)| name == id).map(|(_, tensors)| tensors)
+    }
+}
+
 /// The loaded networks of a model.
 pub struct LoadedModel {
     pub layout: ModelLayout,
@@ -59,6 +81,8 @@ pub struct LoadedModel {
     pub text_encoder_2: Option<ClipTextModel>,
     pub tokenizer: Option<TokenizerSource>,
     pub tokenizer_2: Option<TokenizerSource>,
+    /// The weights of the UNet and text encoders, for rebuilding them with adapters.
+    pub weights: NetworkWeights,
 }
 
 fn is_pickle(path: &Path) -> bool {
@@ -257,6 +281,31 @@ fn mmap_var_builder(
     })
 }
 
+/// Reads every tensor of `files` into `dtype` on `device`, as the memory-mapped
+/// `VarBuilder` would (load, then convert), keeping them by name.
+fn load_tensors(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    for file in files {
+        single_file::check_safetensors(file)?;
+    }
+    let invalid = |e: candle_core::Error| ModelError::InvalidSafetensors {
+        path: files[0].clone(),
+        reason: e.to_string(),
+    };
+    // Safety: as in `mmap_var_builder`, the files are mapped read-only.
+    let mapped =
+        unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }.map_err(invalid)?;
+    let mut tensors = HashMap::new();
+    for (name, _) in mapped.tensors() {
+        let tensor = mapped.load(&name, device).and_then(|t| t.to_dtype(dtype)).map_err(invalid)?;
+        tensors.insert(name, tensor);
+    }
+    Ok(tensors)
+}
+
 fn weights_error(component: &str) -> impl Fn(candle_core::Error) -> ModelError + '_ {
     move |source| ModelError::Weights {
         component: component.to_string(),
@@ -314,12 +363,15 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
     };
     match layout.source.clone() {
         Source::Folder { root, text_encoders } => {
-            let unet_vb = mmap_var_builder(
+            let unet_tensors = load_tensors(
                 &component_weights(&root.join("unet"), "diffusion_pytorch_model", dtype)?,
                 dtype,
                 device,
             )?;
+            let unet_vb = VarBuilder::from_tensors(unet_tensors.clone(), dtype, device);
             let unet = UNet::new(unet_vb, &layout.unet).map_err(weights_error("unet"))?;
+            let unet_config: Value = read_json(&root.join("unet/config.json"))?;
+            let mut encoder_tensors = Vec::new();
             let vdtype = vae_dtype(&layout.vae, dtype);
             let vae_vb = mmap_var_builder(
                 &component_weights(&root.join("vae"), "diffusion_pytorch_model", dtype)?,
@@ -330,11 +382,13 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
                 .map_err(weights_error("vae"))?;
             let mut encoders: HashMap<String, ClipTextModel> = HashMap::new();
             for (name, config) in &text_encoders {
-                let vb = mmap_var_builder(
+                let tensors = load_tensors(
                     &component_weights(&root.join(name), "model", dtype)?,
                     dtype,
                     device,
                 )?;
+                let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+                encoder_tensors.push((name.clone(), tensors));
                 let model = ClipTextModel::new(vb, config, name == "text_encoder_2")
                     .map_err(weights_error(name))?;
                 encoders.insert(name.clone(), model);
@@ -359,10 +413,17 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
                 vae,
                 tokenizer,
                 tokenizer_2,
+                weights: NetworkWeights {
+                    unet: unet_tensors,
+                    unet_config,
+                    text_encoders: encoder_tensors,
+                },
             })
         }
         Source::SingleFile { path, text_encoders } => {
             let mut converted = single_file::load_single_file(&path, device, dtype)?;
+            let unet_config = converted.configs.get("unet").cloned().unwrap_or(Value::Null);
+            let mut kept: Vec<(String, HashMap<String, Tensor>)> = Vec::new();
             let mut take = |name: &str,
                             component_dtype: DType|
              -> Result<VarBuilder<'static>, ModelError> {
@@ -371,6 +432,9 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
                         path: path.clone(),
                         reason: format!("checkpoint has no {name} weights"),
                     })?;
+                if name != "vae" {
+                    kept.push((name.to_string(), tensors.clone()));
+                }
                 Ok(VarBuilder::from_tensors(tensors, component_dtype, device))
             };
             let unet =
@@ -391,7 +455,9 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
             }
             let tokenizer = text_encoder.as_ref().map(|_| tokenizer_pad("text_encoder"));
             let tokenizer_2 = text_encoder_2.as_ref().map(|_| tokenizer_pad("text_encoder_2"));
+            let unet_tensors = kept.remove(0).1;
             Ok(LoadedModel {
+                weights: NetworkWeights { unet: unet_tensors, unet_config, text_encoders: kept },
                 layout,
                 unet,
                 vae,

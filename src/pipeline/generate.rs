@@ -4,13 +4,18 @@
 //! `StableDiffusionPipeline` / `StableDiffusionXLPipeline` step for step.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
 
 use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
+use crate::adapters::lora::targets::{patch_weights, with_overrides, Component, ModuleTable};
+use crate::adapters::lora::{LoraError, LoraLibrary};
 use crate::error::{ModelError, PipelineError, ValidationError};
-use crate::models::loader::{self, ModelLayout};
+use crate::models::clip::ClipTextModel;
+use crate::models::loader::{self, ModelLayout, NetworkWeights};
 use crate::models::unet::{AddedConditions, UNet};
 use crate::models::vae::AutoencoderKl;
 use crate::models::ModelFamily;
@@ -44,6 +49,29 @@ pub struct Pipeline {
     dtype: DType,
     /// What [`Pipeline::generate`] encodes prompts with (embeddings).
     prompt_context: PromptContext,
+    /// The base weights of the UNet and text encoders, for LoRA-patched rebuilds.
+    weights: NetworkWeights,
+    /// Every adaptable weight under the names LoRA files use for it.
+    lora_targets: ModuleTable,
+    /// Where request LoRA names resolve (empty: none do).
+    loras: Arc<LoraLibrary>,
+}
+
+/// The networks one request runs with where its LoRAs change them; `None` = the base.
+#[derive(Default)]
+struct PatchedNetworks {
+    unet: Option<UNet>,
+    text_encoders: [Option<ClipTextModel>; 2],
+}
+
+impl PatchedNetworks {
+    fn encoders(&self) -> [Option<&ClipTextModel>; 2] {
+        [self.text_encoders[0].as_ref(), self.text_encoders[1].as_ref()]
+    }
+}
+
+fn lora_failure(error: LoraError) -> PipelineError {
+    ValidationError::new("loras", error.to_string()).into()
 }
 
 fn defaults_from(name: &str, layout: &ModelLayout) -> ModelDefaults {
@@ -91,7 +119,11 @@ impl Pipeline {
             });
         }
         let scheduler = scheduler_config(&loaded.layout)?;
+        let lora_targets = ModuleTable::build(&loaded.weights);
         Ok(Pipeline {
+            weights: loaded.weights,
+            lora_targets,
+            loras: Arc::new(LoraLibrary::default()),
             defaults: defaults_from(name, &loaded.layout),
             layout: loaded.layout,
             prompts,
@@ -102,6 +134,67 @@ impl Pipeline {
             dtype: options.dtype,
             prompt_context: PromptContext::default(),
         })
+    }
+
+    /// Lets requests name the LoRAs of `library`.
+    pub fn with_lora_library(mut self, library: Arc<LoraLibrary>) -> Pipeline {
+        self.loras = library;
+        self
+    }
+
+    /// The LoRA library requests resolve names in.
+    pub fn lora_library(&self) -> &Arc<LoraLibrary> {
+        &self.loras
+    }
+
+    /// Builds the UNet / text encoders that `request`'s LoRAs change, from the base
+    /// weights with the merged copies swapped in; the base networks stay untouched, so
+    /// the next request without LoRAs runs on exactly the original weights.
+    fn patched_networks(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<PatchedNetworks, PipelineError> {
+        if request.loras.is_empty() {
+            return Ok(PatchedNetworks::default());
+        }
+        let started = std::time::Instant::now();
+        let files = request
+            .loras
+            .iter()
+            .map(|choice| Ok((self.loras.load(&choice.name)?, choice.weight)))
+            .collect::<Result<Vec<_>, LoraError>>()
+            .map_err(lora_failure)?;
+        let overrides =
+            patch_weights(&self.weights, &self.lora_targets, &files).map_err(lora_failure)?;
+        let mut patched = PatchedNetworks::default();
+        for (component, replaced) in &overrides.by_component {
+            let base = self
+                .weights
+                .tensors(component.id())
+                .expect("overrides only name loaded components; this is a bug");
+            let builder =
+                VarBuilder::from_tensors(with_overrides(base, replaced), self.dtype, &self.device);
+            match component {
+                Component::Unet => patched.unet = Some(UNet::new(builder, self.unet.config())?),
+                Component::TextEncoder | Component::TextEncoder2 => {
+                    let second = *component == Component::TextEncoder2;
+                    let stage = if second { &self.prompts.second } else { &self.prompts.first };
+                    let config = stage
+                        .as_ref()
+                        .expect("weights exist only for loaded encoders; this is a bug")
+                        .encoder
+                        .config();
+                    let encoder = ClipTextModel::new(builder, config, second)?;
+                    patched.text_encoders[usize::from(second)] = Some(encoder);
+                }
+            }
+        }
+        tracing::debug!(
+            loras = request.loras.len(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "LoRAs merged"
+        );
+        Ok(patched)
     }
 
     /// The model's name, family and native size.
@@ -132,9 +225,15 @@ impl Pipeline {
         request: &GenerationRequest,
         guided: bool,
         context: &PromptContext,
+        encoders: [Option<&ClipTextModel>; 2],
     ) -> Result<(TextConditioning, Option<TextConditioning>), PipelineError> {
-        let positive =
-            self.prompts.encode_prompt(&request.prompt, request.clip_skip, context, "prompt")?;
+        let positive = self.prompts.encode_prompt_with(
+            &request.prompt,
+            request.clip_skip,
+            context,
+            "prompt",
+            encoders,
+        )?;
         if !guided {
             return Ok((positive, None));
         }
@@ -142,11 +241,12 @@ impl Pipeline {
             if request.negative_prompt.is_empty() && self.layout.force_zeros_for_empty_prompt {
                 positive.zeros_like()?
             } else {
-                self.prompts.encode_prompt(
+                self.prompts.encode_prompt_with(
                     &request.negative_prompt,
                     request.clip_skip,
                     context,
                     "negative_prompt",
+                    encoders,
                 )?
             };
         if positive.context.dim(1)? == negative.context.dim(1)? {
@@ -219,7 +319,10 @@ impl Pipeline {
     ) -> Result<Tensor, PipelineError> {
         let n = request.n as usize;
         let guided = request.guidance_scale > 1.0;
-        let (positive, negative) = self.conditioning(request, guided, context)?;
+        let patched = self.patched_networks(request)?;
+        let unet = patched.unet.as_ref().unwrap_or(&self.unet);
+        let (positive, negative) =
+            self.conditioning(request, guided, context, patched.encoders())?;
 
         // The guidance batch is [negative × n, positive × n], as diffusers lays it out.
         let repeat = |t: &Tensor| {
@@ -289,8 +392,7 @@ impl Pipeline {
             let model_input =
                 if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let model_input = sampler.scale_model_input(&model_input, index)?;
-            let prediction = self
-                .unet
+            let prediction = unet
                 .forward(&model_input.to_dtype(self.dtype)?, timestep, &context, added.as_ref())?
                 .to_dtype(DType::F32)?;
             let guided_prediction = if guided {
@@ -375,7 +477,8 @@ impl Pipeline {
         request: &GenerationRequest,
         batch: usize,
     ) -> Result<(), PipelineError> {
-        let (positive, _) = self.conditioning(request, false, &self.prompt_context)?;
+        let (positive, _) =
+            self.conditioning(request, false, &self.prompt_context, [None, None])?;
         let context = positive.context.repeat((batch, 1, 1))?.to_dtype(self.dtype)?;
         let latent_channels = self.unet.config().in_channels;
         let shape =

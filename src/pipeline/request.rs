@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
 use crate::samplers::SamplerKind;
@@ -43,6 +44,20 @@ pub struct ModelDefaults {
     pub height: u32,
 }
 
+/// One LoRA a request applies: its name (in the configured LoRA directories, or a file
+/// the CLI registered) and its strength.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraChoice {
+    pub name: String,
+    /// Multiplies the adapter's change; 1 is full strength, negative values invert it.
+    #[serde(default = "full_strength")]
+    pub weight: f64,
+}
+
+fn full_strength() -> f64 {
+    1.0
+}
+
 /// An unvalidated request, as any API dialect or the CLI parsed it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GenerationParams {
@@ -65,6 +80,9 @@ pub struct GenerationParams {
     pub target_size: Option<(u32, u32)>,
     pub aesthetic_score: Option<f64>,
     pub negative_aesthetic_score: Option<f64>,
+    /// LoRAs to apply; `<lora:name:weight>` tags in the prompts add more.
+    #[serde(default)]
+    pub loras: Vec<LoraChoice>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -99,6 +117,10 @@ pub struct GenerationRequest {
     pub n: u32,
     pub clip_skip: u32,
     pub sdxl: SdxlConditioning,
+    /// The LoRAs of the request (explicit ones first, then the prompt tags), names
+    /// checked for shape; whether they exist is checked against the LoRA library.
+    #[serde(default)]
+    pub loras: Vec<LoraChoice>,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -180,8 +202,37 @@ impl GenerationParams {
                 format!("must be between 1 and 12, got {clip_skip}"),
             ));
         }
-        let negative_prompt = self.negative_prompt.unwrap_or_default();
-        for (field, text) in [("prompt", &self.prompt), ("negative_prompt", &negative_prompt)] {
+        let (prompt, prompt_tags) = lora::extract_lora_tags(&self.prompt);
+        let (negative_prompt, negative_tags) =
+            lora::extract_lora_tags(&self.negative_prompt.unwrap_or_default());
+        let tagged = prompt_tags.into_iter().chain(negative_tags);
+        let loras: Vec<LoraChoice> = self
+            .loras
+            .into_iter()
+            .chain(tagged.map(|(name, weight)| LoraChoice { name, weight }))
+            .collect();
+        if loras.len() > lora::MAX_LORAS_PER_REQUEST {
+            return Err(ValidationError::new(
+                "loras",
+                format!("at most {} LoRAs per request", lora::MAX_LORAS_PER_REQUEST),
+            ));
+        }
+        for choice in &loras {
+            let limit = lora::MAX_LORA_WEIGHT;
+            if !choice.weight.is_finite() || choice.weight.abs() > limit {
+                return Err(ValidationError::new(
+                    "loras",
+                    format!(
+                        "weight of LoRA {:?} must be between -{limit} and {limit}, got {}",
+                        choice.name, choice.weight
+                    ),
+                ));
+            }
+            lora::library::check_name(&choice.name)
+                .map_err(|e| ValidationError::new("loras", e.to_string()))?;
+        }
+        let original_prompt = self.prompt;
+        for (field, text) in [("prompt", &original_prompt), ("negative_prompt", &negative_prompt)] {
             if text.chars().count() > limits.max_prompt_chars {
                 return Err(ValidationError::new(
                     field,
@@ -223,7 +274,7 @@ impl GenerationParams {
         }
         Ok(GenerationRequest {
             model: model.name.clone(),
-            prompt: self.prompt,
+            prompt,
             negative_prompt,
             width,
             height,
@@ -241,6 +292,7 @@ impl GenerationParams {
                 aesthetic_score,
                 negative_aesthetic_score,
             },
+            loras,
         })
     }
 }
@@ -268,6 +320,11 @@ impl GenerationRequest {
         }
         if self.guidance_rescale > 0.0 {
             text.push_str(&format!(", Guidance rescale: {}", self.guidance_rescale));
+        }
+        if !self.loras.is_empty() {
+            let list: Vec<String> =
+                self.loras.iter().map(|l| format!("{}:{}", l.name, l.weight)).collect();
+            text.push_str(&format!(", Lora: \"{}\"", list.join(", ")));
         }
         text
     }

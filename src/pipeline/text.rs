@@ -255,26 +255,45 @@ fn invalid(field: &str, message: impl Into<String>) -> PipelineError {
 }
 
 impl PromptEncoder {
-    fn run(stage: &EncoderStage, text: &str) -> Result<ClipTextOutput, PipelineError> {
+    fn run(
+        stage: &EncoderStage,
+        encoder: Option<&ClipTextModel>,
+        text: &str,
+    ) -> Result<ClipTextOutput, PipelineError> {
+        let encoder = encoder.unwrap_or(&stage.encoder);
         let ids = stage.tokenizer.encode_padded(text, MAX_TOKENS)?;
-        let ids = Tensor::from_vec(ids, (1, MAX_TOKENS), stage.encoder.device())?;
-        Ok(stage.encoder.forward(&ids)?)
+        let ids = Tensor::from_vec(ids, (1, MAX_TOKENS), encoder.device())?;
+        Ok(encoder.forward(&ids)?)
     }
 
     /// Encodes `text` literally (no prompt syntax, truncated to 77 tokens) with A1111's
     /// clip skip (1 = last layer).
     pub fn encode(&self, text: &str, clip_skip: u32) -> Result<TextConditioning, PipelineError> {
+        self.encode_with(text, clip_skip, [None, None])
+    }
+
+    /// [`PromptEncoder::encode`] with the first / second encoder replaced where
+    /// `encoders` gives one (a request's LoRA-patched copies).
+    pub fn encode_with(
+        &self,
+        text: &str,
+        clip_skip: u32,
+        encoders: [Option<&ClipTextModel>; 2],
+    ) -> Result<TextConditioning, PipelineError> {
         let skip = clip_skip.saturating_sub(1) as usize;
         if !self.sdxl {
             let stage = self.single_stage();
-            let output = Self::run(stage, text)?;
-            let context = Self::sd_context(stage, &output, skip)?;
+            let output = Self::run(stage, encoders[0], text)?;
+            let context = Self::sd_context(encoders[0].unwrap_or(&stage.encoder), &output, skip)?;
             return Ok(TextConditioning { context, pooled: None });
         }
         let mut contexts = Vec::new();
         let mut pooled = None;
-        for stage in [&self.first, &self.second].into_iter().flatten() {
-            let output = Self::run(stage, text)?;
+        for (stage, encoder) in [&self.first, &self.second].into_iter().zip(encoders) {
+            let Some(stage) = stage else {
+                continue;
+            };
+            let output = Self::run(stage, encoder, text)?;
             // SDXL always starts from the penultimate layer.
             contexts.push(ClipTextModel::hidden_state_from_end(&output, skip + 1)?);
             if let Some(embeds) = output.text_embeds {
@@ -290,7 +309,7 @@ impl PromptEncoder {
     }
 
     fn sd_context(
-        stage: &EncoderStage,
+        encoder: &ClipTextModel,
         output: &ClipTextOutput,
         skip: usize,
     ) -> Result<Tensor, PipelineError> {
@@ -298,7 +317,7 @@ impl PromptEncoder {
             output.last_hidden_state.clone()
         } else {
             let hidden = ClipTextModel::hidden_state_from_end(output, skip)?;
-            stage.encoder.final_layer_norm(&hidden)?
+            encoder.final_layer_norm(&hidden)?
         })
     }
 
@@ -315,6 +334,19 @@ impl PromptEncoder {
         context: &PromptContext,
         field: &str,
     ) -> Result<TextConditioning, PipelineError> {
+        self.encode_prompt_with(text, clip_skip, context, field, [None, None])
+    }
+
+    /// [`PromptEncoder::encode_prompt`] with the first / second encoder replaced where
+    /// `encoders` gives one (a request's LoRA-patched copies).
+    pub fn encode_prompt_with(
+        &self,
+        text: &str,
+        clip_skip: u32,
+        context: &PromptContext,
+        field: &str,
+        encoders: [Option<&ClipTextModel>; 2],
+    ) -> Result<TextConditioning, PipelineError> {
         let parsed = parse_prompt(text);
         for piece in &parsed.pieces {
             if let PromptPiece::Text { weight, .. } = piece {
@@ -324,29 +356,31 @@ impl PromptEncoder {
             }
         }
         let skip = clip_skip.saturating_sub(1) as usize;
-        let stages: Vec<(&EncoderStage, EncoderSlot)> = if self.sdxl {
+        let stages: Vec<(&EncoderStage, EncoderSlot, &ClipTextModel)> = if self.sdxl {
             let mut stages = Vec::new();
             if let Some(first) = &self.first {
-                stages.push((first, EncoderSlot::SdxlFirst));
+                stages.push((first, EncoderSlot::SdxlFirst, encoders[0].unwrap_or(&first.encoder)));
             }
             if let Some(second) = &self.second {
-                stages.push((second, EncoderSlot::SdxlSecond));
+                let encoder = encoders[1].unwrap_or(&second.encoder);
+                stages.push((second, EncoderSlot::SdxlSecond, encoder));
             }
             stages
         } else {
-            vec![(self.single_stage(), EncoderSlot::Single)]
+            let stage = self.single_stage();
+            vec![(stage, EncoderSlot::Single, encoders[0].unwrap_or(&stage.encoder))]
         };
         let mut per_stage = Vec::with_capacity(stages.len());
         let mut pooled = None;
-        for (stage, slot) in stages {
+        for (stage, slot, encoder) in stages {
             let plan = Self::plan(stage, slot, &parsed.pieces, context, field)?;
             let mut chunk_contexts = Vec::with_capacity(plan.chunks.len());
             for (index, chunk) in plan.chunks.iter().enumerate() {
-                let output = Self::run_chunk(stage, chunk, &plan.vectors)?;
+                let output = Self::run_chunk(encoder, chunk, &plan.vectors)?;
                 let hidden = if self.sdxl {
                     ClipTextModel::hidden_state_from_end(&output, skip + 1)?
                 } else {
-                    Self::sd_context(stage, &output, skip)?
+                    Self::sd_context(encoder, &output, skip)?
                 };
                 chunk_contexts.push(apply_emphasis(&hidden, &chunk.multipliers)?);
                 // A1111 (and SDXL's micro-conditioning) pool the first chunk only.
@@ -428,11 +462,10 @@ impl PromptEncoder {
 
     /// Encodes one chunk, with embedding vectors put in place of their placeholders.
     fn run_chunk(
-        stage: &EncoderStage,
+        encoder: &ClipTextModel,
         chunk: &ChunkPlan,
         vectors: &[Option<Tensor>],
     ) -> Result<ClipTextOutput, PipelineError> {
-        let encoder = &stage.encoder;
         let ids = Tensor::from_slice(&chunk.tokens, (1, MAX_TOKENS), encoder.device())?;
         if chunk.fixes.is_empty() {
             return Ok(encoder.forward(&ids)?);

@@ -13,6 +13,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::adapters::embeddings::EmbeddingLibrary;
+use crate::adapters::lora::LoraLibrary;
 use crate::codec;
 use crate::config::ModelSpec;
 use crate::error::{ModelError, PipelineError};
@@ -58,6 +59,17 @@ pub trait ModelBackend: Send + Sync {
     fn probe(&self, spec: &ModelSpec) -> Result<ModelDefaults, ModelError>;
     /// Loads the model onto `device` (called on a worker thread).
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError>;
+    /// Loads the model so that requests can name the LoRAs of `loras`; backends without
+    /// adapter support load it plainly.
+    fn load_with_loras(
+        &self,
+        spec: &ModelSpec,
+        device: &str,
+        loras: &Arc<LoraLibrary>,
+    ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
+        let _ = loras;
+        self.load(spec, device)
+    }
 }
 
 /// The real backend: [`probe`] and [`Pipeline::load`]; every loaded pipeline encodes
@@ -77,6 +89,17 @@ impl ModelBackend for CandleBackend {
         let mut pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
         pipeline.set_prompt_context(PromptContext { embeddings: self.embeddings.clone() });
         Ok(Arc::new(pipeline))
+    }
+
+    fn load_with_loras(
+        &self,
+        spec: &ModelSpec,
+        device: &str,
+        loras: &Arc<LoraLibrary>,
+    ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
+        let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
+        let pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
+        Ok(Arc::new(pipeline.with_lora_library(loras.clone())))
     }
 }
 
@@ -117,6 +140,19 @@ impl WorkerPool {
         backend: Arc<dyn ModelBackend>,
         jobs: Arc<JobManager>,
     ) -> WorkerPool {
+        let loras = Arc::new(LoraLibrary::default());
+        WorkerPool::spawn_with_loras(devices, workers_per_device, models, backend, jobs, loras)
+    }
+
+    /// [`WorkerPool::spawn`] whose models resolve request LoRAs in `loras`.
+    pub fn spawn_with_loras(
+        devices: &[String],
+        workers_per_device: usize,
+        models: &[ModelSpec],
+        backend: Arc<dyn ModelBackend>,
+        jobs: Arc<JobManager>,
+        loras: Arc<LoraLibrary>,
+    ) -> WorkerPool {
         let slots: Vec<SlotHealth> = devices
             .iter()
             .flat_map(|device| {
@@ -138,6 +174,7 @@ impl WorkerPool {
                 slots: workers_per_device,
                 models: models.to_vec(),
                 backend: backend.clone(),
+                loras: loras.clone(),
                 jobs: jobs.clone(),
                 health: health_tx.clone(),
             };
@@ -171,6 +208,7 @@ struct DeviceContext {
     slots: usize,
     models: Vec<ModelSpec>,
     backend: Arc<dyn ModelBackend>,
+    loras: Arc<LoraLibrary>,
     jobs: Arc<JobManager>,
     health: Arc<watch::Sender<Vec<SlotHealth>>>,
 }
@@ -186,7 +224,9 @@ impl DeviceContext {
         for spec in &self.models {
             let span = tracing::info_span!("load_model", model = %spec.name, device = %self.device);
             let _entered = span.enter();
-            let result = catch_unwind(AssertUnwindSafe(|| self.backend.load(spec, &self.device)));
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                self.backend.load_with_loras(spec, &self.device, &self.loras)
+            }));
             match result {
                 Ok(Ok(generator)) => {
                     loaded.insert(spec.name.clone(), generator);

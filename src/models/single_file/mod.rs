@@ -68,6 +68,16 @@ pub fn load_single_file(
     Ok(ConvertedCheckpoint { family: resolved.family, components, configs: resolved.configs })
 }
 
+/// The original LDM path of each diffusers UNet module in `modules` that has one, for
+/// adapters trained on the LDM model (kohya's SDXL LoRAs); `config` is the UNet's
+/// diffusers config. Returns (LDM path, diffusers path) pairs, both without `.weight`.
+pub fn ldm_unet_aliases(
+    config: &Value,
+    modules: &[String],
+) -> Result<Vec<(String, String)>, String> {
+    unet_keys::ldm_aliases(config, modules)
+}
+
 /// The family of a checkpoint, from its header's tensor names and shapes only.
 pub fn detect_family(path: &Path) -> Result<ModelFamily, ModelError> {
     let header = read_header(path)?;

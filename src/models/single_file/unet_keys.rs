@@ -368,3 +368,42 @@ fn check_shapes(
     }
     Ok(())
 }
+
+/// For each diffusers UNet module path in `modules` (without `.weight`), its original
+/// LDM path, as LoRA trainers that work on the LDM model name their layers (kohya's
+/// SDXL LoRAs: `input_blocks.4.1.transformer_blocks.0.attn1.to_q`). Modules with no LDM
+/// counterpart are left out.
+pub(crate) fn ldm_aliases(
+    config: &Value,
+    modules: &[String],
+) -> Result<Vec<(String, String)>, String> {
+    let table = block_table(config)?;
+    let mut aliases = Vec::new();
+    for module in modules {
+        let dotted = format!("{module}.");
+        let Some((ldm_prefix, block)) = table
+            .iter()
+            .filter(|(_, block)| dotted.starts_with(&block.diffusers))
+            .max_by_key(|(_, block)| block.diffusers.len())
+        else {
+            continue;
+        };
+        let rest = &module[block.diffusers.len().min(module.len())..];
+        let ldm_rest = match block.part {
+            Part::Layer if dotted == block.diffusers => Some(String::new()),
+            Part::Resnet { .. } => RESNET_RENAMES
+                .iter()
+                .find(|(_, diffusers)| *diffusers == rest)
+                .map(|(ldm, _)| ldm.to_string()),
+            Part::Attention { .. } if !rest.is_empty() => Some(rest.to_string()),
+            Part::Downsample if rest == "conv" => Some("op".to_string()),
+            Part::Upsample if rest == "conv" => Some("conv".to_string()),
+            _ => None,
+        };
+        if let Some(ldm_rest) = ldm_rest {
+            let ldm = format!("{ldm_prefix}{ldm_rest}");
+            aliases.push((ldm.trim_end_matches('.').to_string(), module.clone()));
+        }
+    }
+    Ok(aliases)
+}
