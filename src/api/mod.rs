@@ -112,6 +112,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/images/{index}", get(native::job_image))
         .route("/v1/models", get(system::list_models))
         .route("/v1/samplers", get(system::list_samplers))
+        .route("/v1/schedules", get(system::list_schedules))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(system::metrics))

@@ -20,13 +20,14 @@ use super::{dto, error, native, system};
     paths(
         native::generate, native::create_job, native::get_job, native::cancel_job,
         native::job_image, native::job_events,
-        system::list_models, system::list_samplers,
+        system::list_models, system::list_samplers, system::list_schedules,
         system::health, system::ready, system::metrics, system::openapi_yaml,
     ),
     components(schemas(
         dto::GenerateRequest, dto::GenerateResponse, dto::NormalizedParameters, dto::ImageData,
         dto::Timings, dto::OutputFormat, dto::JobAccepted, dto::JobStatus, dto::ProgressBody,
         dto::ModelList, dto::ModelCard, dto::SamplerList, dto::SamplerInfo,
+        dto::ScheduleList, dto::ScheduleInfo,
         dto::HealthResponse, dto::ReadyResponse, dto::WorkerStatus,
         error::ErrorResponse, error::ErrorDetail, crate::jobs::JobState,
     )),

@@ -9,11 +9,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::{
-    HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo, SamplerList, WorkerStatus,
+    HealthResponse, ModelCard, ModelList, ReadyResponse, SamplerInfo, SamplerList, ScheduleInfo,
+    ScheduleList, WorkerStatus,
 };
 use super::error::ErrorResponse;
 use super::AppState;
-use crate::samplers::SamplerKind;
+use crate::samplers::{SamplerKind, Schedule};
 use crate::workers::SlotState;
 
 /// The process is alive (never needs an API key).
@@ -131,7 +132,27 @@ pub async fn list_samplers() -> Json<SamplerList> {
             id: kind.id().into(),
             display_name: kind.display_name().into(),
             aliases: kind.aliases().iter().map(|a| a.to_string()).collect(),
+            schedules: kind.schedules().iter().map(|s| s.id().to_string()).collect(),
+            eta: kind.takes_eta(),
+            s_noise: kind.takes_s_noise(),
         })
         .collect();
     Json(SamplerList { object: "list".into(), data })
+}
+
+/// The noise schedules requests may name.
+#[utoipa::path(get, path = "/v1/schedules", tag = "models",
+    responses(
+        (status = 200, description = "Schedules", body = ScheduleList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_schedules() -> Json<ScheduleList> {
+    let data = Schedule::ALL
+        .iter()
+        .map(|schedule| ScheduleInfo {
+            id: schedule.id().into(),
+            display_name: schedule.display_name().into(),
+        })
+        .collect();
+    Json(ScheduleList { object: "list".into(), data })
 }
