@@ -402,4 +402,65 @@ mod tests {
             assert_eq!(request.sampler, SamplerKind::EulerA);
         }
     }
+
+    #[test]
+    fn legacy_a1111_names_set_sampler_and_schedule() {
+        let cases = [
+            ("DPM++ 2M Karras", SamplerKind::DpmPp2m, Schedule::Karras),
+            ("LMS Karras", SamplerKind::Lms, Schedule::Karras),
+            ("DPM++ 2M SDE Exponential", SamplerKind::DpmPp2mSde, Schedule::Exponential),
+            ("Euler a", SamplerKind::EulerA, Schedule::Default),
+            ("dpmpp_2m", SamplerKind::DpmPp2m, Schedule::Default),
+            ("KDPM2AncestralDiscreteScheduler", SamplerKind::Dpm2A, Schedule::Default),
+        ];
+        for (name, sampler, schedule) in cases {
+            let request = GenerationParams { sampler: Some(name.into()), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+            assert_eq!((request.sampler, request.schedule), (sampler, schedule), "{name}");
+        }
+        // An explicit schedule wins over the one a legacy name implies.
+        let request = GenerationParams {
+            sampler: Some("DPM++ 2M Karras".into()),
+            schedule: Some("beta".into()),
+            ..Default::default()
+        }
+        .validate(&model(), &Limits::default())
+        .unwrap();
+        assert_eq!(request.schedule, Schedule::Beta);
+    }
+
+    #[test]
+    fn bad_sampler_options_name_their_field() {
+        let cases: Vec<(GenerationParams, &str, &str)> = vec![
+            (GenerationParams { sampler: Some("DPM++ 9M".into()), ..Default::default() }, "sampler", "dpmpp_2m"),
+            (GenerationParams { schedule: Some("fast".into()), ..Default::default() }, "schedule", "karras"),
+            (
+                GenerationParams {
+                    sampler: Some("ddim".into()),
+                    schedule: Some("karras".into()),
+                    ..Default::default()
+                },
+                "schedule",
+                "default",
+            ),
+            (GenerationParams { eta: Some(0.5), ..Default::default() }, "eta", "ddim"),
+            (
+                GenerationParams { sampler: Some("ddim".into()), eta: Some(1.5), ..Default::default() },
+                "eta",
+                "between",
+            ),
+            (GenerationParams { s_noise: Some(-1.0), ..Default::default() }, "s_noise", "between"),
+            (
+                GenerationParams { sampler: Some("euler".into()), s_noise: Some(1.0), ..Default::default() },
+                "s_noise",
+                "euler",
+            ),
+        ];
+        for (params, field, mentions) in cases {
+            let error = params.validate(&model(), &Limits::default()).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+            assert!(error.to_string().contains(mentions), "{error}");
+        }
+    }
 }

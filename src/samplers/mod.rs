@@ -20,6 +20,8 @@ mod step_math;
 
 #[cfg(test)]
 mod parity_tests;
+#[cfg(test)]
+mod schedule_parity_tests;
 
 use candle_core::{Error, Result, Tensor};
 

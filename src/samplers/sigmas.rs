@@ -360,7 +360,11 @@ pub fn sigma_schedule(
                 }
             })
             .collect();
-        let init_noise_sigma = if dpm { 1.0 } else { sigmas[0] };
+        let init_noise_sigma = if dpm {
+            1.0
+        } else {
+            init_noise_sigma(&sigmas, config.spacing_or(TimestepSpacing::Linspace))
+        };
         return Ok(SigmaSchedule { timesteps, sigmas, init_noise_sigma });
     }
 
