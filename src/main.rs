@@ -18,7 +18,7 @@ enum Command {
     /// Run the HTTP service (with no flags: the bundled tiny model on the CPU).
     Serve(Box<ServeArgs>),
     /// Generate images from the command line, without a server.
-    Generate(sdserve::cli::GenerateArgs),
+    Generate(Box<sdserve::cli::GenerateArgs>),
     /// Time the text encoder, UNet steps, VAE decode and whole requests on a model.
     Bench(sdserve::cli::BenchArgs),
     /// Print the OpenAPI document (YAML).

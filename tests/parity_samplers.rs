@@ -67,7 +67,7 @@ fn check_family(family: &str) {
         println!(
             "{family}/{name}: latents max |Δ| = {latent_diff:e}, image max |Δ| = {image_diff}/255"
         );
-        if !(latent_diff <= LATENT_TOLERANCE) || image_diff > IMAGE_TOLERANCE {
+        if latent_diff.is_nan() || latent_diff > LATENT_TOLERANCE || image_diff > IMAGE_TOLERANCE {
             failures.push(format!("{name}: latents {latent_diff}, image {image_diff}"));
         }
     }

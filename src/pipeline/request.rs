@@ -215,7 +215,10 @@ impl GenerationParams {
                 ));
             }
             if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
-                return Err(ValidationError::new("eta", format!("must be between 0 and 1, got {eta}")));
+                return Err(ValidationError::new(
+                    "eta",
+                    format!("must be between 0 and 1, got {eta}"),
+                ));
             }
         }
         if let Some(s_noise) = self.s_noise {
@@ -433,8 +436,16 @@ mod tests {
     #[test]
     fn bad_sampler_options_name_their_field() {
         let cases: Vec<(GenerationParams, &str, &str)> = vec![
-            (GenerationParams { sampler: Some("DPM++ 9M".into()), ..Default::default() }, "sampler", "dpmpp_2m"),
-            (GenerationParams { schedule: Some("fast".into()), ..Default::default() }, "schedule", "karras"),
+            (
+                GenerationParams { sampler: Some("DPM++ 9M".into()), ..Default::default() },
+                "sampler",
+                "dpmpp_2m",
+            ),
+            (
+                GenerationParams { schedule: Some("fast".into()), ..Default::default() },
+                "schedule",
+                "karras",
+            ),
             (
                 GenerationParams {
                     sampler: Some("ddim".into()),
@@ -446,13 +457,21 @@ mod tests {
             ),
             (GenerationParams { eta: Some(0.5), ..Default::default() }, "eta", "ddim"),
             (
-                GenerationParams { sampler: Some("ddim".into()), eta: Some(1.5), ..Default::default() },
+                GenerationParams {
+                    sampler: Some("ddim".into()),
+                    eta: Some(1.5),
+                    ..Default::default()
+                },
                 "eta",
                 "between",
             ),
             (GenerationParams { s_noise: Some(-1.0), ..Default::default() }, "s_noise", "between"),
             (
-                GenerationParams { sampler: Some("euler".into()), s_noise: Some(1.0), ..Default::default() },
+                GenerationParams {
+                    sampler: Some("euler".into()),
+                    s_noise: Some(1.0),
+                    ..Default::default()
+                },
                 "s_noise",
                 "euler",
             ),

@@ -10,7 +10,7 @@ use candle_core::{Error, Result, Tensor};
 
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
-use super::sigmas::{log_sigmas, sigma_to_t, sigma_schedule, train_sigmas, Schedule, SigmaFamily};
+use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
 use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
 
@@ -83,19 +83,18 @@ impl Dpm2 {
             interpol[n - 1] = 0.0;
             interpol[n] = 0.0;
             let mut timesteps = vec![plan.timesteps[0]];
-            for i in 1..n {
-                timesteps.push(to_t(interpol[i - 1]));
-                timesteps.push(plan.timesteps[i]);
+            for (&midpoint, &t) in interpol[..n - 1].iter().zip(&plan.timesteps[1..n]) {
+                timesteps.push(to_t(midpoint));
+                timesteps.push(t);
             }
             (interpol, up, down, timesteps)
         } else {
-            let interpol: Vec<f32> = (0..=n)
-                .map(|i| log_midpoint(sigmas[i], sigmas[(i + n) % (n + 1)]))
-                .collect();
+            let interpol: Vec<f32> =
+                (0..=n).map(|i| log_midpoint(sigmas[i], sigmas[(i + n) % (n + 1)])).collect();
             let mut timesteps = vec![plan.timesteps[0]];
-            for i in 1..n {
-                timesteps.push(to_t(interpol[i]));
-                timesteps.push(plan.timesteps[i]);
+            for (&midpoint, &t) in interpol[1..n].iter().zip(&plan.timesteps[1..n]) {
+                timesteps.push(to_t(midpoint));
+                timesteps.push(t);
             }
             (interpol, vec![0.0; n + 1], vec![0.0; n + 1], timesteps)
         };
@@ -152,8 +151,11 @@ impl Sampler for Dpm2 {
         let previous = match self.held_sample.take() {
             None => {
                 let sigma = self.sigmas[i];
-                let interpol =
-                    if self.ancestral { self.sigmas_interpol[i] } else { self.sigmas_interpol[i + 1] };
+                let interpol = if self.ancestral {
+                    self.sigmas_interpol[i]
+                } else {
+                    self.sigmas_interpol[i + 1]
+                };
                 let original =
                     predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
                 let derivative = div(&(&sample - original)?, sigma)?;

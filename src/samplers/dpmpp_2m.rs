@@ -60,7 +60,12 @@ impl DpmPp2m {
     }
 
     /// The data prediction x0 from the model output (diffusers' `convert_model_output`).
-    fn data_prediction(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    fn data_prediction(
+        &self,
+        model_output: &Tensor,
+        sample: &Tensor,
+        sigma: f32,
+    ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
         match self.prediction_type {
             PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t),

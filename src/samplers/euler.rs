@@ -24,7 +24,11 @@ impl Euler {
     }
 
     /// Euler for `steps` steps under `schedule` (diffusers' `use_*_sigmas` options).
-    pub fn with_schedule(config: &SchedulerConfig, steps: usize, schedule: Schedule) -> Result<Self> {
+    pub fn with_schedule(
+        config: &SchedulerConfig,
+        steps: usize,
+        schedule: Schedule,
+    ) -> Result<Self> {
         let schedule = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
         Ok(Euler {
             timesteps: schedule.timesteps.clone(),

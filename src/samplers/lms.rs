@@ -55,7 +55,10 @@ impl Lms {
             poly = next;
         }
         let antiderivative = |x: f64| {
-            poly.iter().enumerate().map(|(d, c)| c * x.powi(d as i32 + 1) / (d + 1) as f64).sum::<f64>()
+            poly.iter()
+                .enumerate()
+                .map(|(d, c)| c * x.powi(d as i32 + 1) / (d + 1) as f64)
+                .sum::<f64>()
         };
         antiderivative(self.sigmas[t + 1] as f64) - antiderivative(self.sigmas[t] as f64)
     }

@@ -192,7 +192,9 @@ impl SamplerKind {
         }
         let s_noise = options.s_noise.unwrap_or(1.0);
         Ok(match self {
-            SamplerKind::Ddim => Box::new(ddim::Ddim::new(config, steps, options.eta.unwrap_or(0.0))?),
+            SamplerKind::Ddim => {
+                Box::new(ddim::Ddim::new(config, steps, options.eta.unwrap_or(0.0))?)
+            }
             SamplerKind::Euler => Box::new(euler::Euler::with_schedule(config, steps, schedule)?),
             SamplerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::with_schedule(
                 config, steps, schedule, s_noise,
@@ -228,7 +230,7 @@ pub fn resolve_sampler_name(name: &str) -> Option<(SamplerKind, Option<Schedule>
         if !tail.eq_ignore_ascii_case(suffix) {
             return None;
         }
-        let head = head.trim_end_matches(|c: char| c == ' ' || c == '_');
+        let head = head.trim_end_matches([' ', '_']);
         let kind = SamplerKind::from_name(head)?;
         kind.schedules().contains(&schedule).then_some((kind, Some(schedule)))
     })

@@ -13,12 +13,14 @@
 use candle_core::{Error, Result};
 
 use super::schedule::{
-    alphas_cumprod, euler_schedule, numpy_arange_prefix,
-    numpy_interp_on_index, numpy_linspace, SchedulerConfig, TimestepSpacing,
+    alphas_cumprod, euler_schedule, numpy_arange_prefix, numpy_interp_on_index, numpy_linspace,
+    SchedulerConfig, TimestepSpacing,
 };
 
 /// How the noise levels of a run are spread over the steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
     /// The model's own scheduler config (timestep spacing and sigmas as diffusers).
@@ -151,7 +153,10 @@ fn karras(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
     let rho = 7.0;
     let min_inv = sigma_min.powf(1.0 / rho);
     let max_inv = sigma_max.powf(1.0 / rho);
-    numpy_linspace(1.0, n).iter().map(|ramp| (max_inv + ramp * (min_inv - max_inv)).powf(rho)).collect()
+    numpy_linspace(1.0, n)
+        .iter()
+        .map(|ramp| (max_inv + ramp * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// `np.linspace(start, stop, n)` for any end points.
@@ -290,7 +295,9 @@ fn torch_linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let halfway = n / 2;
     (0..n)
-        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 })
+        .map(
+            |i| if i < halfway { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 },
+        )
         .collect()
 }
 
@@ -309,7 +316,8 @@ fn comfy_sigmas(schedule: Schedule, train: &[f32], steps: usize) -> Vec<f32> {
             } else {
                 torch_linspace_f32(start, end, steps)
             };
-            let mut sigmas: Vec<f32> = timesteps.iter().map(|&t| comfy_sigma_at(t, &logs)).collect();
+            let mut sigmas: Vec<f32> =
+                timesteps.iter().map(|&t| comfy_sigma_at(t, &logs)).collect();
             sigmas.push(0.0);
             sigmas
         }
@@ -485,7 +493,8 @@ mod tests {
     #[test]
     fn beta_quantiles_match_scipy() {
         // scipy.stats.beta.ppf(q, 0.6, 0.6)
-        for (q, expected) in [(0.25, 0.175_680_378_652_694_98), (0.5, 0.5), (0.9, 0.960_415_594_411_219_2)]
+        for (q, expected) in
+            [(0.25, 0.175_680_378_652_694_98), (0.5, 0.5), (0.9, 0.960_415_594_411_219_2)]
         {
             let ours = beta_ppf(q, 0.6, 0.6);
             assert!((ours - expected).abs() < 1e-9, "{q}: {ours} vs {expected}");
