@@ -43,6 +43,16 @@ pub struct GenerateArgs {
     /// Sampler id, A1111 name or alias (see `GET /v1/samplers`).
     #[arg(long)]
     pub sampler: Option<String>,
+    /// Noise schedule: default, karras, exponential, sgm_uniform, simple, normal,
+    /// ddim_uniform, beta (see `GET /v1/schedules`).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// DDIM's eta (0-1).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Noise scale of the ancestral / SDE samplers (0-2).
+    #[arg(long)]
+    pub s_noise: Option<f64>,
     /// Seed of the first image (image i uses seed + i); default random.
     #[arg(long)]
     pub seed: Option<i64>,
@@ -185,6 +195,9 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         guidance_scale: args.guidance_scale,
         guidance_rescale: args.guidance_rescale,
         sampler: args.sampler.clone(),
+        schedule: args.schedule.clone(),
+        eta: args.eta,
+        s_noise: args.s_noise,
         seed: args.seed,
         n: args.n,
         clip_skip: args.clip_skip,

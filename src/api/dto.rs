@@ -84,6 +84,17 @@ pub struct GenerateRequest {
     /// Sampler id, A1111 display name or alias (`GET /v1/samplers`).
     #[schema(default = "euler_a", example = "euler_a")]
     pub sampler: Option<String>,
+    /// Noise schedule (`GET /v1/schedules`); `default` (the model's own) when absent, or
+    /// the one a legacy A1111 sampler name implies ("DPM++ 2M Karras").
+    #[schema(default = "default", example = "karras")]
+    pub schedule: Option<String>,
+    /// DDIM's eta (0-1; 0 = deterministic). Only for `ddim`.
+    #[schema(default = 0.0, minimum = 0, maximum = 1)]
+    pub eta: Option<f64>,
+    /// Scale of the noise ancestral / SDE samplers add (0-2). Only for samplers that add
+    /// noise (`euler_a`, `dpm2_a`, `dpmpp_2m_sde`).
+    #[schema(default = 1.0, minimum = 0, maximum = 2)]
+    pub s_noise: Option<f64>,
     /// Seed of the first image (image i uses seed + i); absent or -1: random (reported).
     #[schema(default = -1, example = 42)]
     pub seed: Option<i64>,
@@ -131,6 +142,9 @@ impl GenerateRequest {
             guidance_scale: self.guidance_scale,
             guidance_rescale: self.guidance_rescale,
             sampler: self.sampler.clone(),
+            schedule: self.schedule.clone(),
+            eta: self.eta,
+            s_noise: self.s_noise,
             seed: self.seed,
             n: self.n,
             clip_skip: self.clip_skip,
@@ -164,6 +178,8 @@ pub struct NormalizedParameters {
     pub guidance_rescale: f64,
     /// Sampler id.
     pub sampler: String,
+    /// Schedule id.
+    pub schedule: String,
     /// Seed of the first image.
     pub seed: u64,
     pub n: u32,
@@ -191,6 +207,7 @@ impl NormalizedParameters {
             guidance_scale: r.guidance_scale,
             guidance_rescale: r.guidance_rescale,
             sampler: r.sampler.id().to_string(),
+            schedule: r.schedule.id().to_string(),
             seed: r.seed,
             n: r.n,
             clip_skip: r.clip_skip,
@@ -406,6 +423,31 @@ pub struct SamplerInfo {
     pub display_name: String,
     /// Other accepted names.
     pub aliases: Vec<String>,
+    /// The schedules (`GET /v1/schedules`) this sampler runs with.
+    pub schedules: Vec<String>,
+    /// Whether the sampler takes `eta`.
+    pub eta: bool,
+    /// Whether the sampler takes `s_noise`.
+    pub s_noise: bool,
+}
+
+/// A noise schedule.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScheduleInfo {
+    /// The id requests use.
+    #[schema(example = "karras")]
+    pub id: String,
+    /// The AUTOMATIC1111 name (also accepted, and as a suffix of a sampler name).
+    #[schema(example = "Karras")]
+    pub display_name: String,
+}
+
+/// The schedule list.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ScheduleList {
+    #[schema(example = "list")]
+    pub object: String,
+    pub data: Vec<ScheduleInfo>,
 }
 
 /// The sampler list.

@@ -144,6 +144,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/samplers", get(system::list_samplers))
         .route("/v1/embeddings", get(system::list_embeddings))
         .route("/v1/loras", get(system::list_loras))
+        .route("/v1/schedules", get(system::list_schedules))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(system::metrics))

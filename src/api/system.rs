@@ -10,11 +10,11 @@ use axum::Json;
 
 use super::dto::{
     EmbeddingCard, EmbeddingList, HealthResponse, LoraCard, LoraList, ModelCard, ModelList,
-    ReadyResponse, SamplerInfo, SamplerList, WorkerStatus,
+    ReadyResponse, SamplerInfo, SamplerList, ScheduleInfo, ScheduleList, WorkerStatus,
 };
 use super::error::ErrorResponse;
 use super::AppState;
-use crate::samplers::SamplerKind;
+use crate::samplers::{SamplerKind, Schedule};
 use crate::workers::SlotState;
 
 /// The process is alive (never needs an API key).
@@ -155,6 +155,9 @@ pub async fn list_samplers() -> Json<SamplerList> {
             id: kind.id().into(),
             display_name: kind.display_name().into(),
             aliases: kind.aliases().iter().map(|a| a.to_string()).collect(),
+            schedules: kind.schedules().iter().map(|s| s.id().to_string()).collect(),
+            eta: kind.takes_eta(),
+            s_noise: kind.takes_s_noise(),
         })
         .collect();
     Json(SamplerList { object: "list".into(), data })
@@ -189,4 +192,21 @@ pub async fn list_loras(State(state): State<AppState>) -> Json<LoraList> {
         .map(|info| LoraCard { name: info.name, metadata: info.metadata })
         .collect();
     Json(LoraList { object: "list".into(), data })
+}
+
+/// The noise schedules requests may name.
+#[utoipa::path(get, path = "/v1/schedules", tag = "models",
+    responses(
+        (status = 200, description = "Schedules", body = ScheduleList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_schedules() -> Json<ScheduleList> {
+    let data = Schedule::ALL
+        .iter()
+        .map(|schedule| ScheduleInfo {
+            id: schedule.id().into(),
+            display_name: schedule.display_name().into(),
+        })
+        .collect();
+    Json(ScheduleList { object: "list".into(), data })
 }

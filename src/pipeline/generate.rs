@@ -373,7 +373,8 @@ impl Pipeline {
             .into());
         }
         let steps = request.steps as usize;
-        let mut sampler = request.sampler.build(&self.scheduler, steps)?;
+        let mut sampler =
+            request.sampler.build_with(&self.scheduler, steps, &request.sampler_options())?;
         let mut generators: Vec<TorchGenerator> =
             (0..n).map(|i| TorchGenerator::new(request.seed.wrapping_add(i as u64))).collect();
         let latent_shape =

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
-use crate::samplers::SamplerKind;
+use crate::samplers::{resolve_sampler_name, SamplerKind, SamplerOptions, Schedule};
 
 /// Limits a deployment puts on requests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +70,16 @@ pub struct GenerationParams {
     pub guidance_rescale: Option<f64>,
     /// Sampler id, A1111 display name or alias.
     pub sampler: Option<String>,
+    /// Noise schedule id (`default`, `karras`, ...); a legacy combined sampler name
+    /// ("DPM++ 2M Karras") may imply one.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// DDIM's eta (0-1).
+    #[serde(default)]
+    pub eta: Option<f64>,
+    /// Noise scale of the ancestral / SDE samplers (0-2).
+    #[serde(default)]
+    pub s_noise: Option<f64>,
     /// Absent or negative: a random seed is chosen (and reported).
     pub seed: Option<i64>,
     pub n: Option<u32>,
@@ -112,6 +122,15 @@ pub struct GenerationRequest {
     pub guidance_scale: f64,
     pub guidance_rescale: f64,
     pub sampler: SamplerKind,
+    /// Noise schedule.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// DDIM's eta; `None` = the sampler's default.
+    #[serde(default)]
+    pub eta: Option<f64>,
+    /// Noise scale of the ancestral / SDE samplers; `None` = 1.
+    #[serde(default)]
+    pub s_noise: Option<f64>,
     /// Image `i` of the request uses seed `seed + i`.
     pub seed: u64,
     pub n: u32,
@@ -174,16 +193,70 @@ impl GenerationParams {
                 format!("must be between 0 and 1, got {guidance_rescale}"),
             ));
         }
-        let sampler = match self.sampler.as_deref() {
-            None | Some("") => SamplerKind::EulerA,
-            Some(name) => SamplerKind::from_name(name).ok_or_else(|| {
+        let (sampler, implied_schedule) = match self.sampler.as_deref() {
+            None | Some("") => (SamplerKind::EulerA, None),
+            Some(name) => resolve_sampler_name(name).ok_or_else(|| {
                 let valid: Vec<&str> = SamplerKind::ALL.iter().map(|s| s.id()).collect();
                 ValidationError::new(
                     "sampler",
-                    format!("unknown sampler {name:?}; valid samplers: {}", valid.join(", ")),
+                    format!(
+                        "unknown sampler {name:?}; valid samplers: {} (A1111 names such as \
+                         \"DPM++ 2M Karras\" are accepted too)",
+                        valid.join(", ")
+                    ),
                 )
             })?,
         };
+        let schedule = match self.schedule.as_deref() {
+            None => implied_schedule.unwrap_or_default(),
+            Some(name) => Schedule::from_name(name).ok_or_else(|| {
+                let valid: Vec<&str> = Schedule::ALL.iter().map(|s| s.id()).collect();
+                ValidationError::new(
+                    "schedule",
+                    format!("unknown schedule {name:?}; valid schedules: {}", valid.join(", ")),
+                )
+            })?,
+        };
+        if !sampler.schedules().contains(&schedule) {
+            let valid: Vec<&str> = sampler.schedules().iter().map(|s| s.id()).collect();
+            return Err(ValidationError::new(
+                "schedule",
+                format!(
+                    "sampler {} does not support schedule {}; it supports: {}",
+                    sampler.id(),
+                    schedule.id(),
+                    valid.join(", ")
+                ),
+            ));
+        }
+        if let Some(eta) = self.eta {
+            if !sampler.takes_eta() {
+                return Err(ValidationError::new(
+                    "eta",
+                    format!("sampler {} has no eta (only ddim does)", sampler.id()),
+                ));
+            }
+            if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
+                return Err(ValidationError::new(
+                    "eta",
+                    format!("must be between 0 and 1, got {eta}"),
+                ));
+            }
+        }
+        if let Some(s_noise) = self.s_noise {
+            if !sampler.takes_s_noise() {
+                return Err(ValidationError::new(
+                    "s_noise",
+                    format!("sampler {} adds no noise; s_noise does not apply", sampler.id()),
+                ));
+            }
+            if !s_noise.is_finite() || !(0.0..=2.0).contains(&s_noise) {
+                return Err(ValidationError::new(
+                    "s_noise",
+                    format!("must be between 0 and 2, got {s_noise}"),
+                ));
+            }
+        }
         let seed = match self.seed {
             Some(seed) if seed >= 0 => seed as u64,
             _ => u64::from(rand::random::<u32>()),
@@ -282,6 +355,9 @@ impl GenerationParams {
             guidance_scale,
             guidance_rescale,
             sampler,
+            schedule,
+            eta: self.eta,
+            s_noise: self.s_noise,
             seed,
             n,
             clip_skip,
@@ -298,6 +374,11 @@ impl GenerationParams {
 }
 
 impl GenerationRequest {
+    /// The sampler options of this request.
+    pub fn sampler_options(&self) -> SamplerOptions {
+        SamplerOptions { schedule: self.schedule, eta: self.eta, s_noise: self.s_noise }
+    }
+
     /// The A1111-style "parameters" text for image `index` (written into PNGs).
     pub fn infotext(&self, index: u32) -> String {
         let mut text = self.prompt.clone();
@@ -315,6 +396,9 @@ impl GenerationRequest {
             self.height,
             self.model
         ));
+        if self.schedule != Schedule::Default {
+            text.push_str(&format!(", Schedule type: {}", self.schedule.display_name()));
+        }
         if self.clip_skip > 1 {
             text.push_str(&format!(", Clip skip: {}", self.clip_skip));
         }
@@ -376,6 +460,83 @@ mod tests {
                 .validate(&model(), &Limits::default())
                 .unwrap();
             assert_eq!(request.sampler, SamplerKind::EulerA);
+        }
+    }
+
+    #[test]
+    fn legacy_a1111_names_set_sampler_and_schedule() {
+        let cases = [
+            ("DPM++ 2M Karras", SamplerKind::DpmPp2m, Schedule::Karras),
+            ("LMS Karras", SamplerKind::Lms, Schedule::Karras),
+            ("DPM++ 2M SDE Exponential", SamplerKind::DpmPp2mSde, Schedule::Exponential),
+            ("Euler a", SamplerKind::EulerA, Schedule::Default),
+            ("dpmpp_2m", SamplerKind::DpmPp2m, Schedule::Default),
+            ("KDPM2AncestralDiscreteScheduler", SamplerKind::Dpm2A, Schedule::Default),
+        ];
+        for (name, sampler, schedule) in cases {
+            let request = GenerationParams { sampler: Some(name.into()), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+            assert_eq!((request.sampler, request.schedule), (sampler, schedule), "{name}");
+        }
+        // An explicit schedule wins over the one a legacy name implies.
+        let request = GenerationParams {
+            sampler: Some("DPM++ 2M Karras".into()),
+            schedule: Some("beta".into()),
+            ..Default::default()
+        }
+        .validate(&model(), &Limits::default())
+        .unwrap();
+        assert_eq!(request.schedule, Schedule::Beta);
+    }
+
+    #[test]
+    fn bad_sampler_options_name_their_field() {
+        let cases: Vec<(GenerationParams, &str, &str)> = vec![
+            (
+                GenerationParams { sampler: Some("DPM++ 9M".into()), ..Default::default() },
+                "sampler",
+                "dpmpp_2m",
+            ),
+            (
+                GenerationParams { schedule: Some("fast".into()), ..Default::default() },
+                "schedule",
+                "karras",
+            ),
+            (
+                GenerationParams {
+                    sampler: Some("ddim".into()),
+                    schedule: Some("karras".into()),
+                    ..Default::default()
+                },
+                "schedule",
+                "default",
+            ),
+            (GenerationParams { eta: Some(0.5), ..Default::default() }, "eta", "ddim"),
+            (
+                GenerationParams {
+                    sampler: Some("ddim".into()),
+                    eta: Some(1.5),
+                    ..Default::default()
+                },
+                "eta",
+                "between",
+            ),
+            (GenerationParams { s_noise: Some(-1.0), ..Default::default() }, "s_noise", "between"),
+            (
+                GenerationParams {
+                    sampler: Some("euler".into()),
+                    s_noise: Some(1.0),
+                    ..Default::default()
+                },
+                "s_noise",
+                "euler",
+            ),
+        ];
+        for (params, field, mentions) in cases {
+            let error = params.validate(&model(), &Limits::default()).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+            assert!(error.to_string().contains(mentions), "{error}");
         }
     }
 }

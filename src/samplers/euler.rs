@@ -1,27 +1,37 @@
 //! Euler, following diffusers' `EulerDiscreteScheduler` with its defaults (linear sigma
-//! interpolation, no Karras/exponential sigmas, `s_churn` 0 so no noise is drawn,
+//! interpolation or a per-request [`Schedule`], `s_churn` 0 so no noise is drawn,
 //! final sigma 0).
 
 use candle_core::{Result, Tensor};
 
-use super::schedule::{euler_schedule, EulerSchedule, PredictionType, SchedulerConfig};
+use super::schedule::{PredictionType, SchedulerConfig};
+use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
 use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
 
 /// An Euler run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Euler {
-    schedule: EulerSchedule,
+    schedule: SigmaSchedule,
     timesteps: Vec<f64>,
     prediction_type: PredictionType,
 }
 
 impl Euler {
-    /// Euler for `steps` steps.
+    /// Euler for `steps` steps with the model's own schedule.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let schedule = euler_schedule(config, steps)?;
+        Self::with_schedule(config, steps, Schedule::Default)
+    }
+
+    /// Euler for `steps` steps under `schedule` (diffusers' `use_*_sigmas` options).
+    pub fn with_schedule(
+        config: &SchedulerConfig,
+        steps: usize,
+        schedule: Schedule,
+    ) -> Result<Self> {
+        let schedule = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
         Ok(Euler {
-            timesteps: schedule.timesteps.iter().map(|&t| t as f64).collect(),
+            timesteps: schedule.timesteps.clone(),
             schedule,
             prediction_type: config.prediction_type,
         })

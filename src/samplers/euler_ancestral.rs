@@ -5,33 +5,49 @@
 use candle_core::{Error, Result, Tensor};
 
 use super::euler::{predicted_original, scale_for_sigma};
-use super::schedule::{euler_schedule, EulerSchedule, PredictionType, SchedulerConfig};
+use super::schedule::{PredictionType, SchedulerConfig};
+use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
 use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
 
 /// An Euler ancestral run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct EulerAncestral {
-    schedule: EulerSchedule,
+    schedule: SigmaSchedule,
     timesteps: Vec<f64>,
     prediction_type: PredictionType,
+    s_noise: f32,
 }
 
 impl EulerAncestral {
     /// Euler ancestral for `steps` steps. Models predicting the sample are refused, as
     /// diffusers does for this scheduler.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
+        Self::with_schedule(config, steps, Schedule::Default, 1.0)
+    }
+
+    /// Euler ancestral under `schedule`; `s_noise` scales the added noise (1 = reference).
+    pub fn with_schedule(
+        config: &SchedulerConfig,
+        steps: usize,
+        schedule: Schedule,
+        s_noise: f64,
+    ) -> Result<Self> {
+        if !(s_noise.is_finite() && s_noise >= 0.0) {
+            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
+        }
         if config.prediction_type == PredictionType::Sample {
             return Err(Error::Msg(
                 "euler_a does not support prediction_type \"sample\"; use euler or ddim"
                     .to_string(),
             ));
         }
-        let schedule = euler_schedule(config, steps)?;
+        let schedule = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
         Ok(EulerAncestral {
-            timesteps: schedule.timesteps.iter().map(|&t| t as f64).collect(),
+            timesteps: schedule.timesteps.clone(),
             schedule,
             prediction_type: config.prediction_type,
+            s_noise: s_noise as f32,
         })
     }
 
@@ -80,6 +96,6 @@ impl Sampler for EulerAncestral {
         let derivative = div(&(&sample - original)?, sigma_from)?;
         let previous = (&sample + mul(&derivative, sigma_down - sigma_from)?)?;
         let noise = batch_noise(generators, &previous)?;
-        (previous + mul(&noise, sigma_up)?)?.to_dtype(out_dtype)
+        (previous + mul(&noise, sigma_up * self.s_noise)?)?.to_dtype(out_dtype)
     }
 }

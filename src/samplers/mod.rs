@@ -8,18 +8,26 @@ pub mod rng;
 pub mod schedule;
 
 pub mod ddim;
+pub mod dpm2;
+pub mod dpmpp_2m;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod heun;
+pub mod lms;
+pub mod sigmas;
 
 mod step_math;
 
 #[cfg(test)]
 mod parity_tests;
+#[cfg(test)]
+mod schedule_parity_tests;
 
-use candle_core::{Result, Tensor};
+use candle_core::{Error, Result, Tensor};
 
 pub use rng::TorchGenerator;
 pub use schedule::{PredictionType, SchedulerConfig, TimestepSpacing};
+pub use sigmas::Schedule;
 
 /// The samplers this build knows, by id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -31,11 +39,52 @@ pub enum SamplerKind {
     Euler,
     /// Euler ancestral, A1111's "Euler a" (diffusers `EulerAncestralDiscreteScheduler`).
     EulerA,
+    /// Heun (diffusers `HeunDiscreteScheduler`), two model evaluations per step.
+    Heun,
+    /// Linear multistep (diffusers `LMSDiscreteScheduler`).
+    Lms,
+    /// DPM2 (diffusers `KDPM2DiscreteScheduler`), two evaluations per step.
+    Dpm2,
+    /// DPM2 ancestral (diffusers `KDPM2AncestralDiscreteScheduler`).
+    Dpm2A,
+    /// DPM++ 2M (diffusers `DPMSolverMultistepScheduler`, dpmsolver++).
+    DpmPp2m,
+    /// DPM++ 2M SDE (diffusers `DPMSolverMultistepScheduler`, sde-dpmsolver++).
+    DpmPp2mSde,
 }
+
+/// Per-request options of a sampler run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerOptions {
+    pub schedule: Schedule,
+    /// DDIM's eta (0 = deterministic); `None` = the sampler's default.
+    pub eta: Option<f64>,
+    /// Scale of the noise the ancestral / SDE samplers add (1 = reference).
+    pub s_noise: Option<f64>,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        SamplerOptions { schedule: Schedule::Default, eta: None, s_noise: None }
+    }
+}
+
+/// Schedules that work on sigmas (every schedule).
+const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 3] = [SamplerKind::Ddim, SamplerKind::Euler, SamplerKind::EulerA];
+    pub const ALL: [SamplerKind; 9] = [
+        SamplerKind::Euler,
+        SamplerKind::EulerA,
+        SamplerKind::Heun,
+        SamplerKind::Lms,
+        SamplerKind::Dpm2,
+        SamplerKind::Dpm2A,
+        SamplerKind::DpmPp2m,
+        SamplerKind::DpmPp2mSde,
+        SamplerKind::Ddim,
+    ];
 
     /// The id used in requests and responses.
     pub fn id(self) -> &'static str {
@@ -43,6 +92,12 @@ impl SamplerKind {
             SamplerKind::Ddim => "ddim",
             SamplerKind::Euler => "euler",
             SamplerKind::EulerA => "euler_a",
+            SamplerKind::Heun => "heun",
+            SamplerKind::Lms => "lms",
+            SamplerKind::Dpm2 => "dpm2",
+            SamplerKind::Dpm2A => "dpm2_a",
+            SamplerKind::DpmPp2m => "dpmpp_2m",
+            SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
         }
     }
 
@@ -52,18 +107,53 @@ impl SamplerKind {
             SamplerKind::Ddim => "DDIM",
             SamplerKind::Euler => "Euler",
             SamplerKind::EulerA => "Euler a",
+            SamplerKind::Heun => "Heun",
+            SamplerKind::Lms => "LMS",
+            SamplerKind::Dpm2 => "DPM2",
+            SamplerKind::Dpm2A => "DPM2 a",
+            SamplerKind::DpmPp2m => "DPM++ 2M",
+            SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
         }
     }
 
-    /// Other names users send for this sampler (ComfyUI, diffusers class names).
+    /// Other names users send for this sampler (ComfyUI, k-diffusion, diffusers classes).
     pub fn aliases(self) -> &'static [&'static str] {
         match self {
             SamplerKind::Ddim => &["DDIMScheduler"],
-            SamplerKind::Euler => &["EulerDiscreteScheduler"],
+            SamplerKind::Euler => &["EulerDiscreteScheduler", "k_euler"],
             SamplerKind::EulerA => {
                 &["euler_ancestral", "EulerAncestralDiscreteScheduler", "k_euler_a"]
             }
+            SamplerKind::Heun => &["HeunDiscreteScheduler", "k_heun"],
+            SamplerKind::Lms => &["LMSDiscreteScheduler", "k_lms"],
+            SamplerKind::Dpm2 => &["KDPM2DiscreteScheduler", "k_dpm_2"],
+            SamplerKind::Dpm2A => &[
+                "dpm2_ancestral",
+                "dpm_2_ancestral",
+                "KDPM2AncestralDiscreteScheduler",
+                "k_dpm_2_a",
+            ],
+            SamplerKind::DpmPp2m => &["DPMSolverMultistepScheduler", "k_dpmpp_2m"],
+            SamplerKind::DpmPp2mSde => &["k_dpmpp_2m_sde"],
         }
+    }
+
+    /// The schedules this sampler runs with (`default` always first).
+    pub fn schedules(self) -> &'static [Schedule] {
+        match self {
+            SamplerKind::Ddim => &[Schedule::Default],
+            _ => SIGMA_SCHEDULES,
+        }
+    }
+
+    /// Whether the sampler takes `eta` / `s_noise`.
+    pub fn takes_eta(self) -> bool {
+        self == SamplerKind::Ddim
+    }
+
+    /// Whether the sampler adds noise that `s_noise` scales.
+    pub fn takes_s_noise(self) -> bool {
+        matches!(self, SamplerKind::EulerA | SamplerKind::Dpm2A | SamplerKind::DpmPp2mSde)
     }
 
     /// Looks a name up among ids, display names and aliases (case-insensitive).
@@ -76,25 +166,84 @@ impl SamplerKind {
         })
     }
 
-    /// Builds the sampler for one generation of `steps` steps (DDIM with eta 0).
+    /// Builds the sampler for one generation of `steps` steps (default options).
     ///
     /// Errors (never panics) on 0 steps, more steps than the model's training timesteps,
     /// or a config the sampler cannot run.
     pub fn build(self, config: &SchedulerConfig, steps: usize) -> Result<Box<dyn Sampler>> {
+        self.build_with(config, steps, &SamplerOptions::default())
+    }
+
+    /// Builds the sampler with per-request options; a schedule the sampler does not
+    /// support is an error.
+    pub fn build_with(
+        self,
+        config: &SchedulerConfig,
+        steps: usize,
+        options: &SamplerOptions,
+    ) -> Result<Box<dyn Sampler>> {
+        let schedule = options.schedule;
+        if !self.schedules().contains(&schedule) {
+            return Err(Error::Msg(format!(
+                "sampler {} does not support schedule {}",
+                self.id(),
+                schedule.id()
+            )));
+        }
+        let s_noise = options.s_noise.unwrap_or(1.0);
         Ok(match self {
-            SamplerKind::Ddim => Box::new(ddim::Ddim::new(config, steps, 0.0)?),
-            SamplerKind::Euler => Box::new(euler::Euler::new(config, steps)?),
-            SamplerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::new(config, steps)?),
+            SamplerKind::Ddim => {
+                Box::new(ddim::Ddim::new(config, steps, options.eta.unwrap_or(0.0))?)
+            }
+            SamplerKind::Euler => Box::new(euler::Euler::with_schedule(config, steps, schedule)?),
+            SamplerKind::EulerA => Box::new(euler_ancestral::EulerAncestral::with_schedule(
+                config, steps, schedule, s_noise,
+            )?),
+            SamplerKind::Heun => Box::new(heun::Heun::new(config, steps, schedule)?),
+            SamplerKind::Lms => Box::new(lms::Lms::new(config, steps, schedule)?),
+            SamplerKind::Dpm2 => Box::new(dpm2::Dpm2::new(config, steps, schedule, false, 1.0)?),
+            SamplerKind::Dpm2A => {
+                Box::new(dpm2::Dpm2::new(config, steps, schedule, true, s_noise)?)
+            }
+            SamplerKind::DpmPp2m => {
+                Box::new(dpmpp_2m::DpmPp2m::new(config, steps, schedule, false, 1.0)?)
+            }
+            SamplerKind::DpmPp2mSde => {
+                Box::new(dpmpp_2m::DpmPp2m::new(config, steps, schedule, true, s_noise)?)
+            }
         })
     }
+}
+
+/// Resolves a sampler name as users send it: an id, A1111 display name or alias, or a
+/// legacy A1111 combined name that also names a schedule ("DPM++ 2M Karras", "LMS Karras",
+/// "DPM++ 2M SDE Exponential"). Returns the sampler and the schedule the name implies.
+pub fn resolve_sampler_name(name: &str) -> Option<(SamplerKind, Option<Schedule>)> {
+    if let Some(kind) = SamplerKind::from_name(name) {
+        return Some((kind, None));
+    }
+    let wanted = name.trim();
+    Schedule::ALL.into_iter().filter(|s| *s != Schedule::Default).find_map(|schedule| {
+        let suffix = schedule.display_name();
+        let cut = wanted.len().checked_sub(suffix.len())?;
+        let (head, tail) = (wanted.get(..cut)?, wanted.get(cut..)?);
+        if !tail.eq_ignore_ascii_case(suffix) {
+            return None;
+        }
+        let head = head.trim_end_matches([' ', '_']);
+        let kind = SamplerKind::from_name(head)?;
+        kind.schedules().contains(&schedule).then_some((kind, Some(schedule)))
+    })
 }
 
 /// One denoising run: built per job for a fixed number of steps, driven by the pipeline.
 ///
 /// The pipeline calls, for each `step_index` in `0..timesteps().len()`:
 /// `scale_model_input`, then the model at `timesteps()[step_index]`, then `step`.
+/// Samplers that evaluate the model several times per step (Heun, DPM2) list every
+/// evaluation in `timesteps()`, as diffusers does, and keep their state between calls.
 pub trait Sampler: Send {
-    /// The model timesteps, one per step, in the order they are visited (descending).
+    /// The model timesteps, one per model evaluation, in the order they are visited.
     fn timesteps(&self) -> &[f64];
 
     /// The factor the initial unit-variance noise is multiplied by.

@@ -208,7 +208,7 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
 }
 
 /// `np.linspace(0, stop, n)` in float64 (numpy: i * step, last value exactly `stop`).
-fn numpy_linspace(stop: f64, n: usize) -> Vec<f64> {
+pub(crate) fn numpy_linspace(stop: f64, n: usize) -> Vec<f64> {
     if n == 1 {
         return vec![0.0];
     }
@@ -222,7 +222,7 @@ fn numpy_linspace(stop: f64, n: usize) -> Vec<f64> {
 /// `start + i * ((start + step) - start)`. numpy's own length, ceil((stop-start)/step), is
 /// sometimes n + 1 for trailing spacing (e.g. 61 steps), which makes diffusers run an extra
 /// step at timestep -1; this port keeps exactly the requested number of steps.
-fn numpy_arange_prefix(start: f64, step: f64, n: usize) -> Vec<f64> {
+pub(crate) fn numpy_arange_prefix(start: f64, step: f64, n: usize) -> Vec<f64> {
     let delta = (start + step) - start;
     (0..n)
         .map(|i| match i {
@@ -265,13 +265,13 @@ pub fn ddim_timesteps(config: &SchedulerConfig, steps: usize) -> Result<Vec<usiz
 }
 
 /// Leading spacing: multiples of floor(train / steps) plus `steps_offset`, descending.
-fn leading_timesteps(config: &SchedulerConfig, steps: usize) -> Vec<f64> {
+pub(crate) fn leading_timesteps(config: &SchedulerConfig, steps: usize) -> Vec<f64> {
     let ratio = config.num_train_timesteps / steps;
     (0..steps).rev().map(|i| (i * ratio + config.steps_offset) as f64).collect()
 }
 
 /// Trailing spacing: round(train - i * train/steps) - 1, descending from train - 1.
-fn trailing_timesteps(train: usize, steps: usize) -> Vec<f64> {
+pub(crate) fn trailing_timesteps(train: usize, steps: usize) -> Vec<f64> {
     let ratio = train as f64 / steps as f64;
     numpy_arange_prefix(train as f64, -ratio, steps)
         .into_iter()
@@ -328,7 +328,7 @@ pub fn euler_schedule(config: &SchedulerConfig, steps: usize) -> Result<EulerSch
 }
 
 /// `np.interp(x, arange(len(values)), values)` in float64, clamped at both ends.
-fn numpy_interp_on_index(x: f64, values: &[f32]) -> f64 {
+pub(crate) fn numpy_interp_on_index(x: f64, values: &[f32]) -> f64 {
     let last = values.len() - 1;
     if x.is_nan() {
         return f64::NAN;

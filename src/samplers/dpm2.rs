@@ -1,0 +1,192 @@
+//! DPM2 and DPM2 ancestral (k-diffusion's `sample_dpm_2` / `sample_dpm_2_ancestral`),
+//! following diffusers' `KDPM2DiscreteScheduler` and `KDPM2AncestralDiscreteScheduler`:
+//! each step evaluates the model at the step's sigma, takes an Euler step to the
+//! log-midpoint sigma, evaluates there, and takes the full step with that midpoint slope
+//! (the ancestral variant steps to sigma_down and adds sigma_up noise from the request's
+//! generators). `timesteps()` lists both evaluations per step as diffusers does; the last
+//! step is a single Euler step to 0.
+
+use candle_core::{Error, Result, Tensor};
+
+use super::euler::{predicted_original, scale_for_sigma};
+use super::schedule::{PredictionType, SchedulerConfig};
+use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
+use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::{Sampler, TorchGenerator};
+
+/// diffusers' layout of per-step values over model evaluations:
+/// [v0, v1, v1, v2, v2, ..., vn, vn, vn].
+fn interleave_all(values: &[f32]) -> Vec<f32> {
+    let mut out = vec![values[0]];
+    for &value in &values[1..] {
+        out.push(value);
+        out.push(value);
+    }
+    out.push(values[values.len() - 1]);
+    out
+}
+
+/// exp(lerp(log a, log b, 0.5)) in float32, as torch's `lerp` computes weight 0.5.
+fn log_midpoint(a: f32, b: f32) -> f32 {
+    let (start, end) = (a.ln(), b.ln());
+    (end - (end - start) * 0.5).exp()
+}
+
+/// A DPM2 or DPM2 ancestral run of a fixed number of steps (2 × steps − 1 evaluations).
+#[derive(Debug, Clone)]
+pub struct Dpm2 {
+    ancestral: bool,
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    sigmas_interpol: Vec<f32>,
+    sigmas_up: Vec<f32>,
+    sigmas_down: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction_type: PredictionType,
+    s_noise: f32,
+    /// The sample at the start of the current step, kept between its two evaluations.
+    held_sample: Option<Tensor>,
+}
+
+impl Dpm2 {
+    /// DPM2 (`ancestral` false) or DPM2 ancestral for `steps` steps; `s_noise` scales the
+    /// ancestral noise (1 = the reference).
+    pub fn new(
+        config: &SchedulerConfig,
+        steps: usize,
+        schedule: Schedule,
+        ancestral: bool,
+        s_noise: f64,
+    ) -> Result<Self> {
+        if config.prediction_type == PredictionType::Sample {
+            return Err(Error::Msg(
+                "dpm2 and dpm2_a do not support prediction_type \"sample\"".to_string(),
+            ));
+        }
+        let plan = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusionRoundKarras)?;
+        let logs = log_sigmas(&train_sigmas(config)?);
+        let sigmas = plan.sigmas;
+        let n = sigmas.len() - 1;
+        let to_t = |sigma: f32| sigma_to_t(sigma as f64, &logs) as f32 as f64;
+        let (interpol, up, down, timesteps) = if ancestral {
+            let next: Vec<f32> = (0..=n).map(|i| if i < n { sigmas[i + 1] } else { 0.0 }).collect();
+            let up: Vec<f32> = sigmas
+                .iter()
+                .zip(&next)
+                .map(|(&s, &nx)| (nx * nx * (s * s - nx * nx) / (s * s)).sqrt())
+                .collect();
+            let mut down: Vec<f32> =
+                next.iter().zip(&up).map(|(&nx, &u)| (nx * nx - u * u).sqrt()).collect();
+            down[n] = 0.0;
+            let mut interpol: Vec<f32> =
+                sigmas.iter().zip(&down).map(|(&s, &d)| log_midpoint(s, d)).collect();
+            interpol[n - 1] = 0.0;
+            interpol[n] = 0.0;
+            let mut timesteps = vec![plan.timesteps[0]];
+            for (&midpoint, &t) in interpol[..n - 1].iter().zip(&plan.timesteps[1..n]) {
+                timesteps.push(to_t(midpoint));
+                timesteps.push(t);
+            }
+            (interpol, up, down, timesteps)
+        } else {
+            let interpol: Vec<f32> =
+                (0..=n).map(|i| log_midpoint(sigmas[i], sigmas[(i + n) % (n + 1)])).collect();
+            let mut timesteps = vec![plan.timesteps[0]];
+            for (&midpoint, &t) in interpol[1..n].iter().zip(&plan.timesteps[1..n]) {
+                timesteps.push(to_t(midpoint));
+                timesteps.push(t);
+            }
+            (interpol, vec![0.0; n + 1], vec![0.0; n + 1], timesteps)
+        };
+        if !(s_noise.is_finite() && s_noise >= 0.0) {
+            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
+        }
+        Ok(Dpm2 {
+            ancestral,
+            timesteps,
+            sigmas: interleave_all(&sigmas),
+            sigmas_interpol: interleave_all(&interpol),
+            sigmas_up: interleave_all(&up),
+            sigmas_down: interleave_all(&down),
+            init_noise_sigma: plan.init_noise_sigma,
+            prediction_type: config.prediction_type,
+            s_noise: s_noise as f32,
+            held_sample: None,
+        })
+    }
+}
+
+impl Sampler for Dpm2 {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        let sigma = match (&self.held_sample, self.ancestral) {
+            (None, _) => self.sigmas[step_index],
+            (Some(_), false) => self.sigmas_interpol[step_index],
+            (Some(_), true) => self.sigmas_interpol[step_index - 1],
+        };
+        scale_for_sigma(sample, sigma)
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        generators: &mut [TorchGenerator],
+    ) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(model_output, sample)?;
+        let out_dtype = sample.dtype();
+        let model_output = as_f32(model_output)?;
+        let sample = as_f32(sample)?;
+        let i = step_index;
+        let previous = match self.held_sample.take() {
+            None => {
+                let sigma = self.sigmas[i];
+                let interpol = if self.ancestral {
+                    self.sigmas_interpol[i]
+                } else {
+                    self.sigmas_interpol[i + 1]
+                };
+                let original =
+                    predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
+                let derivative = div(&(&sample - original)?, sigma)?;
+                let previous = (&sample + mul(&derivative, interpol - sigma)?)?;
+                self.held_sample = Some(sample);
+                previous
+            }
+            Some(held) => {
+                let previous_index = i.checked_sub(1).expect("a held sample implies i > 0");
+                let (sigma, interpol, target) = if self.ancestral {
+                    (
+                        self.sigmas[previous_index],
+                        self.sigmas_interpol[previous_index],
+                        self.sigmas_down[previous_index],
+                    )
+                } else {
+                    (self.sigmas[previous_index], self.sigmas_interpol[i], self.sigmas[i])
+                };
+                let original =
+                    predicted_original(self.prediction_type, &model_output, &sample, interpol)?;
+                let derivative = div(&(&sample - original)?, interpol)?;
+                let previous = (held + mul(&derivative, target - sigma)?)?;
+                if self.ancestral {
+                    let noise = batch_noise(generators, &previous)?;
+                    let scale = self.sigmas_up[previous_index] * self.s_noise;
+                    (previous + mul(&noise, scale)?)?
+                } else {
+                    previous
+                }
+            }
+        };
+        previous.to_dtype(out_dtype)
+    }
+}

@@ -1,0 +1,121 @@
+//! Heun's second-order method, following diffusers' `HeunDiscreteScheduler`: every step
+//! but the last evaluates the model twice (an Euler predictor at sigma_next, then the
+//! averaged-slope corrector), so `timesteps()` repeats each inner timestep as diffusers
+//! does and the last step, towards sigma 0, is a plain Euler step.
+
+use candle_core::{Result, Tensor};
+
+use super::euler::{predicted_original, scale_for_sigma};
+use super::schedule::{PredictionType, SchedulerConfig};
+use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
+use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::{Sampler, TorchGenerator};
+
+/// State kept between the predictor and the corrector evaluation of one step.
+#[derive(Debug, Clone)]
+struct Predictor {
+    derivative: Tensor,
+    dt: f32,
+    sample: Tensor,
+}
+
+/// A Heun run of a fixed number of steps (2 × steps − 1 model evaluations).
+#[derive(Debug, Clone)]
+pub struct Heun {
+    /// One entry per model evaluation.
+    timesteps: Vec<f64>,
+    /// diffusers' interleaved sigmas: [s0, s1, s1, ..., s(n-1), s(n-1), 0].
+    sigmas: Vec<f32>,
+    init_noise_sigma: f32,
+    prediction_type: PredictionType,
+    clip_range: Option<f32>,
+    predictor: Option<Predictor>,
+}
+
+/// Repeats every entry but the first (and, for sigmas, the final 0) twice, as diffusers'
+/// second-order classes lay their schedules out.
+pub(crate) fn interleave<T: Copy>(values: &[T], keep_last_single: bool) -> Vec<T> {
+    let mut out = vec![values[0]];
+    let inner_end = if keep_last_single { values.len() - 1 } else { values.len() };
+    for &value in &values[1..inner_end] {
+        out.push(value);
+        out.push(value);
+    }
+    if keep_last_single {
+        out.push(values[values.len() - 1]);
+    }
+    out
+}
+
+impl Heun {
+    /// Heun for `steps` steps under `schedule`.
+    pub fn new(config: &SchedulerConfig, steps: usize, schedule: Schedule) -> Result<Self> {
+        let plan = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
+        let timesteps: Vec<f64> =
+            interleave(&plan.timesteps, false).into_iter().map(|t| t as f32 as f64).collect();
+        Ok(Heun {
+            timesteps,
+            sigmas: interleave(&plan.sigmas, true),
+            init_noise_sigma: plan.init_noise_sigma,
+            prediction_type: config.prediction_type,
+            clip_range: config.clip_sample.then_some(config.clip_sample_range as f32),
+            predictor: None,
+        })
+    }
+}
+
+impl Sampler for Heun {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        scale_for_sigma(sample, self.sigmas[step_index])
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _generators: &mut [TorchGenerator],
+    ) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(model_output, sample)?;
+        let out_dtype = sample.dtype();
+        let model_output = as_f32(model_output)?;
+        let sample = as_f32(sample)?;
+        let first_order = self.predictor.is_none();
+        let (sigma, sigma_next) = if first_order {
+            (self.sigmas[step_index], self.sigmas[step_index + 1])
+        } else {
+            (self.sigmas[step_index - 1], self.sigmas[step_index])
+        };
+        let sigma_input = if first_order { sigma } else { sigma_next };
+        let mut original =
+            predicted_original(self.prediction_type, &model_output, &sample, sigma_input)?;
+        if let Some(range) = self.clip_range {
+            original = original.clamp(-range, range)?;
+        }
+        let previous = match self.predictor.take() {
+            None => {
+                let derivative = div(&(&sample - original)?, sigma)?;
+                let dt = sigma_next - sigma;
+                let previous = (&sample + mul(&derivative, dt)?)?;
+                self.predictor = Some(Predictor { derivative, dt, sample });
+                previous
+            }
+            Some(predictor) => {
+                let derivative = div(&(&sample - original)?, sigma_next)?;
+                let averaged = div(&(predictor.derivative + derivative)?, 2.0)?;
+                (predictor.sample + mul(&averaged, predictor.dt)?)?
+            }
+        };
+        previous.to_dtype(out_dtype)
+    }
+}
