@@ -227,3 +227,58 @@ async fn embeddings_are_listed_without_paths() {
     assert_eq!(list["data"], json!([]));
     server.stop().await;
 }
+
+/// LoRAs from a configured directory: listed with their metadata, applied by name (native
+/// and OpenAI dialects, and the prompt tag), unknown names and traversal refused by field.
+#[tokio::test]
+async fn loras_are_listed_applied_and_confined_to_their_directory() {
+    let mut settings = test_settings();
+    settings.lora_dirs =
+        vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loras")];
+    let server = TestServer::start(settings, Double::None).await;
+
+    let list: Value = server.get("/v1/loras").await.json().await.unwrap();
+    let names: Vec<&str> =
+        list["data"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"sd1_kohya"), "{names:?}");
+    let a1111: Value = server.get("/sdapi/v1/loras").await.json().await.unwrap();
+    assert!(a1111.as_array().unwrap().iter().any(|l| l["name"] == "sd1_kohya"));
+
+    let plain = server.post_json("/v1/generate", &tiny_request("a red cube")).await;
+    let plain: Value = plain.json().await.unwrap();
+    let mut with_lora = tiny_request("a red cube");
+    with_lora["loras"] = json!([{"name": "sd1_kohya", "weight": 1.0}]);
+    let response = server.post_json("/v1/generate", &with_lora).await;
+    assert_eq!(response.status(), 200);
+    let lora: Value = response.json().await.unwrap();
+    assert_ne!(plain["images"][0]["data"], lora["images"][0]["data"], "the LoRA changed nothing");
+
+    let tagged =
+        server.post_json("/v1/generate", &tiny_request("a red cube <lora:sd1_kohya:1>")).await;
+    let tagged: Value = tagged.json().await.unwrap();
+    // The PNG parameters text differs (it carries the prompt); compare the pixels.
+    let pixels = |b64: &Value| {
+        let png = base64::engine::general_purpose::STANDARD.decode(b64.as_str().unwrap()).unwrap();
+        image::load_from_memory(&png).unwrap().to_rgb8().into_raw()
+    };
+    assert_eq!(
+        pixels(&tagged["images"][0]["data"]),
+        pixels(&lora["images"][0]["data"]),
+        "tag and field differ"
+    );
+
+    let openai = json!({"prompt": "a red cube", "steps": 2, "size": "64x64", "seed": 7,
+        "loras": [{"name": "sd1_kohya", "weight": 1.0}]});
+    let response = server.post_json("/v1/images/generations", &openai).await;
+    assert_eq!(response.status(), 200);
+    let openai: Value = response.json().await.unwrap();
+    assert_eq!(pixels(&openai["data"][0]["b64_json"]), pixels(&lora["images"][0]["data"]));
+
+    for name in ["no_such_lora", "../loras/sd1_kohya", "/etc/passwd"] {
+        let mut request = tiny_request("x");
+        request["loras"] = json!([{"name": name}]);
+        let response = server.post_json("/v1/generate", &request).await;
+        let body = error_body(response, 422).await;
+        assert_eq!(body["param"], "loras", "{name}: {body}");
+    }
+}

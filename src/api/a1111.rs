@@ -708,16 +708,31 @@ pub async fn sd_models(State(state): State<AppState>) -> Json<Vec<A1111Model>> {
     )
 }
 
-/// LoRAs (A1111 shape): none, LoRA files are not supported yet.
+/// LoRAs of the configured `lora_dirs` (A1111 shape: name, alias, file name, metadata).
 #[utoipa::path(
     get, path = "/sdapi/v1/loras", tag = "automatic1111",
     responses((status = 200, description = "LoRAs", body = Vec<Object>))
 )]
-pub async fn loras() -> Json<Vec<Value>> {
-    Json(Vec::new())
+pub async fn loras(State(state): State<AppState>) -> Json<Vec<Value>> {
+    let library = state.loras.clone();
+    // Listing reads file headers from disk: keep it off the async runtime's threads.
+    let infos = tokio::task::spawn_blocking(move || library.list()).await.unwrap_or_default();
+    Json(
+        infos
+            .into_iter()
+            .map(|info| {
+                json!({
+                    "name": info.name,
+                    "alias": info.name,
+                    "path": format!("{}.safetensors", info.name),
+                    "metadata": info.metadata,
+                })
+            })
+            .collect(),
+    )
 }
 
-/// Textual inversion embeddings (A1111 shape): none, embeddings are not supported yet.
+/// Textual inversion embeddings of the configured `embeddings_dirs` (A1111 shape).
 #[utoipa::path(
     get, path = "/sdapi/v1/embeddings", tag = "automatic1111",
     responses((status = 200, description = "Embeddings", body = Object,

@@ -82,9 +82,8 @@ pub struct ImageGenerationRequest {
     pub sampler: Option<String>,
     /// Extension: CLIP layers to skip, A1111 style.
     pub clip_skip: Option<u32>,
-    /// Extension: LoRAs to apply. Not supported by this server yet: must be empty.
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub loras: Option<Vec<serde_json::Value>>,
+    /// Extension: LoRAs to apply (`GET /v1/loras`), as in the native API.
+    pub loras: Option<Vec<super::dto::LoraRequest>>,
 }
 
 /// One image of an OpenAI-style response.
@@ -175,12 +174,6 @@ impl ImageGenerationRequest {
                  POST /v1/jobs and GET /v1/jobs/{id}/events instead",
             ));
         }
-        if self.loras.as_ref().is_some_and(|loras| !loras.is_empty()) {
-            return Err(ApiError::invalid_value(
-                "loras",
-                "loras: LoRAs are not supported by this server yet",
-            ));
-        }
         let output_quality = match self.output_compression {
             Some(compression) if compression > 100 => {
                 return Err(ApiError::invalid_value(
@@ -207,6 +200,7 @@ impl ImageGenerationRequest {
             clip_skip: self.clip_skip,
             output_format: self.output_format,
             output_quality,
+            loras: self.loras.clone().unwrap_or_default(),
             ..Default::default()
         })
     }
@@ -426,14 +420,6 @@ mod tests {
     fn unsupported_options_are_refused_by_name() {
         for (request, param) in [
             (ImageGenerationRequest { prompt: None, ..Default::default() }, "prompt"),
-            (
-                ImageGenerationRequest {
-                    prompt: Some("x".into()),
-                    loras: Some(vec![serde_json::json!({"name": "a"})]),
-                    ..Default::default()
-                },
-                "loras",
-            ),
             (
                 ImageGenerationRequest {
                     prompt: Some("x".into()),

@@ -55,12 +55,26 @@ impl ModelBackend for DoubledBackend {
     }
 
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError> {
-        let real = self.real.load(spec, device)?;
-        Ok(match self.double {
+        Ok(self.wrap(self.real.load(spec, device)?))
+    }
+
+    fn load_with_loras(
+        &self,
+        spec: &ModelSpec,
+        device: &str,
+        loras: &Arc<sdserve::adapters::lora::LoraLibrary>,
+    ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
+        Ok(self.wrap(self.real.load_with_loras(spec, device, loras)?))
+    }
+}
+
+impl DoubledBackend {
+    fn wrap(&self, real: Arc<dyn ImageGenerator>) -> Arc<dyn ImageGenerator> {
+        match self.double {
             Double::None => real,
             Double::SlowSteps(per_step) => Arc::new(SlowSteps { real, per_step }),
             Double::PanicsOnPrompt => Arc::new(PanicsOnPrompt { real }),
-        })
+        }
     }
 }
 
