@@ -1,6 +1,6 @@
 // Drives the playground page in a real headless Chromium over the DevTools protocol:
 // generates one image, reads its seed off the page, saves a screenshot, then starts a
-// long job and cancels it. Not run by CI (it needs Chromium); run by hand:
+// long job and cancels it. CI runs it through tests/clients/run.sh; by hand:
 //
 //   cargo run -- serve --bind 127.0.0.1:18087 &
 //   chromium --headless --no-sandbox --disable-gpu --disable-background-networking \

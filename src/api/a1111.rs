@@ -31,7 +31,7 @@ use super::native::{submit, unsuccessful_job_error, wait_for_job};
 use super::{AppState, RegisteredModel};
 use crate::codec;
 use crate::jobs::{CancelOutcome, JobId, JobSnapshot, JobState};
-use crate::samplers::SamplerKind;
+use crate::samplers::{resolve_sampler_name, SamplerKind, Schedule};
 
 /// A1111's API default step count.
 const A1111_STEPS: u32 = 50;
@@ -39,23 +39,6 @@ const A1111_STEPS: u32 = 50;
 const A1111_CFG_SCALE: f64 = 7.0;
 /// A1111's API default sampler (`sampler_index` defaults to it).
 const A1111_SAMPLER: &str = "Euler";
-
-/// A1111's scheduler names (id, label). Only `automatic` (the sampler's own schedule) is
-/// always available; the others exist where a sampler named "<sampler> <label>" exists.
-const SCHEDULERS: [(&str, &str); 12] = [
-    ("automatic", "Automatic"),
-    ("uniform", "Uniform"),
-    ("karras", "Karras"),
-    ("exponential", "Exponential"),
-    ("polyexponential", "Polyexponential"),
-    ("sgm_uniform", "SGM Uniform"),
-    ("kl_optimal", "KL Optimal"),
-    ("align_your_steps", "Align Your Steps"),
-    ("simple", "Simple"),
-    ("normal", "Normal"),
-    ("ddim", "DDIM"),
-    ("beta", "Beta"),
-];
 
 /// What the A1111 dialect remembers between requests: its options and its jobs.
 #[derive(Debug, Default)]
@@ -218,49 +201,49 @@ pub struct PngInfoResponse {
     pub parameters: Map<String, Value>,
 }
 
-/// Resolves an A1111 sampler and scheduler to a sampler of this build. Legacy combined
-/// names ("DPM++ 2M Karras") resolve as they are; a separate scheduler other than
-/// `Automatic` resolves as "<sampler> <scheduler label>". The one place A1111 names are
-/// mapped.
+/// Resolves an A1111 sampler and scheduler to a sampler and schedule of this build.
+/// Legacy combined names ("DPM++ 2M Karras") resolve through the samplers' own name
+/// table; a `scheduler` other than `Automatic` overrides the schedule such a name implies.
+/// The one place A1111 names are mapped.
 pub fn resolve_sampler(
     sampler_name: Option<&str>,
     scheduler: Option<&str>,
-) -> Result<SamplerKind, ApiError> {
+) -> Result<(SamplerKind, Schedule), ApiError> {
     let name = sampler_name.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(A1111_SAMPLER);
-    let scheduler = scheduler.map(str::trim).filter(|s| !s.is_empty());
-    let label = match scheduler {
-        None => None,
-        Some(wanted) => {
-            let (id, label) = SCHEDULERS
-                .iter()
-                .find(|(id, label)| {
-                    id.eq_ignore_ascii_case(wanted) || label.eq_ignore_ascii_case(wanted)
-                })
-                .ok_or_else(|| unknown_scheduler(wanted))?;
-            (*id != "automatic").then_some(*label)
-        }
-    };
-    let combined = match label {
-        Some(label) if !name.to_ascii_lowercase().ends_with(&label.to_ascii_lowercase()) => {
-            format!("{name} {label}")
-        }
-        _ => name.to_string(),
-    };
-    if let Some(kind) = SamplerKind::from_name(&combined) {
-        return Ok(kind);
-    }
-    let valid: Vec<&str> = SamplerKind::ALL.iter().map(|s| s.display_name()).collect();
-    let (param, message) = match (label, SamplerKind::from_name(name)) {
-        (Some(label), Some(_)) => (
-            "scheduler",
-            format!("scheduler: sampler {name:?} has no {label} schedule on this server"),
-        ),
-        _ => (
+    let Some((kind, implied)) = resolve_sampler_name(name) else {
+        let valid: Vec<&str> = SamplerKind::ALL.iter().map(|s| s.display_name()).collect();
+        return Err(ApiError::invalid_value(
             "sampler_name",
             format!("sampler_name: unknown sampler {name:?}; valid samplers: {}", valid.join(", ")),
-        ),
+        ));
     };
-    Err(ApiError::invalid_value(param, message))
+    let explicit = match scheduler.map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(wanted) if wanted.eq_ignore_ascii_case("automatic") => None,
+        Some(wanted) => {
+            Some(scheduler_by_a1111_name(wanted).ok_or_else(|| unknown_scheduler(wanted))?)
+        }
+    };
+    let schedule = explicit.or(implied).unwrap_or(Schedule::Default);
+    if !kind.schedules().contains(&schedule) {
+        return Err(ApiError::invalid_value(
+            "scheduler",
+            format!(
+                "scheduler: sampler {:?} has no {} schedule on this server",
+                kind.display_name(),
+                schedule.display_name()
+            ),
+        ));
+    }
+    Ok((kind, schedule))
+}
+
+/// A schedule by A1111 scheduler id or label (`karras`, `Karras`, `SGM Uniform`, ...).
+fn scheduler_by_a1111_name(wanted: &str) -> Option<Schedule> {
+    Schedule::ALL.into_iter().find(|schedule| {
+        schedule.id().eq_ignore_ascii_case(wanted)
+            || schedule.display_name().eq_ignore_ascii_case(wanted)
+    })
 }
 
 fn unknown_scheduler(wanted: &str) -> ApiError {
@@ -274,19 +257,15 @@ fn unknown_scheduler(wanted: &str) -> ApiError {
     )
 }
 
-/// `automatic`, plus every scheduler some sampler of this build offers.
+/// `automatic`, plus every schedule some sampler of this build offers.
 fn available_schedulers() -> Vec<A1111Scheduler> {
-    SCHEDULERS
-        .iter()
-        .filter(|(id, label)| {
-            *id == "automatic"
-                || SamplerKind::ALL.iter().any(|s| {
-                    SamplerKind::from_name(&format!("{} {label}", s.display_name())).is_some()
-                })
-        })
-        .map(|(id, label)| A1111Scheduler {
-            name: id.to_string(),
-            label: label.to_string(),
+    Schedule::ALL
+        .into_iter()
+        .filter(|schedule| SamplerKind::ALL.iter().any(|kind| kind.schedules().contains(schedule)))
+        .map(|schedule| A1111Scheduler {
+            name: if schedule == Schedule::Default { "automatic" } else { schedule.id() }
+                .to_string(),
+            label: schedule.display_name().to_string(),
             aliases: None,
         })
         .collect()
@@ -382,7 +361,7 @@ fn translate(state: &AppState, raw: Value) -> Result<Translated, ApiError> {
     }
     log_ignored("/sdapi/v1/txt2img", &ignored);
 
-    let sampler = resolve_sampler(
+    let (sampler, schedule) = resolve_sampler(
         request.sampler_name.as_deref().or(request.sampler_index.as_deref()),
         request.scheduler.as_deref(),
     )?;
@@ -410,6 +389,7 @@ fn translate(state: &AppState, raw: Value) -> Result<Translated, ApiError> {
         steps: Some(request.steps.unwrap_or(A1111_STEPS)),
         guidance_scale: Some(request.cfg_scale.unwrap_or(A1111_CFG_SCALE)),
         sampler: Some(sampler.id().to_string()),
+        schedule: Some(schedule.id().to_string()),
         seed: request.seed,
         n: Some(n),
         clip_skip,
@@ -423,7 +403,7 @@ fn translate(state: &AppState, raw: Value) -> Result<Translated, ApiError> {
         ("negative_prompt", json!("")),
         ("seed", json!(-1)),
         ("sampler_name", json!(sampler.display_name())),
-        ("scheduler", json!("Automatic")),
+        ("scheduler", json!(schedule.display_name())),
         ("steps", json!(A1111_STEPS)),
         ("cfg_scale", json!(A1111_CFG_SCALE)),
         ("width", json!(registered.defaults.width)),
@@ -945,13 +925,17 @@ mod tests {
 
     #[test]
     fn sampler_names_resolve_with_and_without_schedulers() {
-        assert_eq!(resolve_sampler(None, None).unwrap(), SamplerKind::Euler);
+        let resolve = |name, scheduler| resolve_sampler(name, scheduler).unwrap();
+        assert_eq!(resolve(None, None), (SamplerKind::Euler, Schedule::Default));
         assert_eq!(
-            resolve_sampler(Some("Euler a"), Some("Automatic")).unwrap(),
-            SamplerKind::EulerA
+            resolve(Some("Euler a"), Some("Automatic")),
+            (SamplerKind::EulerA, Schedule::Default)
         );
-        assert_eq!(resolve_sampler(Some("euler_a"), Some("")).unwrap(), SamplerKind::EulerA);
-        assert_eq!(resolve_sampler(Some("DDIM"), Some("automatic")).unwrap(), SamplerKind::Ddim);
+        assert_eq!(resolve(Some("euler_a"), Some("")), (SamplerKind::EulerA, Schedule::Default));
+        assert_eq!(
+            resolve(Some("DDIM"), Some("automatic")),
+            (SamplerKind::Ddim, Schedule::Default)
+        );
         let unknown = resolve_sampler(Some("Warp"), None).unwrap_err();
         assert_eq!(unknown.detail.param.as_deref(), Some("sampler_name"));
         let bad_scheduler = resolve_sampler(Some("Euler"), Some("Zigzag")).unwrap_err();
@@ -959,18 +943,20 @@ mod tests {
     }
 
     #[test]
-    fn legacy_combined_names_resolve_when_the_sampler_exists() {
-        // Whatever samplers this build has, a combined name resolves exactly when the
-        // sampler and scheduler given apart do, and to the same sampler.
-        for kind in SamplerKind::ALL {
-            for (_, label) in SCHEDULERS.iter().skip(1) {
-                if kind.display_name().ends_with(label) {
-                    continue;
-                }
-                let combined = format!("{} {label}", kind.display_name());
-                let apart = resolve_sampler(Some(kind.display_name()), Some(label)).ok();
-                assert_eq!(resolve_sampler(Some(&combined), None).ok(), apart, "{combined}");
-            }
+    fn legacy_combined_names_resolve_like_sampler_plus_scheduler() {
+        // As webuiapi sends them: the legacy name with scheduler "automatic".
+        for (combined, apart) in [
+            ("DPM++ 2M Karras", ("DPM++ 2M", "Karras")),
+            ("DPM++ 2M SDE Exponential", ("DPM++ 2M SDE", "exponential")),
+            ("LMS Karras", ("LMS", "karras")),
+        ] {
+            let legacy = resolve_sampler(Some(combined), Some("automatic")).unwrap();
+            assert_eq!(
+                legacy,
+                resolve_sampler(Some(apart.0), Some(apart.1)).unwrap(),
+                "{combined}"
+            );
+            assert_ne!(legacy.1, Schedule::Default, "{combined}");
         }
     }
 

@@ -280,7 +280,14 @@ pub async fn create_images(
     if let Some(user) = &body.user {
         tracing::info!(user = %user, "OpenAI images request");
     }
-    let job = submit(&state, &native, None)?;
+    let job = submit(&state, &native, None).map_err(|mut error| {
+        // OpenAI clients send one `size`; name it rather than our width / height.
+        if matches!(error.detail.param.as_deref(), Some("width" | "height")) {
+            error.detail.message = format!("size: {}", error.detail.message);
+            error.detail.param = Some("size".into());
+        }
+        error
+    })?;
     let finished = wait_for_job(&state, &job.id).await?;
     if finished.state != JobState::Succeeded {
         return Err(unsuccessful_job_error(&finished));
