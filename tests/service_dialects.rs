@@ -94,7 +94,7 @@ async fn openai_images_come_back_as_base64_or_url_and_match_the_native_api() {
     // Errors in OpenAI's shape, naming the field.
     for (patch, param, status) in [
         (json!({"size": "huge"}), "size", 422),
-        (json!({"size": "65x64"}), "width", 422),
+        (json!({"size": "65x64"}), "size", 422),
         (json!({"loras": [{"name": "film", "weight": 0.5}]}), "loras", 422),
         (json!({"quality": "ultra"}), "quality", 422),
         (json!({"background": "transparent"}), "background", 422),
