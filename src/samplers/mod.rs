@@ -15,11 +15,14 @@ pub mod euler_ancestral;
 pub mod heun;
 pub mod lms;
 pub mod sigmas;
+pub mod unipc;
 
 mod step_math;
 
 #[cfg(test)]
 mod parity_tests;
+#[cfg(test)]
+mod samplers2_parity_tests;
 #[cfg(test)]
 mod schedule_parity_tests;
 
@@ -51,6 +54,8 @@ pub enum SamplerKind {
     DpmPp2m,
     /// DPM++ 2M SDE (diffusers `DPMSolverMultistepScheduler`, sde-dpmsolver++).
     DpmPp2mSde,
+    /// UniPC (diffusers `UniPCMultistepScheduler`, bh2, order 2).
+    UniPc,
 }
 
 /// Per-request options of a sampler run.
@@ -74,7 +79,7 @@ const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 9] = [
+    pub const ALL: [SamplerKind; 10] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::Heun,
@@ -84,6 +89,7 @@ impl SamplerKind {
         SamplerKind::DpmPp2m,
         SamplerKind::DpmPp2mSde,
         SamplerKind::Ddim,
+        SamplerKind::UniPc,
     ];
 
     /// The id used in requests and responses.
@@ -98,6 +104,7 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "dpm2_a",
             SamplerKind::DpmPp2m => "dpmpp_2m",
             SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
+            SamplerKind::UniPc => "unipc",
         }
     }
 
@@ -113,6 +120,7 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "DPM2 a",
             SamplerKind::DpmPp2m => "DPM++ 2M",
             SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
+            SamplerKind::UniPc => "UniPC",
         }
     }
 
@@ -135,6 +143,7 @@ impl SamplerKind {
             ],
             SamplerKind::DpmPp2m => &["DPMSolverMultistepScheduler", "k_dpmpp_2m"],
             SamplerKind::DpmPp2mSde => &["k_dpmpp_2m_sde"],
+            SamplerKind::UniPc => &["uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"],
         }
     }
 
@@ -142,6 +151,7 @@ impl SamplerKind {
     pub fn schedules(self) -> &'static [Schedule] {
         match self {
             SamplerKind::Ddim => &[Schedule::Default],
+            SamplerKind::UniPc => unipc::SCHEDULES,
             _ => SIGMA_SCHEDULES,
         }
     }
@@ -211,6 +221,7 @@ impl SamplerKind {
             SamplerKind::DpmPp2mSde => {
                 Box::new(dpmpp_2m::DpmPp2m::new(config, steps, schedule, true, s_noise)?)
             }
+            SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, schedule)?),
         })
     }
 }
