@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,8 @@ CONFIGS = {
 SAMPLERS = {
     "unipc": (UniPCMultistepScheduler, {}, ["default", "karras", "exponential", "beta"]),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}, ["default"]),
+    # clip_sample is explicit: the class defaults to True, the SD configs say False.
+    "ddpm": (DDPMScheduler, {"clip_sample": False}, ["default"]),
 }
 DIFFUSERS_SCHEDULES = {
     "default": {},
@@ -47,6 +49,7 @@ STEPS = [4, 20]
 PIPELINE_CASES = {
     "unipc": [("unipc", "default"), ("unipc", "karras")],
     "pndm": [("pndm", "default")],
+    "ddpm": [("ddpm", "default")],
 }
 
 

@@ -14,6 +14,7 @@ pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod lms;
+pub mod pndm;
 pub mod sigmas;
 pub mod unipc;
 
@@ -56,6 +57,8 @@ pub enum SamplerKind {
     DpmPp2mSde,
     /// UniPC (diffusers `UniPCMultistepScheduler`, bh2, order 2).
     UniPc,
+    /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`, as SD 1.x ships it).
+    Pndm,
 }
 
 /// Per-request options of a sampler run.
@@ -79,7 +82,7 @@ const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 10] = [
+    pub const ALL: [SamplerKind; 11] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::Heun,
@@ -90,6 +93,7 @@ impl SamplerKind {
         SamplerKind::DpmPp2mSde,
         SamplerKind::Ddim,
         SamplerKind::UniPc,
+        SamplerKind::Pndm,
     ];
 
     /// The id used in requests and responses.
@@ -105,6 +109,7 @@ impl SamplerKind {
             SamplerKind::DpmPp2m => "dpmpp_2m",
             SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
             SamplerKind::UniPc => "unipc",
+            SamplerKind::Pndm => "pndm",
         }
     }
 
@@ -121,6 +126,7 @@ impl SamplerKind {
             SamplerKind::DpmPp2m => "DPM++ 2M",
             SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
             SamplerKind::UniPc => "UniPC",
+            SamplerKind::Pndm => "PLMS",
         }
     }
 
@@ -144,6 +150,7 @@ impl SamplerKind {
             SamplerKind::DpmPp2m => &["DPMSolverMultistepScheduler", "k_dpmpp_2m"],
             SamplerKind::DpmPp2mSde => &["k_dpmpp_2m_sde"],
             SamplerKind::UniPc => &["uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"],
+            SamplerKind::Pndm => &["plms", "PNDMScheduler"],
         }
     }
 
@@ -152,6 +159,7 @@ impl SamplerKind {
         match self {
             SamplerKind::Ddim => &[Schedule::Default],
             SamplerKind::UniPc => unipc::SCHEDULES,
+            SamplerKind::Pndm => pndm::SCHEDULES,
             _ => SIGMA_SCHEDULES,
         }
     }
@@ -222,6 +230,7 @@ impl SamplerKind {
                 Box::new(dpmpp_2m::DpmPp2m::new(config, steps, schedule, true, s_noise)?)
             }
             SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, schedule)?),
+            SamplerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
         })
     }
 }
