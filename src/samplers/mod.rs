@@ -8,6 +8,7 @@ pub mod rng;
 pub mod schedule;
 
 pub mod ddim;
+pub mod ddpm;
 pub mod dpm2;
 pub mod dpmpp_2m;
 pub mod euler;
@@ -59,6 +60,8 @@ pub enum SamplerKind {
     UniPc,
     /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`, as SD 1.x ships it).
     Pndm,
+    /// DDPM (diffusers `DDPMScheduler`, fixed_small variance), ancestral.
+    Ddpm,
 }
 
 /// Per-request options of a sampler run.
@@ -82,7 +85,7 @@ const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 11] = [
+    pub const ALL: [SamplerKind; 12] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::Heun,
@@ -94,6 +97,7 @@ impl SamplerKind {
         SamplerKind::Ddim,
         SamplerKind::UniPc,
         SamplerKind::Pndm,
+        SamplerKind::Ddpm,
     ];
 
     /// The id used in requests and responses.
@@ -110,6 +114,7 @@ impl SamplerKind {
             SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
             SamplerKind::UniPc => "unipc",
             SamplerKind::Pndm => "pndm",
+            SamplerKind::Ddpm => "ddpm",
         }
     }
 
@@ -127,6 +132,7 @@ impl SamplerKind {
             SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
             SamplerKind::UniPc => "UniPC",
             SamplerKind::Pndm => "PLMS",
+            SamplerKind::Ddpm => "DDPM",
         }
     }
 
@@ -151,6 +157,7 @@ impl SamplerKind {
             SamplerKind::DpmPp2mSde => &["k_dpmpp_2m_sde"],
             SamplerKind::UniPc => &["uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"],
             SamplerKind::Pndm => &["plms", "PNDMScheduler"],
+            SamplerKind::Ddpm => &["DDPMScheduler"],
         }
     }
 
@@ -160,6 +167,7 @@ impl SamplerKind {
             SamplerKind::Ddim => &[Schedule::Default],
             SamplerKind::UniPc => unipc::SCHEDULES,
             SamplerKind::Pndm => pndm::SCHEDULES,
+            SamplerKind::Ddpm => ddpm::SCHEDULES,
             _ => SIGMA_SCHEDULES,
         }
     }
@@ -231,6 +239,7 @@ impl SamplerKind {
             }
             SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, schedule)?),
             SamplerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
+            SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(config, steps)?),
         })
     }
 }
