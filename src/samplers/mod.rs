@@ -8,18 +8,23 @@ pub mod rng;
 pub mod schedule;
 
 pub mod ddim;
+pub mod ddpm;
 pub mod dpm2;
 pub mod dpmpp_2m;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod lms;
+pub mod pndm;
 pub mod sigmas;
+pub mod unipc;
 
 mod step_math;
 
 #[cfg(test)]
 mod parity_tests;
+#[cfg(test)]
+mod samplers2_parity_tests;
 #[cfg(test)]
 mod schedule_parity_tests;
 
@@ -51,6 +56,12 @@ pub enum SamplerKind {
     DpmPp2m,
     /// DPM++ 2M SDE (diffusers `DPMSolverMultistepScheduler`, sde-dpmsolver++).
     DpmPp2mSde,
+    /// UniPC (diffusers `UniPCMultistepScheduler`, bh2, order 2).
+    UniPc,
+    /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`, as SD 1.x ships it).
+    Pndm,
+    /// DDPM (diffusers `DDPMScheduler`, fixed_small variance), ancestral.
+    Ddpm,
 }
 
 /// Per-request options of a sampler run.
@@ -74,7 +85,7 @@ const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 9] = [
+    pub const ALL: [SamplerKind; 12] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::Heun,
@@ -84,6 +95,9 @@ impl SamplerKind {
         SamplerKind::DpmPp2m,
         SamplerKind::DpmPp2mSde,
         SamplerKind::Ddim,
+        SamplerKind::UniPc,
+        SamplerKind::Pndm,
+        SamplerKind::Ddpm,
     ];
 
     /// The id used in requests and responses.
@@ -98,6 +112,9 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "dpm2_a",
             SamplerKind::DpmPp2m => "dpmpp_2m",
             SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
+            SamplerKind::UniPc => "unipc",
+            SamplerKind::Pndm => "pndm",
+            SamplerKind::Ddpm => "ddpm",
         }
     }
 
@@ -113,6 +130,9 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "DPM2 a",
             SamplerKind::DpmPp2m => "DPM++ 2M",
             SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
+            SamplerKind::UniPc => "UniPC",
+            SamplerKind::Pndm => "PLMS",
+            SamplerKind::Ddpm => "DDPM",
         }
     }
 
@@ -135,6 +155,9 @@ impl SamplerKind {
             ],
             SamplerKind::DpmPp2m => &["DPMSolverMultistepScheduler", "k_dpmpp_2m"],
             SamplerKind::DpmPp2mSde => &["k_dpmpp_2m_sde"],
+            SamplerKind::UniPc => &["uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"],
+            SamplerKind::Pndm => &["plms", "PNDMScheduler"],
+            SamplerKind::Ddpm => &["DDPMScheduler"],
         }
     }
 
@@ -142,6 +165,9 @@ impl SamplerKind {
     pub fn schedules(self) -> &'static [Schedule] {
         match self {
             SamplerKind::Ddim => &[Schedule::Default],
+            SamplerKind::UniPc => unipc::SCHEDULES,
+            SamplerKind::Pndm => pndm::SCHEDULES,
+            SamplerKind::Ddpm => ddpm::SCHEDULES,
             _ => SIGMA_SCHEDULES,
         }
     }
@@ -211,6 +237,9 @@ impl SamplerKind {
             SamplerKind::DpmPp2mSde => {
                 Box::new(dpmpp_2m::DpmPp2m::new(config, steps, schedule, true, s_noise)?)
             }
+            SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, schedule)?),
+            SamplerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
+            SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(config, steps)?),
         })
     }
 }
