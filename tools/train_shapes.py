@@ -284,6 +284,7 @@ def write_static(folder: Path) -> None:
 
 class Log:
     def __init__(self, path: Path):
+        self.path = path
         self.file = path.open("w")
         self.file.write("stage\tstep\tseconds\tloss\tlr\n")
         self.start = time.time()
@@ -398,8 +399,8 @@ def train_unet(args, vae, text_encoder, tokenizer, train_combos, folder: Path, l
             images = render_batch(combos[i : i + 64], rng)
             latents.append(vae.encode(images).latent_dist.sample())
     latents = torch.cat(latents)
-    scale = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=round(scale, 5))
+    if not args.resume_unet:
+        vae.register_to_config(scaling_factor=round(float(1.0 / latents.std()), 5))
     latents = latents * vae.config.scaling_factor
     print(f"latents: {tuple(latents.shape)}, scaling_factor {vae.config.scaling_factor}", flush=True)
     write_component(folder, "vae", vae)
@@ -411,6 +412,9 @@ def train_unet(args, vae, text_encoder, tokenizer, train_combos, folder: Path, l
     labels = torch.tensor([caption_index[caption(*c)] for c in combos])
 
     unet = make_unet()
+    if args.resume_unet:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").float()
+        unet.train()
     print(f"unet parameters: {count(unet) / 1e6:.2f}M", flush=True)
     sched = make_scheduler()
     alphas_cumprod = sched.alphas_cumprod
@@ -474,6 +478,11 @@ def main() -> None:
         action="store_true",
         help="only fine-tune the decoder of the VAE already in --out (it can run beside UNet training)",
     )
+    parser.add_argument(
+        "--resume-unet",
+        action="store_true",
+        help="continue training the UNet already in --out (keeps its VAE and text encoder)",
+    )
     parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--unet-minutes", type=float, default=30)
     parser.add_argument("--unet-batch", type=int, default=128)
@@ -513,8 +522,16 @@ def main() -> None:
         return
 
     folder = args.out
+    if args.resume_unet:
+        # Continue the UNet of an earlier run (same VAE and text encoder) for more steps.
+        vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").float().eval()
+        log = Log(folder.parent / f"{folder.name}-resume_log.tsv")
+        train_unet(args, vae, text_encoder, tokenizer, train_combos, folder, log)
+        print("done", flush=True)
+        return
     if args.only_decoder:
-        vae = AutoencoderKL.from_pretrained(folder / "vae")
+        vae = AutoencoderKL.from_pretrained(folder / "vae").float()
         log = Log(folder.parent / f"{folder.name}-decoder_log.tsv")
         vae = tune_decoder(args, vae, train_combos, log)
         write_component(folder, "vae", vae)
@@ -531,6 +548,9 @@ def main() -> None:
     vae = tune_decoder(args, vae, train_combos, log)
     write_component(folder, "vae", vae)
     train_unet(args, vae, text_encoder, tokenizer, train_combos, folder, log)
+    log.file.close()
+    (folder / "training").mkdir(exist_ok=True)
+    shutil.move(str(log.path), folder / "training" / "train_log.tsv")
     print("done", flush=True)
 
 

@@ -67,8 +67,35 @@ fn nearest_colour(rgb: [f32; 3]) -> usize {
 
 /// Judges a `size`×`size` RGB8 image (row-major). Pixels that differ clearly from the
 /// border's colour are the shape; its largest connected piece gives the position (centroid)
-/// and the kind (how much of its bounding box it fills: triangle ½, circle π/4, square 1).
+/// and the kind (see [`shape_kind`]).
 pub fn judge(rgb: &[u8], size: usize) -> Scene {
+    judge_in_detail(rgb, size).scene
+}
+
+/// What [`judge`] read, with the measured colours behind it.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    pub scene: Scene,
+    /// Mean RGB of the shape's pixels (anti-aliased edge included).
+    pub shape_rgb: [f32; 3],
+    /// Per-channel median of the border pixels.
+    pub background_rgb: [f32; 3],
+}
+
+impl Reading {
+    /// Mean RGB distance (0-255 scale) of the measured shape and background colours from
+    /// the palette colours `expected` names: how cleanly the picture paints what was asked.
+    pub fn colour_error(&self, expected: &Scene) -> f32 {
+        let palette =
+            |name: &str| COLOURS.iter().find(|(n, _)| *n == name).expect("a palette colour name").1;
+        (distance(self.shape_rgb, palette(&expected.colour))
+            + distance(self.background_rgb, palette(&expected.background)))
+            / 2.0
+    }
+}
+
+/// [`judge`], also returning the measured colours.
+pub fn judge_in_detail(rgb: &[u8], size: usize) -> Reading {
     assert_eq!(rgb.len(), size * size * 3, "image must be size×size RGB");
     let pixel = |x: usize, y: usize| {
         let i = (y * size + x) * 3;
@@ -87,9 +114,8 @@ pub fn judge(rgb: &[u8], size: usize) -> Scene {
     }
     let background_index = nearest_colour(background);
 
-    let mask: Vec<bool> = (0..size * size)
-        .map(|i| distance(pixel(i % size, i / size), background) > 80.0)
-        .collect();
+    let mask: Vec<bool> =
+        (0..size * size).map(|i| distance(pixel(i % size, i / size), background) > 80.0).collect();
     let component = largest_component(&mask, size);
 
     // Shape colour: the palette colour most of the piece's pixels are closest to, leaving
@@ -101,6 +127,14 @@ pub fn judge(rgb: &[u8], size: usize) -> Scene {
     votes[background_index] = 0;
     let colour_index = (0..COLOURS.len()).max_by_key(|&c| votes[c]).expect("palette not empty");
 
+    let mut shape_rgb = [0.0f32; 3];
+    for &i in &component {
+        let p = pixel(i % size, i / size);
+        for c in 0..3 {
+            shape_rgb[c] += p[c] / component.len() as f32;
+        }
+    }
+
     let (position, shape) = if component.is_empty() {
         ("none".to_string(), "none".to_string())
     } else {
@@ -108,31 +142,54 @@ pub fn judge(rgb: &[u8], size: usize) -> Scene {
         let cx = component.iter().map(|&i| (i % size) as f32 + 0.5).sum::<f32>() / n;
         let cy = component.iter().map(|&i| (i / size) as f32 + 0.5).sum::<f32>() / n;
         let half = size as f32 / 2.0;
-        let position = if (cx - half).abs() < size as f32 / 8.0 && (cy - half).abs() < size as f32 / 8.0
-        {
-            "center".to_string()
-        } else {
-            let vertical = if cy < half { "top" } else { "bottom" };
-            let horizontal = if cx < half { "left" } else { "right" };
-            format!("{vertical} {horizontal}")
-        };
-        let (x0, x1) = min_max(component.iter().map(|&i| i % size));
-        let (y0, y1) = min_max(component.iter().map(|&i| i / size));
-        let fill = n / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
-        let shape = if fill < 0.64 {
-            "triangle"
-        } else if fill < 0.89 {
-            "circle"
-        } else {
-            "square"
-        };
+        let position =
+            if (cx - half).abs() < size as f32 / 8.0 && (cy - half).abs() < size as f32 / 8.0 {
+                "center".to_string()
+            } else {
+                let vertical = if cy < half { "top" } else { "bottom" };
+                let horizontal = if cx < half { "left" } else { "right" };
+                format!("{vertical} {horizontal}")
+            };
+        let shape = shape_kind(&component, size);
         (position, shape.to_string())
     };
-    Scene {
+    let scene = Scene {
         colour: COLOURS[colour_index].0.into(),
         shape,
         position,
         background: COLOURS[background_index].0.into(),
+    };
+    Reading { scene, shape_rgb, background_rgb: background }
+}
+
+/// Circle, square or triangle, from two ratios that survive blurred edges and rounded
+/// corners: an upright triangle has far less area in the top third of its bounding box than
+/// in the bottom third; a square reaches √2 further along the diagonals than along the axes,
+/// a circle equally far.
+fn shape_kind(component: &[usize], size: usize) -> &'static str {
+    let (y0, y1) = min_max(component.iter().map(|&i| i / size));
+    let third = (y1 - y0 + 1) as f32 / 3.0;
+    let top = component.iter().filter(|&&i| ((i / size - y0) as f32) < third).count();
+    let bottom = component.iter().filter(|&&i| ((y1 - i / size) as f32) < third).count();
+    let extent = |project: &dyn Fn(f32, f32) -> f32| {
+        let values = component.iter().map(|&i| project((i % size) as f32, (i / size) as f32));
+        let (lo, hi) = values.fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        hi - lo + 1.0
+    };
+    let axes = extent(&|x, _| x) + extent(&|_, y| y);
+    let diagonals = extent(&|x, y| (x + y) / std::f32::consts::SQRT_2)
+        + extent(&|x, y| (x - y) / std::f32::consts::SQRT_2);
+    let top_to_bottom = top as f32 / bottom.max(1) as f32;
+    let diagonal_to_axes = diagonals / axes;
+    if std::env::var_os("SHAPES_JUDGE_DEBUG").is_some() {
+        eprintln!("top/bottom {top_to_bottom:.2} diagonal/axes {diagonal_to_axes:.3}");
+    }
+    if top_to_bottom < 0.6 {
+        "triangle"
+    } else if diagonal_to_axes > 1.15 {
+        "square"
+    } else {
+        "circle"
     }
 }
 
