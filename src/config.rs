@@ -510,7 +510,7 @@ mod tests {
         let settings = Settings::builtin().unwrap();
         assert_eq!(settings.models.len(), 1);
         assert_eq!(settings.default_model, settings.models[0].name);
-        assert!(settings.models[0].path.ends_with("tests/fixtures/sd1"));
+        assert!(settings.models[0].path.ends_with("models/shapes"));
         assert_eq!(settings.devices, vec!["cpu".to_string()]);
         assert_eq!(settings.output_format(), ImageFormat::Png);
     }

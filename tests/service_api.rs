@@ -1,5 +1,5 @@
 //! The service's endpoints and error cases, against the real server with the bundled
-//! tiny model (tests/fixtures/sd1).
+//! tiny model (models/shapes).
 
 mod service_support;
 
@@ -157,7 +157,7 @@ async fn every_error_case_has_its_status_and_body() {
     body["model"] = json!("no-such-model");
     let error = error_body(server.post_json("/v1/generate", &body).await, 404).await;
     assert_eq!(error["param"], "model");
-    assert!(error["message"].as_str().unwrap().contains("sd1-tiny"), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("shapes"), "{error}");
     error_body(server.get("/v2/nothing").await, 404).await;
 
     // 413: body too large.

@@ -58,7 +58,7 @@ pub struct LoraRequest {
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     /// Registry name of the model (`GET /v1/models`); the server's default when absent.
-    #[schema(example = "sd1-tiny")]
+    #[schema(example = "shapes")]
     pub model: Option<String>,
     /// What to draw. Required (may be empty).
     #[schema(example = "a watercolor fox in the snow")]

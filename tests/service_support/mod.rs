@@ -1,5 +1,5 @@
 //! Shared by the service integration tests: starts the real server on port 0 with the
-//! bundled tiny model (tests/fixtures/sd1), plus test doubles that wrap the REAL pipeline
+//! bundled tiny model (models/shapes), plus test doubles that wrap the REAL pipeline
 //! to reach states a model cannot reach on demand (slow steps, a panic).
 #![allow(dead_code)]
 
