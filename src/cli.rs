@@ -246,6 +246,9 @@ pub struct BenchArgs {
     /// Device: cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Steps of the timed whole request (with guidance).
+    #[arg(long, default_value_t = 20)]
+    pub request_steps: u32,
 }
 
 /// Median, min and max of `repeats` timed runs of `run`, after one warm-up run.
@@ -321,9 +324,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             &format!("vae decode {size}x{size}"),
             time_runs(args.repeats, || Ok(pipeline.bench_vae_decode(&one).map(|_| ())?))?,
         );
-        let whole = request(size, 20)?;
+        let whole = request(size, args.request_steps)?;
         report(
-            &format!("request {size}x{size}, 20 steps, cfg"),
+            &format!("request {size}x{size}, {} steps, cfg", args.request_steps),
             time_runs(1, || {
                 Ok(pipeline.generate(&whole, &mut crate::pipeline::NoObserver).map(|_| ())?)
             })?,
