@@ -7,6 +7,9 @@ tools/make_fixtures.py) and writes:
 
   tests/fixtures/images/init_64.png   a synthetic 64x64 RGB init image (gradient + shapes)
   tests/fixtures/images/mask_64.png   a 64x64 grayscale mask (white = repaint)
+  tests/fixtures/sd1_inpaint/          a tiny 9-channel inpainting model: its own random
+                                      UNet (in_channels 9, f16), the other components
+                                      symlinked from tests/fixtures/sd1
   tests/fixtures/reference/img2img_<family>.{json,safetensors}
 
 Each case runs StableDiffusion(XL)Img2ImgPipeline or StableDiffusionInpaintPipeline
@@ -17,6 +20,9 @@ padding_mask_crop), so the Rust side compares with paste_back off and mask_blur 
 """
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import diffusers
@@ -33,11 +39,14 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    UNet2DConditionModel,
 )
 from PIL import Image
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from make_fixtures import f16_state, randomize_  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 SEED = 42
 STEPS = 6
@@ -91,7 +100,32 @@ CASES = {
         **{f"inpaint_{s}": case("inpaint", s) for s in ("euler", "ddim", "euler_a")},
     },
     "sdxl": {f"img2img_{s}": case("img2img", s, "sdxl") for s in ("euler", "ddim")},
+    "sd1_inpaint": {
+        "inpaint9_euler": case("inpaint", "euler", "sd1_inpaint"),
+        "inpaint9_ddim": case("inpaint", "ddim", "sd1_inpaint"),
+        # Full strength: diffusers starts from pure noise and skips the init encoding.
+        "inpaint9_euler_full": {**case("inpaint", "euler", "sd1_inpaint"), "strength": 1.0},
+    },
 }
+
+
+def make_inpaint_model() -> None:
+    """sd1's components with a 9-channel UNet ([latents, mask, masked image latents])."""
+    source, target = FIXTURES / "sd1", FIXTURES / "sd1_inpaint"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    for part in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        os.symlink(Path("..") / "sd1" / part, target / part)
+    shutil.copy(source / "model_index.json", target / "model_index.json")
+    config = dict(UNet2DConditionModel.load_config(str(source / "unet")))
+    config["in_channels"] = 9
+    torch.manual_seed(909)
+    unet = UNet2DConditionModel.from_config(config)
+    randomize_(unet)
+    (target / "unet").mkdir()
+    unet.save_config(str(target / "unet"))
+    save_file(f16_state(unet.state_dict()), target / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def run(pipe, base_config, spec: dict, init, mask, output_type: str):
@@ -125,6 +159,7 @@ def main() -> None:
     init = Image.open(images_dir / "init_64.png").convert("RGB")
     mask = Image.open(images_dir / "mask_64.png").convert("L")
 
+    make_inpaint_model()
     for family, cases in CASES.items():
         folder = str(FIXTURES / family)
         pipes = {}
@@ -138,6 +173,8 @@ def main() -> None:
                 requires_safety_checker=False,
             )
             pipes["inpaint"] = StableDiffusionInpaintPipeline(**pipes["img2img"].components)
+            if family == "sd1_inpaint":
+                pipes["img2img"] = pipes["inpaint"]
         for pipe in pipes.values():
             pipe.set_progress_bar_config(disable=True)
         base_config = dict(pipes["img2img"].scheduler.config)
