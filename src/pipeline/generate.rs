@@ -503,9 +503,18 @@ impl Pipeline {
         let noise = Tensor::cat(&noises, 0)?;
         let image_latents =
             if image_latents.is_empty() { None } else { Some(Tensor::cat(&image_latents, 0)?) };
+        // A sampler without `add_noise` cannot start part-way: the request's choice.
+        let unsupported = |e: candle_core::Error| -> PipelineError {
+            ValidationError::new("sampler", format!("{}: {e}", request.sampler.id())).into()
+        };
         let latents = match (&image.mask, &image_latents) {
-            (Some(_), _) if full_strength => (&noise * sampler.init_noise_sigma())?,
-            (_, Some(clean)) => sampler.add_noise(clean, &noise, start)?,
+            (Some(_), _) if full_strength => {
+                // Probe so the refusal comes before any step, as for the other paths.
+                let probe = Tensor::zeros(latent_shape, DType::F32, &self.device)?;
+                sampler.add_noise(&probe, &probe, start).map_err(unsupported)?;
+                (&noise * sampler.init_noise_sigma())?
+            }
+            (_, Some(clean)) => sampler.add_noise(clean, &noise, start).map_err(unsupported)?,
             (_, None) => unreachable!("the init image is encoded unless masked at full strength"),
         };
         let Some(mask) = &image.mask else {

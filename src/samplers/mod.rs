@@ -19,6 +19,8 @@ pub mod sigmas;
 mod step_math;
 
 #[cfg(test)]
+mod add_noise_tests;
+#[cfg(test)]
 mod parity_tests;
 #[cfg(test)]
 mod schedule_parity_tests;
