@@ -45,6 +45,34 @@ async fn native_img2img_and_inpainting_run_and_take_the_init_image_size() {
         let response = server.post_json("/v1/generate", &request).await;
         assert_eq!(response.status(), 200, "{mode}");
     }
+
+    // "Inpaint only masked": a small square is repainted at full size and pasted back;
+    // everything outside it keeps the init image's pixels.
+    let mask = image::GrayImage::from_fn(64, 64, |x, y| {
+        image::Luma([if (40..48).contains(&x) && (8..16).contains(&y) { 255 } else { 0 }])
+    });
+    let init = gradient(64, 64);
+    let request = json!({"prompt": "a cube", "steps": 2, "seed": 3, "init_image": init,
+        "mask_image": png_base64(image::DynamicImage::ImageLuma8(mask.clone())),
+        "mask_blur": 0, "inpaint_full_res": true, "inpaint_full_res_padding": 4,
+        "strength": 1.0});
+    let body: Value = server.post_json("/v1/generate", &request).await.json().await.unwrap();
+    let decode = |text: &str| {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(text).unwrap();
+        image::load_from_memory(&bytes).unwrap().to_rgb8()
+    };
+    let output = decode(body["images"][0]["data"].as_str().unwrap());
+    let original = decode(&init);
+    assert_eq!(output.dimensions(), (64, 64));
+    let mut changed = 0;
+    for (x, y, pixel) in output.enumerate_pixels() {
+        if mask.get_pixel(x, y)[0] == 0 {
+            assert_eq!(pixel, original.get_pixel(x, y), "({x}, {y}) outside the mask");
+        } else if pixel != original.get_pixel(x, y) {
+            changed += 1;
+        }
+    }
+    assert!(changed > 0, "the masked square was repainted");
     server.stop().await;
 }
 
@@ -52,6 +80,7 @@ async fn native_img2img_and_inpainting_run_and_take_the_init_image_size() {
 async fn bad_image_fields_get_a_422_naming_the_field() {
     let server = TestServer::start(test_settings(), Double::None).await;
     let init = gradient(64, 64);
+    let black = png_base64(image::DynamicImage::ImageLuma8(image::GrayImage::new(64, 64)));
     // A 4100×4100 PNG compresses to a few kilobytes: refused before its pixels are decoded.
     let bomb = png_base64(image::DynamicImage::ImageLuma8(image::GrayImage::new(4100, 4100)));
     let cases = [
@@ -67,10 +96,8 @@ async fn bad_image_fields_get_a_422_naming_the_field() {
         (json!({"init_image": init, "resize_mode": "zoom"}), "resize_mode"),
         (json!({"init_image": init, "mask_image": "xyz"}), "mask_image"),
         (json!({"init_image": init, "mask_image": init, "mask_blur": 500}), "mask_blur"),
-        (
-            json!({"init_image": init, "mask_image": init, "inpaint_full_res": true}),
-            "inpaint_full_res",
-        ),
+        (json!({"init_image": init, "inpaint_full_res": true}), "inpaint_full_res"),
+        (json!({"init_image": init, "mask_image": black, "inpaint_full_res": true}), "mask_image"),
     ];
     for (extra, field) in cases {
         let mut request = json!({"prompt": "x", "steps": 2, "seed": 1});

@@ -558,7 +558,7 @@ pub struct Img2ImgRequest {
     /// (A1111's "original", 1); "fill", "latent noise" and "latent nothing" are not
     /// implemented.
     pub inpainting_fill: Option<u32>,
-    /// "Only masked" inpainting: not supported yet (true with a mask is refused).
+    /// "Only masked" inpainting (the masked region at full size); ignored without a mask.
     #[schema(default = false)]
     pub inpaint_full_res: Option<bool>,
     pub inpaint_full_res_padding: Option<u32>,
@@ -571,7 +571,7 @@ pub struct Img2ImgRequest {
 ///
 /// The txt2img translation plus `init_images[0]` → `init_image`, `mask` → `mask_image`,
 /// `denoising_strength` → `strength`, `mask_blur`, `resize_mode` (0/1/2 → resize, crop,
-/// fill), `inpaint_full_res` (refused when true: not supported yet). `inpainting_fill`
+/// fill), `inpaint_full_res` + `inpaint_full_res_padding` (with a mask). `inpainting_fill`
 /// is ignored (the masked region always starts from the noised original). Without
 /// width/height the output takes the init image's size. The original is pasted back
 /// outside the blurred mask, as A1111 does.

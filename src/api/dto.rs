@@ -137,8 +137,9 @@ pub struct GenerateRequest {
     /// Gaussian blur of the mask, in pixels (0-64).
     #[schema(default = 4, minimum = 0, maximum = 64)]
     pub mask_blur: Option<u32>,
-    /// A1111's "inpaint only masked" at full resolution: not supported yet (true is
-    /// refused with 422).
+    /// A1111's "inpaint only masked": the mask's bounding box (plus padding, grown to the
+    /// output's aspect ratio) is scaled up to the output size, inpainted, scaled back and
+    /// pasted into the image through the blurred mask. Needs `mask_image`.
     #[schema(default = false)]
     pub inpaint_full_res: Option<bool>,
     /// Padding around the masked region for `inpaint_full_res`, in pixels.

@@ -679,7 +679,18 @@ impl Pipeline {
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
         let mut pixels = self.decode_latents_to_rgb(latents)?;
         if let Some(image) = &request.image {
-            if let (Some(mask), true) = (&image.mask, image.paste_back) {
+            if let Some(full) = &image.full_res {
+                // "Inpaint only masked": the region goes back into the whole image.
+                for rgb in &mut pixels {
+                    *rgb = image_input::paste_full_res(
+                        rgb,
+                        request.width,
+                        request.height,
+                        full,
+                        image.paste_back,
+                    );
+                }
+            } else if let (Some(mask), true) = (&image.mask, image.paste_back) {
                 for rgb in &mut pixels {
                     image_input::paste_back(rgb, &image.init_rgb, mask);
                 }

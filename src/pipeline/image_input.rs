@@ -72,6 +72,123 @@ pub struct ImageConditioning {
     pub mask: Option<Vec<u8>>,
     /// Whether the original is pasted back outside the (blurred) mask after decoding.
     pub paste_back: bool,
+    /// "Inpaint only masked": `init_rgb` and `mask` are the masked region scaled up to
+    /// the output size; the result is scaled back and pasted into this canvas.
+    #[serde(default)]
+    pub full_res: Option<FullResCrop>,
+}
+
+/// The region "inpaint only masked" repaints, and the full image it goes back into.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FullResCrop {
+    /// The init image at the output size.
+    pub canvas_rgb: Vec<u8>,
+    /// The blurred mask at the output size.
+    pub canvas_mask: Vec<u8>,
+    /// The region (left, top, width, height) in canvas pixels.
+    pub region: (u32, u32, u32, u32),
+}
+
+/// The bounding box of the mask's non-zero pixels grown by `padding` and then to the
+/// output's aspect ratio (within the image), as A1111's "inpaint only masked" picks it:
+/// (left, top, width, height); `None` for an empty mask.
+pub fn masked_region(
+    mask: &[u8],
+    width: u32,
+    height: u32,
+    padding: u32,
+) -> Option<(u32, u32, u32, u32)> {
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0u32, 0u32);
+    for (index, &value) in mask.iter().enumerate() {
+        if value > 0 {
+            let (x, y) = (index as u32 % width, index as u32 / width);
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x + 1), y1.max(y + 1));
+        }
+    }
+    if x0 == u32::MAX {
+        return None;
+    }
+    let (mut x0, mut y0) = (x0.saturating_sub(padding), y0.saturating_sub(padding));
+    let (mut x1, mut y1) = ((x1 + padding).min(width), (y1 + padding).min(height));
+    // Grow the short side so the region has the output's aspect ratio, shifting it back
+    // inside the image where it would overflow.
+    let grow = |start: &mut u32, end: &mut u32, wanted: u32, limit: u32| {
+        let wanted = wanted.min(limit);
+        let missing = wanted.saturating_sub(*end - *start);
+        let before = (missing / 2).min(*start);
+        *start -= before;
+        *end = (*end + missing - before).min(limit);
+        *start = (*end).saturating_sub(wanted).min(*start);
+    };
+    let ratio = width as f64 / height as f64;
+    let (region_w, region_h) = ((x1 - x0) as f64, (y1 - y0) as f64);
+    if region_w / region_h < ratio {
+        grow(&mut x0, &mut x1, (region_h * ratio).round() as u32, width);
+    } else {
+        grow(&mut y0, &mut y1, (region_w / ratio).round() as u32, height);
+    }
+    Some((x0, y0, x1 - x0, y1 - y0))
+}
+
+/// Crops `region` out of a `width`-wide image with `channels` bytes per pixel.
+fn crop(pixels: &[u8], width: u32, channels: usize, region: (u32, u32, u32, u32)) -> Vec<u8> {
+    let (left, top, region_w, region_h) = region;
+    (top..top + region_h)
+        .flat_map(|y| {
+            let start = (y * width + left) as usize * channels;
+            pixels[start..start + region_w as usize * channels].iter().copied()
+        })
+        .collect()
+}
+
+/// Prepares "inpaint only masked": the masked region of the (already fitted) image and
+/// mask, scaled up to the output size, plus what [`paste_full_res`] needs.
+pub fn full_res_inputs(
+    init_rgb: Vec<u8>,
+    mask: Vec<u8>,
+    width: u32,
+    height: u32,
+    padding: u32,
+) -> Option<(Vec<u8>, Vec<u8>, FullResCrop)> {
+    let region = masked_region(&mask, width, height, padding)?;
+    let (_, _, region_w, region_h) = region;
+    let image =
+        DecodedImage { width: region_w, height: region_h, rgb: crop(&init_rgb, width, 3, region) };
+    let scaled_rgb = fit_rgb(image, width, height, ResizeMode::Resize);
+    let scaled_mask = fit_mask(
+        (region_w, region_h, crop(&mask, width, 1, region)),
+        width,
+        height,
+        ResizeMode::Resize,
+    );
+    Some((scaled_rgb, scaled_mask, FullResCrop { canvas_rgb: init_rgb, canvas_mask: mask, region }))
+}
+
+/// Scales a generated region back and pastes it into the canvas: through the blurred
+/// mask when `blend`, else the whole region.
+pub fn paste_full_res(
+    generated: &[u8],
+    width: u32,
+    height: u32,
+    full: &FullResCrop,
+    blend: bool,
+) -> Vec<u8> {
+    let (left, top, region_w, region_h) = full.region;
+    let image = DecodedImage { width, height, rgb: generated.to_vec() };
+    let scaled = fit_rgb(image, region_w, region_h, ResizeMode::Resize);
+    let mut canvas = full.canvas_rgb.clone();
+    for y in 0..region_h {
+        for x in 0..region_w {
+            let target = ((top + y) * width + left + x) as usize;
+            let m = if blend { full.canvas_mask[target] as f32 / 255.0 } else { 1.0 };
+            for c in 0..3 {
+                let source = scaled[((y * region_w + x) as usize) * 3 + c] as f32;
+                let original = canvas[target * 3 + c] as f32;
+                canvas[target * 3 + c] = (source * m + original * (1.0 - m)).round() as u8;
+            }
+        }
+    }
+    canvas
 }
 
 fn image_error(field: &str, error: codec::CodecError) -> ValidationError {
@@ -269,6 +386,22 @@ mod tests {
         assert_eq!(blurred[31], 255);
         assert!(blurred[15] > 0 && blurred[15] < 255 && blurred[16] < 255);
         assert_eq!(blur_mask(&mask, 32, 32, 0), mask);
+    }
+
+    #[test]
+    fn masked_region_pads_and_keeps_the_output_aspect_ratio() {
+        let mut mask = vec![0u8; 64 * 32];
+        mask[10 * 64 + 20] = 255; // one pixel at (20, 10)
+        let (left, top, w, h) = masked_region(&mask, 64, 32, 4).unwrap();
+        assert!(left <= 16 && left + w >= 25 && top <= 6 && top + h >= 15);
+        assert_eq!(w * 32, h * 64, "aspect ratio 2:1");
+        assert!(masked_region(&vec![0u8; 64 * 32], 64, 32, 4).is_none());
+        let (rgb, scaled_mask, full) =
+            full_res_inputs(vec![9u8; 64 * 32 * 3], mask.clone(), 64, 32, 4).unwrap();
+        assert_eq!((rgb.len(), scaled_mask.len()), (64 * 32 * 3, 64 * 32));
+        let pasted = paste_full_res(&vec![200u8; 64 * 32 * 3], 64, 32, &full, true);
+        assert_eq!(pasted[0], 9, "outside the mask stays");
+        assert_eq!(pasted[(10 * 64 + 20) * 3], 200, "the masked pixel is repainted");
     }
 
     #[test]

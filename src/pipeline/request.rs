@@ -109,10 +109,10 @@ pub struct GenerationParams {
     /// Gaussian blur of the mask in pixels; default 4.
     #[serde(default)]
     pub mask_blur: Option<u32>,
-    /// A1111's "inpaint only masked" (not supported yet: true is refused).
+    /// A1111's "inpaint only masked": repaint the masked region scaled up to full size.
     #[serde(default)]
     pub inpaint_full_res: Option<bool>,
-    /// Padding around the masked region for `inpaint_full_res`.
+    /// Padding around the masked region for `inpaint_full_res` (default 32).
     #[serde(default)]
     pub inpaint_full_res_padding: Option<u32>,
     /// Paste the original back outside the mask; default true.
@@ -444,12 +444,6 @@ impl GenerationParams {
                 )
             })?,
         };
-        if self.inpaint_full_res == Some(true) {
-            return Err(ValidationError::new(
-                "inpaint_full_res",
-                "inpainting only the masked region at full resolution is not supported yet",
-            ));
-        }
         let mask_blur = self.mask_blur.unwrap_or(image_input::DEFAULT_MASK_BLUR);
         if mask_blur > image_input::MAX_MASK_BLUR {
             return Err(ValidationError::new(
@@ -465,11 +459,34 @@ impl GenerationParams {
             }
             None => None,
         };
+        let init_rgb = image_input::fit_rgb(init_image, width, height, resize_mode);
+        let padding = self.inpaint_full_res_padding.unwrap_or(32);
+        if padding > 4096 {
+            return Err(ValidationError::new(
+                "inpaint_full_res_padding",
+                format!("must be at most 4096, got {padding}"),
+            ));
+        }
+        let (init_rgb, mask, full_res) = match (self.inpaint_full_res, mask) {
+            (Some(true), Some(mask)) => {
+                let (rgb, mask, full) =
+                    image_input::full_res_inputs(init_rgb, mask, width, height, padding)
+                        .ok_or_else(|| {
+                            ValidationError::new("mask_image", "the mask is empty (all black)")
+                        })?;
+                (rgb, Some(mask), Some(full))
+            }
+            (Some(true), None) => {
+                return Err(ValidationError::new("inpaint_full_res", "needs a mask_image"))
+            }
+            (_, mask) => (init_rgb, mask, None),
+        };
         Ok(Some(ImageConditioning {
-            init_rgb: image_input::fit_rgb(init_image, width, height, resize_mode),
+            init_rgb,
             strength,
             mask,
             paste_back: self.paste_back.unwrap_or(true),
+            full_res,
         }))
     }
 }
