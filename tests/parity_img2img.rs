@@ -3,7 +3,7 @@
 //! diffusers' final latents (max |Δ| ≤ 1e-3) and image (max |Δ| ≤ 2/255 on RGB8).
 //! References: tests/fixtures/reference/img2img_<family>.{json,safetensors}, made by
 //! tools/make_img2img_refs.py (StableDiffusion(XL)Img2ImgPipeline and the 4-channel
-//! StableDiffusionInpaintPipeline). diffusers' inpainting output is not pasted back, so
+//! StableDiffusion(XL)InpaintPipeline). diffusers' inpainting output is not pasted back, so
 //! inpainting cases run with `paste_back` off and `mask_blur` 0: the comparison covers the
 //! latent blending and the decoded image before paste-back.
 
@@ -88,7 +88,7 @@ fn sd1_img2img_and_inpainting_match_diffusers() {
 }
 
 #[test]
-fn sdxl_img2img_matches_diffusers() {
+fn sdxl_img2img_and_inpainting_match_diffusers() {
     check_family("sdxl");
 }
 

@@ -12,7 +12,7 @@ tools/make_fixtures.py) and writes:
                                       symlinked from tests/fixtures/sd1
   tests/fixtures/reference/img2img_<family>.{json,safetensors}
 
-Each case runs StableDiffusion(XL)Img2ImgPipeline or StableDiffusionInpaintPipeline
+Each case runs StableDiffusion(XL)Img2ImgPipeline or StableDiffusion(XL)InpaintPipeline
 (4-channel UNet: latent blending) with one CPU generator seeded 42, strength 0.6, 6 steps,
 guidance 7.5, and stores the final latents (output_type="latent") and the RGB8 image
 (output_type="np", rounded). diffusers' inpainting output has no paste-back (no
@@ -39,6 +39,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image
@@ -99,7 +100,10 @@ CASES = {
         **{f"img2img_{s}": case("img2img", s) for s in SAMPLERS},
         **{f"inpaint_{s}": case("inpaint", s) for s in ("euler", "ddim", "euler_a")},
     },
-    "sdxl": {f"img2img_{s}": case("img2img", s, "sdxl") for s in ("euler", "ddim")},
+    "sdxl": {
+        **{f"img2img_{s}": case("img2img", s, "sdxl") for s in ("euler", "ddim")},
+        "inpaint_euler": case("inpaint", "euler", "sdxl"),
+    },
     "sd1_inpaint": {
         "inpaint9_euler": case("inpaint", "euler", "sd1_inpaint"),
         "inpaint9_ddim": case("inpaint", "ddim", "sd1_inpaint"),
@@ -167,6 +171,7 @@ def main() -> None:
             pipes["img2img"] = StableDiffusionXLImg2ImgPipeline.from_pretrained(
                 folder, torch_dtype=torch.float32, local_files_only=True
             )
+            pipes["inpaint"] = StableDiffusionXLInpaintPipeline(**pipes["img2img"].components)
         else:
             pipes["img2img"] = StableDiffusionImg2ImgPipeline.from_pretrained(
                 folder, torch_dtype=torch.float32, local_files_only=True, safety_checker=None,
