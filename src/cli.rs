@@ -90,6 +90,36 @@ pub struct GenerateArgs {
     /// names these files by stem too.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]", value_parser = parse_lora_arg)]
     pub loras: Vec<(PathBuf, f64)>,
+    /// img2img / inpainting source image (PNG, JPEG or WebP). Without --width/--height
+    /// the output takes its size (down to a multiple of 8).
+    #[arg(long, value_name = "FILE")]
+    pub init_image: Option<PathBuf>,
+    /// img2img strength, (0, 1] (default 0.75).
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// How the init image is fitted when sizes differ: resize, crop or fill.
+    #[arg(long)]
+    pub resize_mode: Option<String>,
+    /// Inpainting mask (white = repaint); needs --init-image.
+    #[arg(long, value_name = "FILE")]
+    pub mask_image: Option<PathBuf>,
+    /// Gaussian blur of the mask in pixels (default 4).
+    #[arg(long)]
+    pub mask_blur: Option<u32>,
+    /// Paste the original back outside the mask (default true).
+    #[arg(long, value_name = "true|false")]
+    pub paste_back: Option<bool>,
+}
+
+/// Reads an image file given on the command line as base64 for the request.
+fn image_file(flag: &str, path: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    path.as_ref()
+        .map(|path| {
+            std::fs::read(path)
+                .map(|bytes| crate::codec::base64_encode(&bytes))
+                .map_err(|e| anyhow::anyhow!("--{flag}: cannot read {}: {e}", path.display()))
+        })
+        .transpose()
 }
 
 /// Parses `FILE[:WEIGHT]`; a suffix that is not a number stays part of the path.
@@ -205,6 +235,12 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         crop_top_left: args.crop_top_left,
         target_size: args.target_size,
         loras,
+        init_image: image_file("init-image", &args.init_image)?,
+        strength: args.strength,
+        resize_mode: args.resize_mode.clone(),
+        mask_image: image_file("mask-image", &args.mask_image)?,
+        mask_blur: args.mask_blur,
+        paste_back: args.paste_back,
         ..Default::default()
     };
     let limits = crate::pipeline::Limits { max_n: 64, max_steps: 1000, ..Default::default() };

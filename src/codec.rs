@@ -351,8 +351,21 @@ fn decode_base64_limited(payload: &str, max_bytes: usize) -> Result<Vec<u8>, Cod
     Ok(bytes)
 }
 
-/// Decodes an image file's bytes (PNG, JPEG or WebP) as [`decode_base64_image`] does.
-pub fn decode_image_bytes(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, CodecError> {
+/// Decodes a user image as [`decode_base64_image`] does but keeps its alpha channel:
+/// `(width, height, rgba)`, `rgba` row-major with 4 bytes per pixel (opaque images get
+/// alpha 255). Masks use it, where transparency carries meaning.
+pub fn decode_base64_image_rgba(
+    data: &str,
+    max_bytes: usize,
+    max_pixels: u64,
+) -> Result<(u32, u32, Vec<u8>), CodecError> {
+    let payload = strip_data_uri(data.trim())?;
+    let bytes = decode_base64_limited(payload, max_bytes)?;
+    let image = decode_dynamic(&bytes, max_pixels)?;
+    Ok((image.width(), image.height(), image.to_rgba8().into_raw()))
+}
+
+fn decode_dynamic(bytes: &[u8], max_pixels: u64) -> Result<image::DynamicImage, CodecError> {
     let format = image::guess_format(bytes).map_err(|_| {
         CodecError::UnsupportedFormat("(unrecognised data, not an image file)".into())
     })?;
@@ -381,7 +394,12 @@ pub fn decode_image_bytes(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage,
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = image::DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     image.apply_orientation(orientation);
+    Ok(image)
+}
 
+/// Decodes an image file's bytes (PNG, JPEG or WebP) as [`decode_base64_image`] does.
+pub fn decode_image_bytes(bytes: &[u8], max_pixels: u64) -> Result<DecodedImage, CodecError> {
+    let image = decode_dynamic(bytes, max_pixels)?;
     let (width, height) = (image.width(), image.height());
     let rgb = if image.color().has_alpha() {
         flatten_onto_white(&image.to_rgba8())

@@ -114,8 +114,29 @@ async fn openai_images_come_back_as_base64_or_url_and_match_the_native_api() {
     server.stop().await;
 }
 
+/// A 64×64 RGBA PNG, opaque except a transparent square (OpenAI's "edit here").
+fn openai_mask() -> Vec<u8> {
+    let mask = image::RgbaImage::from_fn(64, 64, |x, y| {
+        let edit = (16..48).contains(&x) && (16..48).contains(&y);
+        image::Rgba([0, 0, 0, if edit { 0 } else { 255 }])
+    });
+    let mut png = Vec::new();
+    mask.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    png
+}
+
+/// The same mask in sdserve's convention: white = repaint.
+fn white_mask_base64() -> String {
+    let mask = image::GrayImage::from_fn(64, 64, |x, y| {
+        image::Luma([if (16..48).contains(&x) && (16..48).contains(&y) { 255 } else { 0 }])
+    });
+    let mut png = Vec::new();
+    mask.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(png)
+}
+
 #[tokio::test]
-async fn openai_image_edits_are_validated_then_refused_until_img2img_exists() {
+async fn openai_image_edits_inpaint_like_the_native_api() {
     let server = TestServer::start(test_settings(), Double::None).await;
     let png = native_image(&server, "source").await;
     let edit = |parts: &[(&str, &[u8])]| {
@@ -127,15 +148,42 @@ async fn openai_image_edits_are_validated_then_refused_until_img2img_exists() {
             .body(body)
             .send()
     };
+    let mask = openai_mask();
+    let response = edit(&[
+        ("prompt", b"a hat"),
+        ("image", &png),
+        ("mask", &mask),
+        ("steps", b"2"),
+        ("seed", b"7"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let edited = b64(body["data"][0]["b64_json"].as_str().unwrap());
+    assert!(edited.starts_with(PNG_MAGIC));
 
-    let error =
-        error_body(edit(&[("prompt", b"a hat"), ("image", &png)]).await.unwrap(), 501).await;
-    assert_eq!(error["code"], "not_supported");
-    assert!(error["message"].as_str().unwrap().contains("img2img"), "{error}");
+    // The native request the edit means: white = repaint, strength 1 with a mask.
+    let native = json!({"prompt": "a hat", "steps": 2, "seed": 7, "strength": 1.0,
+        "init_image": base64::engine::general_purpose::STANDARD.encode(&png),
+        "mask_image": white_mask_base64()});
+    let body: Value = server.post_json("/v1/generate", &native).await.json().await.unwrap();
+    assert_eq!(edited, b64(body["images"][0]["data"].as_str().unwrap()));
+    assert_ne!(edited, png, "the masked region was repainted");
+
+    // Without a mask: img2img over the whole image.
+    let response = edit(&[("prompt", b"a hat"), ("image", &png), ("steps", b"2")]).await.unwrap();
+    assert_eq!(response.status(), 200);
 
     assert_eq!(error_body(edit(&[("image", &png)]).await.unwrap(), 422).await["param"], "prompt");
     let response = edit(&[("prompt", b"a hat"), ("image", b"not an image")]).await.unwrap();
     assert_eq!(error_body(response, 422).await["param"], "image");
+    let response =
+        edit(&[("prompt", b"a hat"), ("image", &png), ("mask", b"not an image")]).await.unwrap();
+    assert_eq!(error_body(response, 422).await["param"], "mask");
+    let response =
+        edit(&[("prompt", b"a hat"), ("image", &png), ("strength", b"2")]).await.unwrap();
+    assert_eq!(error_body(response, 422).await["param"], "strength");
     let not_multipart = server.post_json("/v1/images/edits", &json!({"prompt": "x"})).await;
     assert_eq!(error_body(not_multipart, 400).await["code"], "invalid_multipart");
     server.stop().await;
@@ -263,9 +311,30 @@ async fn a1111_listings_options_and_img2img() {
         error_body(server.post_json("/sdapi/v1/img2img", &json!({"prompt": "x"})).await, 422).await;
     assert_eq!(error["param"], "init_images");
     let png = native_image(&server, "source").await;
-    let request = json!({"prompt": "x", "init_images": [base64::engine::general_purpose::STANDARD.encode(png)]});
-    let error = error_body(server.post_json("/sdapi/v1/img2img", &request).await, 501).await;
-    assert_eq!(error["code"], "not_supported");
+    let init = base64::engine::general_purpose::STANDARD.encode(&png);
+    let mask = white_mask_base64();
+    // CLIP_stop_at_last_layers was set to 2 above.
+    let request = json!({"prompt": "x", "init_images": [init], "mask": mask, "steps": 2,
+        "seed": 7, "denoising_strength": 0.5, "mask_blur": 2, "resize_mode": 1,
+        "inpainting_fill": 1, "inpaint_full_res": false, "sampler_name": "Euler",
+        "cfg_scale": 7.5});
+    let response = server.post_json("/sdapi/v1/img2img", &request).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let from_a1111 = b64(body["images"][0].as_str().unwrap());
+    assert!(body["parameters"].get("init_images").is_none(), "images are not echoed");
+    let native = json!({"prompt": "x", "init_image": init, "mask_image": mask, "steps": 2,
+        "seed": 7, "strength": 0.5, "mask_blur": 2, "resize_mode": "crop", "sampler": "euler",
+        "clip_skip": 2});
+    let body: Value = server.post_json("/v1/generate", &native).await.json().await.unwrap();
+    assert_eq!(from_a1111, b64(body["images"][0]["data"].as_str().unwrap()));
+
+    let bad = json!({"prompt": "x", "init_images": ["bm90IGFuIGltYWdl"]});
+    let error = error_body(server.post_json("/sdapi/v1/img2img", &bad).await, 422).await;
+    assert_eq!(error["param"], "init_images");
+    let bad = json!({"prompt": "x", "init_images": [init], "resize_mode": 3});
+    let error = error_body(server.post_json("/sdapi/v1/img2img", &bad).await, 422).await;
+    assert_eq!(error["param"], "resize_mode");
     server.stop().await;
 }
 

@@ -31,6 +31,7 @@ use super::native::{submit, unsuccessful_job_error, wait_for_job};
 use super::{AppState, RegisteredModel};
 use crate::codec;
 use crate::jobs::{CancelOutcome, JobId, JobSnapshot, JobState};
+use crate::pipeline::image_input::{self, ResizeMode};
 use crate::samplers::{resolve_sampler_name, SamplerKind, Schedule};
 
 /// A1111's API default step count.
@@ -329,12 +330,16 @@ struct Translated {
     send_images: bool,
 }
 
-fn translate(state: &AppState, raw: Value) -> Result<Translated, ApiError> {
+fn translate(
+    state: &AppState,
+    raw: Value,
+    route: &str,
+    known: HashSet<String>,
+) -> Result<Translated, ApiError> {
     let Value::Object(raw_fields) = &raw else {
         return Err(ApiError::invalid_value("body", "the body must be a JSON object"));
     };
     let request: Txt2ImgRequest = from_json_value(raw.clone())?;
-    let known = known_fields::<Txt2ImgRequest>();
     let mut ignored: Vec<String> =
         raw_fields.keys().filter(|k| !known.contains(*k)).cloned().collect();
 
@@ -359,7 +364,7 @@ fn translate(state: &AppState, raw: Value) -> Result<Translated, ApiError> {
             other => ignored.push(format!("override_settings.{other}")),
         }
     }
-    log_ignored("/sdapi/v1/txt2img", &ignored);
+    log_ignored(route, &ignored);
 
     let (sampler, schedule) = resolve_sampler(
         request.sampler_name.as_deref().or(request.sampler_index.as_deref()),
@@ -481,14 +486,22 @@ pub async fn txt2img(
     State(state): State<AppState>,
     AppJson(raw): AppJson<Value>,
 ) -> Result<Json<Txt2ImgResponse>, ApiError> {
-    let translated = translate(&state, raw)?;
-    let job = submit(&state, &translated.native, None)?;
+    let translated = translate(&state, raw, "/sdapi/v1/txt2img", known_fields::<Txt2ImgRequest>())?;
+    run_translated(&state, translated).await
+}
+
+/// Runs a translated A1111 request and answers in A1111's shape.
+async fn run_translated(
+    state: &AppState,
+    translated: Translated,
+) -> Result<Json<Txt2ImgResponse>, ApiError> {
+    let job = submit(state, &translated.native, None)?;
     {
         let mut session = state.a1111.lock();
         session.jobs.push(job.id.clone());
         session.interrupted = false;
     }
-    let finished = wait_for_job(&state, &job.id).await;
+    let finished = wait_for_job(state, &job.id).await;
     state.a1111.lock().jobs.retain(|id| *id != job.id);
     let finished = finished?;
     let images = match finished.state {
@@ -504,43 +517,112 @@ pub async fn txt2img(
     Ok(Json(Txt2ImgResponse { images, parameters: translated.parameters, info }))
 }
 
-/// Image to image: not supported yet.
+/// A1111's img2img request: the txt2img fields plus the image ones below (any other
+/// field is accepted and ignored).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Img2ImgRequest {
+    #[serde(flatten)]
+    pub base: Txt2ImgRequest,
+    /// The init image (base64 or data URI); only the first is used.
+    pub init_images: Option<Vec<String>>,
+    /// Inpainting mask: white = repaint.
+    pub mask: Option<String>,
+    #[schema(default = 0.75)]
+    pub denoising_strength: Option<f64>,
+    #[schema(default = 4)]
+    pub mask_blur: Option<u32>,
+    /// 0 just resize, 1 crop and resize, 2 resize and fill (3, latent upscale, is refused).
+    #[schema(default = 0)]
+    pub resize_mode: Option<u32>,
+    /// Accepted and ignored: the masked area always starts from the noised original
+    /// (A1111's "original", 1); "fill", "latent noise" and "latent nothing" are not
+    /// implemented.
+    pub inpainting_fill: Option<u32>,
+    /// "Only masked" inpainting (the masked region at full size); ignored without a mask.
+    #[schema(default = false)]
+    pub inpaint_full_res: Option<bool>,
+    pub inpaint_full_res_padding: Option<u32>,
+    /// 1 inverts the mask (black = repaint).
+    #[schema(default = 0)]
+    pub inpainting_mask_invert: Option<u32>,
+}
+
+/// Image to image and inpainting, AUTOMATIC1111 style.
 ///
-/// The body is checked (`init_images` must hold at least one decodable image), then
-/// refused with 501: img2img does not exist in this server yet.
+/// The txt2img translation plus `init_images[0]` → `init_image`, `mask` → `mask_image`,
+/// `denoising_strength` → `strength`, `mask_blur`, `resize_mode` (0/1/2 → resize, crop,
+/// fill), `inpaint_full_res` + `inpaint_full_res_padding` (with a mask). `inpainting_fill`
+/// is ignored (the masked region always starts from the noised original). Without
+/// width/height the output takes the init image's size. The original is pasted back
+/// outside the blurred mask, as A1111 does.
 #[utoipa::path(
     post, path = "/sdapi/v1/img2img", tag = "automatic1111",
-    request_body(content = Object, description = "A1111's img2img request"),
+    request_body = Img2ImgRequest,
     responses(
+        (status = 200, description = "The images (none when interrupted)", body = Txt2ImgResponse),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
-        (status = 422, description = "Missing or undecodable init_images", body = ErrorResponse),
-        (status = 501, description = "img2img is not supported yet", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 422, description = "Missing, undecodable or invalid field; `param` names it", body = ErrorResponse),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorResponse),
+        (status = 500, description = "Generation failed", body = ErrorResponse),
+        (status = 503, description = "Shutting down", body = ErrorResponse),
     )
 )]
 pub async fn img2img(
     State(state): State<AppState>,
     AppJson(raw): AppJson<Value>,
-) -> Result<Response, ApiError> {
-    let images = raw.get("init_images").and_then(Value::as_array).filter(|a| !a.is_empty());
-    let Some(images) = images else {
-        return Err(ApiError::invalid_value(
-            "init_images",
-            "init_images: needs at least one image",
-        ));
+) -> Result<Json<Txt2ImgResponse>, ApiError> {
+    let request: Img2ImgRequest = from_json_value(raw.clone())?;
+    let init = request.init_images.as_ref().and_then(|images| images.first()).ok_or_else(|| {
+        ApiError::invalid_value("init_images", "init_images: needs at least one image")
+    })?;
+    let rename = |error: crate::error::ValidationError, field: &str| {
+        ApiError::invalid_value(field.to_string(), format!("{field}: {}", error.message))
     };
-    let limits = &state.settings.limits;
-    let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height);
-    for image in images {
-        let text = image.as_str().unwrap_or_default();
-        codec::decode_base64_image(text, limits.max_body_bytes, max_pixels)
-            .map_err(|e| ApiError::invalid_value("init_images", format!("init_images: {e}")))?;
+    image_input::decode_init_image("init_images", init).map_err(|e| rename(e, "init_images"))?;
+    let mask = match &request.mask {
+        Some(mask) if request.inpainting_mask_invert == Some(1) => {
+            let (width, height, luma) =
+                image_input::decode_mask("mask", mask).map_err(|e| rename(e, "mask"))?;
+            let rgb: Vec<u8> = luma.iter().flat_map(|&v| [255 - v; 3]).collect();
+            let png = codec::encode_image(&rgb, width, height, codec::ImageFormat::Png, None, None)
+                .map_err(|e| ApiError::invalid_value("mask", format!("mask: {e}")))?;
+            Some(codec::base64_encode(&png))
+        }
+        Some(mask) => {
+            image_input::decode_mask("mask", mask).map_err(|e| rename(e, "mask"))?;
+            Some(mask.clone())
+        }
+        None => None,
+    };
+    let resize_mode = match request.resize_mode {
+        None => None,
+        Some(index) => Some(ResizeMode::from_a1111(index).ok_or_else(|| {
+            ApiError::invalid_value(
+                "resize_mode",
+                format!("resize_mode: {index} is not supported; use 0, 1 or 2"),
+            )
+        })?),
+    };
+    let mut translated =
+        translate(&state, raw, "/sdapi/v1/img2img", known_fields::<Img2ImgRequest>())?;
+    let native = &mut translated.native;
+    // A1111 takes the output size from the request (512 by default); sdserve's default is
+    // the init image's own size, so only explicit sizes are passed on.
+    native.init_image = Some(init.clone());
+    native.strength = Some(request.denoising_strength.unwrap_or(0.75));
+    native.resize_mode = resize_mode.map(|mode| mode.id().to_string());
+    native.mask_blur = request.mask_blur;
+    native.inpaint_full_res = request.inpaint_full_res.filter(|_| mask.is_some());
+    native.inpaint_full_res_padding = request.inpaint_full_res_padding;
+    native.mask_image = mask;
+    if let Value::Object(parameters) = &mut translated.parameters {
+        parameters.remove("init_images");
+        parameters.remove("mask");
+        parameters.entry("denoising_strength").or_insert(json!(0.75));
     }
-    Err(ApiError::new(
-        axum::http::StatusCode::NOT_IMPLEMENTED,
-        "invalid_request_error",
-        "not_supported",
-        "img2img is not supported by this server yet; use /sdapi/v1/txt2img",
-    ))
+    run_translated(&state, translated).await
 }
 
 /// Progress of this dialect's running job (A1111 shape).

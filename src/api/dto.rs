@@ -120,6 +120,35 @@ pub struct GenerateRequest {
     /// LoRAs to apply (at most 16); `<lora:name:weight>` tags in the prompts add more.
     #[serde(default)]
     pub loras: Vec<LoraRequest>,
+    /// img2img / inpainting source image: base64 or a data URI (PNG, JPEG, WebP). Without
+    /// `width`/`height` the output takes its size (rounded down to a multiple of 8).
+    pub init_image: Option<String>,
+    /// img2img strength (0 exclusive to 1): the share of the steps run from the noised
+    /// init image; 1 ignores the image (inpainting: starts from pure noise).
+    #[schema(default = 0.75, minimum = 0, maximum = 1)]
+    pub strength: Option<f64>,
+    /// How the init image and mask are fitted when their size differs from the output:
+    /// `resize` (stretch), `crop` (cover, crop the overflow), `fill` (fit, extend edges).
+    #[schema(default = "resize", example = "crop")]
+    pub resize_mode: Option<String>,
+    /// Inpainting mask (white = repaint, black = keep; grayscale or RGB, alpha ignored),
+    /// fitted like the init image. Needs `init_image`.
+    pub mask_image: Option<String>,
+    /// Gaussian blur of the mask, in pixels (0-64).
+    #[schema(default = 4, minimum = 0, maximum = 64)]
+    pub mask_blur: Option<u32>,
+    /// A1111's "inpaint only masked": the mask's bounding box (plus padding, grown to the
+    /// output's aspect ratio) is scaled up to the output size, inpainted, scaled back and
+    /// pasted into the image through the blurred mask. Needs `mask_image`.
+    #[schema(default = false)]
+    pub inpaint_full_res: Option<bool>,
+    /// Padding around the masked region for `inpaint_full_res`, in pixels.
+    #[schema(default = 32)]
+    pub inpaint_full_res_padding: Option<u32>,
+    /// Paste the original back outside the (blurred) mask after decoding, so that
+    /// unmasked pixels survive the lossy VAE round trip.
+    #[schema(default = true)]
+    pub paste_back: Option<bool>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -161,6 +190,14 @@ impl GenerateRequest {
                     weight: l.weight.unwrap_or(1.0),
                 })
                 .collect(),
+            init_image: self.init_image.clone(),
+            strength: self.strength,
+            resize_mode: self.resize_mode.clone(),
+            mask_image: self.mask_image.clone(),
+            mask_blur: self.mask_blur,
+            inpaint_full_res: self.inpaint_full_res,
+            inpaint_full_res_padding: self.inpaint_full_res_padding,
+            paste_back: self.paste_back,
         }
     }
 }

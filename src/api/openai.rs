@@ -1,7 +1,7 @@
 //! The OpenAI Images dialect: `POST /v1/images/generations` translated into the native
 //! request (same validation, queue and workers), answered in OpenAI's response shape;
-//! `POST /v1/images/edits` is parsed and validated, then refused until img2img and
-//! inpainting exist.
+//! `POST /v1/images/edits` becomes an img2img / inpainting request (the mask's
+//! transparency marks what to repaint).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +18,7 @@ use super::native::{submit, unsuccessful_job_error, wait_for_job};
 use super::AppState;
 use crate::codec;
 use crate::jobs::{JobSnapshot, JobState};
+use crate::pipeline::image_input;
 
 /// How images come back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ToSchema)]
@@ -302,42 +303,74 @@ pub async fn create_images(
     Ok(response)
 }
 
-/// The multipart form of an image edit request, as OpenAI documents it.
+/// The multipart form of an image edit request, as OpenAI documents it, plus sdserve's
+/// extensions.
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
 pub struct ImageEditForm {
-    /// The image to edit (PNG, JPEG or WebP); `image[]` is accepted too.
+    /// The image to edit (PNG, JPEG or WebP); `image[]` is accepted too (the first one
+    /// is used).
     #[schema(value_type = String, format = Binary)]
     image: Vec<u8>,
-    /// Where to edit: fully transparent pixels (alpha 0) are repainted.
+    /// Where to edit: fully transparent pixels (alpha 0) are repainted, opaque ones kept
+    /// (partial alpha repaints partly). Without a mask the whole image is reworked
+    /// (img2img).
     #[schema(value_type = Option<String>, format = Binary)]
     mask: Option<Vec<u8>>,
     /// What to draw. Required.
     prompt: String,
     model: Option<String>,
     n: Option<u32>,
+    /// `WIDTHxHEIGHT`; the image's own size (down to a multiple of 8) when absent.
     size: Option<String>,
     response_format: Option<ResponseFormat>,
+    /// Extension: how much of the image is reworked (0-1]; default 1 with a mask (the
+    /// masked region is repainted from noise), 0.75 without.
+    strength: Option<f64>,
+    /// Extension.
+    negative_prompt: Option<String>,
+    /// Extension.
+    steps: Option<u32>,
+    /// Extension.
+    guidance_scale: Option<f64>,
+    /// Extension.
+    seed: Option<i64>,
+    /// Extension.
+    sampler: Option<String>,
 }
 
-/// Edit an image (OpenAI Images API): not supported yet.
+/// Parses a text field of the edit form, naming it on failure.
+fn form_number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ApiError> {
+    text.trim().parse().map_err(|_| {
+        ApiError::invalid_value(name.to_string(), format!("{name}: {text:?} is not a valid number"))
+    })
+}
+
+/// Edit an image (OpenAI Images API): inpainting with a mask, img2img without.
 ///
-/// The form is read and validated (a `prompt`, a decodable `image`, an optional
-/// decodable `mask`), then refused with 501: edits need img2img and inpainting, which
-/// this server does not have yet.
+/// A translation into `POST /v1/generate` with `init_image` (the `image`), `mask_image`
+/// (the `mask`'s transparency turned into white = repaint) and `strength`. The original
+/// is pasted back outside the mask. Extensions: `strength`, `negative_prompt`, `steps`,
+/// `guidance_scale`, `seed`, `sampler`.
 #[utoipa::path(
     post, path = "/v1/images/edits", tag = "openai",
     request_body(content = ImageEditForm, content_type = "multipart/form-data"),
     responses(
+        (status = 200, description = "The edited images", body = ImagesResponse,
+            headers(("x-job-id" = String, description = "The job id"))),
         (status = 400, description = "Not a multipart form", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
-        (status = 422, description = "Missing or undecodable field; `param` names it", body = ErrorResponse),
-        (status = 501, description = "Image edits are not supported yet", body = ErrorResponse),
+        (status = 422, description = "Missing, undecodable or invalid field; `param` names it", body = ErrorResponse),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorResponse),
+        (status = 500, description = "Generation failed", body = ErrorResponse),
+        (status = 503, description = "Shutting down", body = ErrorResponse),
     )
 )]
 pub async fn edit_images(
     State(state): State<AppState>,
+    headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Response, ApiError> {
     let mut multipart = multipart.map_err(|rejection| {
@@ -350,35 +383,93 @@ pub async fn edit_images(
     })?;
     let limits = &state.settings.limits;
     let max_pixels = u64::from(limits.max_width) * u64::from(limits.max_height);
-    let (mut has_prompt, mut has_image) = (false, false);
+    let mut native =
+        GenerateRequest { output_format: Some(OutputFormat::Png), ..Default::default() };
+    let mut response_format = ResponseFormat::default();
+    let mut size = None;
     loop {
         let field = multipart.next_field().await.map_err(multipart_error)?;
         let Some(field) = field else { break };
         let name = field.name().unwrap_or_default().to_string();
         let bytes = field.bytes().await.map_err(multipart_error)?;
+        let text = || String::from_utf8_lossy(&bytes).into_owned();
         match name.as_str() {
-            "prompt" => has_prompt = true,
-            "image" | "image[]" | "mask" => {
-                codec::decode_image_bytes(&bytes, max_pixels).map_err(|error| {
-                    ApiError::invalid_value(name.clone(), format!("{name}: {error}"))
-                })?;
-                has_image |= name != "mask";
+            "prompt" => native.prompt = Some(text()),
+            "image" | "image[]" => {
+                codec::decode_image_bytes(&bytes, max_pixels)
+                    .map_err(|error| ApiError::invalid_value("image", format!("image: {error}")))?;
+                if native.init_image.is_none() {
+                    native.init_image = Some(codec::base64_encode(&bytes));
+                }
             }
+            "mask" => {
+                let (width, height, luma) =
+                    image_input::mask_from_alpha("mask", &codec::base64_encode(&bytes)).map_err(
+                        |error| ApiError::invalid_value("mask", format!("mask: {}", error.message)),
+                    )?;
+                let rgb: Vec<u8> = luma.iter().flat_map(|&v| [v, v, v]).collect();
+                let png = codec::encode_image(
+                    &rgb,
+                    width,
+                    height,
+                    codec::ImageFormat::Png,
+                    None,
+                    None,
+                )
+                .map_err(|error| ApiError::invalid_value("mask", format!("mask: {error}")))?;
+                native.mask_image = Some(codec::base64_encode(&png));
+            }
+            "model" => native.model = Some(text()).filter(|m| !is_openai_model_name(m)),
+            "n" => native.n = Some(form_number("n", &text())?),
+            "size" => size = parse_size(&text())?,
+            "response_format" => {
+                response_format = match text().trim() {
+                    "b64_json" => ResponseFormat::B64Json,
+                    "url" => ResponseFormat::Url,
+                    other => {
+                        return Err(ApiError::invalid_value(
+                            "response_format",
+                            format!("response_format: {other:?} is not one of b64_json, url"),
+                        ))
+                    }
+                }
+            }
+            "strength" => native.strength = Some(form_number("strength", &text())?),
+            "negative_prompt" => native.negative_prompt = Some(text()),
+            "steps" => native.steps = Some(form_number("steps", &text())?),
+            "guidance_scale" => {
+                native.guidance_scale = Some(form_number("guidance_scale", &text())?)
+            }
+            "seed" => native.seed = Some(form_number("seed", &text())?),
+            "sampler" => native.sampler = Some(text()),
             _ => {}
         }
     }
-    if !has_prompt {
+    if native.prompt.is_none() {
         return Err(ApiError::invalid_value("prompt", "prompt: is required"));
     }
-    if !has_image {
+    if native.init_image.is_none() {
         return Err(ApiError::invalid_value("image", "image: is required"));
     }
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "invalid_request_error",
-        "not_supported",
-        "image edits need img2img/inpainting, which this server does not support yet",
-    ))
+    if native.mask_image.is_some() && native.strength.is_none() {
+        native.strength = Some(1.0);
+    }
+    if let Some((width, height)) = size {
+        native.width = Some(width);
+        native.height = Some(height);
+    }
+    let job = submit(&state, &native, None)?;
+    let finished = wait_for_job(&state, &job.id).await?;
+    if finished.state != JobState::Succeeded {
+        return Err(unsuccessful_job_error(&finished));
+    }
+    let base_url = public_base_url(&headers, &state);
+    let mut response = Json(images_response(&finished, response_format, &base_url)).into_response();
+    response.headers_mut().insert(
+        HeaderName::from_static("x-job-id"),
+        HeaderValue::from_str(finished.id.as_str()).expect("ids are ASCII"),
+    );
+    Ok(response)
 }
 
 fn multipart_error(error: axum::extract::multipart::MultipartError) -> ApiError {

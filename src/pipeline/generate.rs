@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::image_input::{self, ImageConditioning};
 use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
 use crate::adapters::lora::targets::{patch_weights, with_overrides, Component, ModuleTable};
@@ -19,7 +20,7 @@ use crate::models::loader::{self, ModelLayout, NetworkWeights};
 use crate::models::unet::{AddedConditions, UNet};
 use crate::models::vae::AutoencoderKl;
 use crate::models::ModelFamily;
-use crate::samplers::{SchedulerConfig, TorchGenerator};
+use crate::samplers::{Sampler, SchedulerConfig, TorchGenerator};
 
 /// Where and in which precision a model runs.
 #[derive(Debug, Clone)]
@@ -361,16 +362,22 @@ impl Pipeline {
         };
 
         let latent_channels = self.vae.config().latent_channels;
-        if self.unet.config().in_channels != latent_channels {
-            return Err(ValidationError::new(
-                "model",
+        let in_channels = self.unet.config().in_channels;
+        let masked = request.image.as_ref().is_some_and(|image| image.mask.is_some());
+        let inpainting_unet = in_channels == 2 * latent_channels + 1;
+        if in_channels != latent_channels && !(masked && inpainting_unet) {
+            let reason = if inpainting_unet {
                 format!(
-                    "this UNet takes {} input channels (an inpainting model); text-to-image \
-                     needs a {latent_channels}-channel model",
-                    self.unet.config().in_channels
-                ),
-            )
-            .into());
+                    "this UNet takes {in_channels} input channels (an inpainting model); it \
+                     needs an init_image and a mask_image"
+                )
+            } else {
+                format!(
+                    "this UNet takes {in_channels} input channels; this pipeline runs \
+                     {latent_channels}-channel models (and inpainting models with a mask)"
+                )
+            };
+            return Err(ValidationError::new("model", reason).into());
         }
         let steps = request.steps as usize;
         let mut sampler =
@@ -379,20 +386,38 @@ impl Pipeline {
             (0..n).map(|i| TorchGenerator::new(request.seed.wrapping_add(i as u64))).collect();
         let latent_shape =
             (1, latent_channels, request.height as usize / 8, request.width as usize / 8);
-        let noise = generators
-            .iter_mut()
-            .map(|g| g.randn_tensor(latent_shape, &self.device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut latents = (Tensor::cat(&noise, 0)? * sampler.init_noise_sigma())?;
+        let start = match &request.image {
+            None => {
+                let noise = generators
+                    .iter_mut()
+                    .map(|g| g.randn_tensor(latent_shape, &self.device))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let latents = (Tensor::cat(&noise, 0)? * sampler.init_noise_sigma())?;
+                ImageStart { start: 0, latents, blend: None, extra_channels: None }
+            }
+            Some(image) => self.image_start(
+                image,
+                request,
+                sampler.as_ref(),
+                &mut generators,
+                inpainting_unet && masked,
+                guided,
+            )?,
+        };
+        let ImageStart { start, mut latents, blend, extra_channels } = start;
 
         let timesteps = sampler.timesteps().to_vec();
-        for (index, &timestep) in timesteps.iter().enumerate() {
+        let total = timesteps.len() - start;
+        for (index, &timestep) in timesteps.iter().enumerate().skip(start) {
             if observer.should_cancel() {
                 return Err(PipelineError::Cancelled);
             }
             let model_input =
                 if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let model_input = sampler.scale_model_input(&model_input, index)?;
+            let mut model_input = sampler.scale_model_input(&model_input, index)?;
+            if let Some(extra) = &extra_channels {
+                model_input = Tensor::cat(&[&model_input, extra], 1)?;
+            }
             let prediction = unet
                 .forward(&model_input.to_dtype(self.dtype)?, timestep, &context, added.as_ref())?
                 .to_dtype(DType::F32)?;
@@ -410,9 +435,137 @@ impl Pipeline {
                 prediction
             };
             latents = sampler.step(&guided_prediction, index, &latents, &mut generators)?;
-            observer.on_step(0, index + 1, timesteps.len());
+            if let Some(blend) = &blend {
+                // diffusers' 4-channel inpainting: keep the original outside the mask,
+                // noised to the level of the next step (clean after the last one).
+                let original = if index + 1 < timesteps.len() {
+                    sampler.add_noise(&blend.image_latents, &blend.noise, index + 1)?
+                } else {
+                    blend.image_latents.clone()
+                };
+                let keep = (1.0 - &blend.mask)?;
+                latents = (original.broadcast_mul(&keep)? + latents.broadcast_mul(&blend.mask)?)?;
+            }
+            observer.on_step(0, index + 1 - start, total);
         }
         Ok(latents)
+    }
+
+    /// img2img / inpainting start, as diffusers' `StableDiffusionImg2ImgPipeline` and
+    /// `StableDiffusionInpaintPipeline` prepare it: the init image VAE-encoded and sampled
+    /// from its latent distribution, noised to the first step `strength` keeps
+    /// (`get_timesteps`). Each image's generator draws, in diffusers' order, the encoder
+    /// sample, the start noise, then (inpainting) the masked-image encoder sample.
+    fn image_start(
+        &self,
+        image: &ImageConditioning,
+        request: &GenerationRequest,
+        sampler: &dyn Sampler,
+        generators: &mut [TorchGenerator],
+        inpainting_unet: bool,
+        guided: bool,
+    ) -> Result<ImageStart, PipelineError> {
+        let steps = request.steps as usize;
+        let kept_steps = ((steps as f64 * image.strength) as usize).min(steps);
+        if kept_steps == 0 {
+            return Err(ValidationError::new(
+                "strength",
+                format!(
+                    "strength {} of {steps} steps leaves no step to run; raise strength or steps",
+                    image.strength
+                ),
+            )
+            .into());
+        }
+        let start = (steps - kept_steps) * sampler.order();
+        let full_strength = image.strength == 1.0;
+        let (width, height) = (request.width as usize, request.height as usize);
+        let pixels = Tensor::from_vec(
+            image.init_rgb.iter().map(|&v| v as f32 / 255.0 * 2.0 - 1.0).collect::<Vec<_>>(),
+            (height, width, 3),
+            &self.device,
+        )?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?;
+        // 9-channel models at full strength start from pure noise: diffusers skips the
+        // encoder sample (and its draw) there.
+        let encode_init = !(inpainting_unet && full_strength);
+        let init = if encode_init { Some(self.encode_distribution(&pixels)?) } else { None };
+        let latent_shape = (1, self.vae.config().latent_channels, height / 8, width / 8);
+        let mut image_latents = Vec::new();
+        let mut noises = Vec::new();
+        for generator in generators.iter_mut() {
+            if let Some(init) = &init {
+                image_latents.push(init.sample(generator, self.vae.config())?);
+            }
+            noises.push(generator.randn_tensor(latent_shape, &self.device)?);
+        }
+        let noise = Tensor::cat(&noises, 0)?;
+        let image_latents =
+            if image_latents.is_empty() { None } else { Some(Tensor::cat(&image_latents, 0)?) };
+        // A sampler without `add_noise` cannot start part-way: the request's choice.
+        let unsupported = |e: candle_core::Error| -> PipelineError {
+            ValidationError::new("sampler", format!("{}: {e}", request.sampler.id())).into()
+        };
+        let latents = match (&image.mask, &image_latents) {
+            (Some(_), _) if full_strength => {
+                // Probe so the refusal comes before any step, as for the other paths.
+                let probe = Tensor::zeros(latent_shape, DType::F32, &self.device)?;
+                sampler.add_noise(&probe, &probe, start).map_err(unsupported)?;
+                (&noise * sampler.init_noise_sigma())?
+            }
+            (_, Some(clean)) => sampler.add_noise(clean, &noise, start).map_err(unsupported)?,
+            (_, None) => unreachable!("the init image is encoded unless masked at full strength"),
+        };
+        let Some(mask) = &image.mask else {
+            return Ok(ImageStart { start, latents, blend: None, extra_channels: None });
+        };
+        let latent_mask = Tensor::from_vec(
+            image_input::latent_mask(mask, request.width, request.height),
+            (1, 1, height / 8, width / 8),
+            &self.device,
+        )?;
+        let keep = Tensor::from_vec(
+            image_input::binarized(mask).into_iter().map(|m| 1.0 - m).collect::<Vec<f32>>(),
+            (1, 1, height, width),
+            &self.device,
+        )?;
+        let masked_pixels = pixels.broadcast_mul(&keep)?;
+        if inpainting_unet {
+            let masked = self.encode_distribution(&masked_pixels)?;
+            let masked_latents = generators
+                .iter_mut()
+                .map(|g| masked.sample(g, self.vae.config()))
+                .collect::<Result<Vec<_>, PipelineError>>()?;
+            let n = generators.len();
+            let extra = Tensor::cat(
+                &[latent_mask.repeat((n, 1, 1, 1))?, Tensor::cat(&masked_latents, 0)?],
+                1,
+            )?;
+            let extra = if guided { Tensor::cat(&[&extra, &extra], 0)? } else { extra };
+            return Ok(ImageStart { start, latents, blend: None, extra_channels: Some(extra) });
+        }
+        // diffusers encodes the masked image for 4-channel models too (and discards it);
+        // the draw it makes is repeated so later noise (ancestral samplers) matches.
+        for generator in generators.iter_mut() {
+            generator.randn_tensor(latent_shape, &self.device)?;
+        }
+        let image_latents =
+            image_latents.expect("4-channel inpainting always encodes the init image");
+        Ok(ImageStart {
+            start,
+            latents,
+            blend: Some(LatentBlend { image_latents, noise, mask: latent_mask }),
+            extra_channels: None,
+        })
+    }
+
+    /// The VAE's latent distribution of images in [-1, 1] (`[1, 3, H, W]`), in f32.
+    fn encode_distribution(&self, pixels: &Tensor) -> Result<EncodedImage, PipelineError> {
+        let distribution = self.vae.encode(&pixels.to_dtype(self.vae_dtype())?)?;
+        let mean = distribution.mean.to_dtype(DType::F32)?;
+        let std = (distribution.logvar.to_dtype(DType::F32)? * 0.5)?.exp()?;
+        Ok(EncodedImage { mean, std })
     }
 
     /// Decodes final latents to 8-bit RGB images (row-major, one `Vec` per image), as
@@ -524,7 +677,25 @@ impl Pipeline {
         latents: &Tensor,
         request: &GenerationRequest,
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
-        let pixels = self.decode_latents_to_rgb(latents)?;
+        let mut pixels = self.decode_latents_to_rgb(latents)?;
+        if let Some(image) = &request.image {
+            if let Some(full) = &image.full_res {
+                // "Inpaint only masked": the region goes back into the whole image.
+                for rgb in &mut pixels {
+                    *rgb = image_input::paste_full_res(
+                        rgb,
+                        request.width,
+                        request.height,
+                        full,
+                        image.paste_back,
+                    );
+                }
+            } else if let (Some(mask), true) = (&image.mask, image.paste_back) {
+                for rgb in &mut pixels {
+                    image_input::paste_back(rgb, &image.init_rgb, mask);
+                }
+            }
+        }
         Ok(pixels
             .into_iter()
             .enumerate()
@@ -536,6 +707,49 @@ impl Pipeline {
                 rgb,
             })
             .collect())
+    }
+}
+
+/// Where an image-conditioned run starts and what its loop needs besides the latents.
+struct ImageStart {
+    /// First index into the sampler's timesteps.
+    start: usize,
+    latents: Tensor,
+    /// 4-channel inpainting: the original blended back outside the mask each step.
+    blend: Option<LatentBlend>,
+    /// 9-channel inpainting: `[mask, masked image latents]` appended to the UNet input
+    /// (already doubled for guidance).
+    extra_channels: Option<Tensor>,
+}
+
+struct LatentBlend {
+    /// The clean init image latents (scaled), one per image.
+    image_latents: Tensor,
+    /// The start noise, reused to re-noise the original each step as diffusers does.
+    noise: Tensor,
+    /// `[1, 1, h, w]`, 1 = repaint.
+    mask: Tensor,
+}
+
+/// A VAE latent distribution (diagonal Gaussian) in f32.
+struct EncodedImage {
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl EncodedImage {
+    /// `latent_dist.sample(generator)` times the scaling factor (shift removed first).
+    fn sample(
+        &self,
+        generator: &mut TorchGenerator,
+        config: &crate::models::vae::VaeConfig,
+    ) -> Result<Tensor, PipelineError> {
+        let draw = generator.randn_tensor(self.mean.dims(), self.mean.device())?;
+        let mut latents = (&self.mean + (&self.std * draw)?)?;
+        if let Some(shift) = config.shift_factor {
+            latents = (latents - shift)?;
+        }
+        Ok((latents * config.scaling_factor)?)
     }
 }
 

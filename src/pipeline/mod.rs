@@ -4,6 +4,7 @@
 //! Used by the worker threads of the service and by the `generate` CLI command.
 
 pub mod generate;
+pub mod image_input;
 pub mod prompt;
 pub mod request;
 pub mod text;

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::image_input::{self, ImageConditioning, ResizeMode};
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
@@ -93,6 +94,30 @@ pub struct GenerationParams {
     /// LoRAs to apply; `<lora:name:weight>` tags in the prompts add more.
     #[serde(default)]
     pub loras: Vec<LoraChoice>,
+    /// img2img / inpainting source image (base64 or data URI; PNG, JPEG, WebP).
+    #[serde(default)]
+    pub init_image: Option<String>,
+    /// img2img strength in (0, 1]; default 0.75.
+    #[serde(default)]
+    pub strength: Option<f64>,
+    /// `resize`, `crop` or `fill` when the init image size differs from the output.
+    #[serde(default)]
+    pub resize_mode: Option<String>,
+    /// Inpainting mask (white = repaint); needs `init_image`.
+    #[serde(default)]
+    pub mask_image: Option<String>,
+    /// Gaussian blur of the mask in pixels; default 4.
+    #[serde(default)]
+    pub mask_blur: Option<u32>,
+    /// A1111's "inpaint only masked": repaint the masked region scaled up to full size.
+    #[serde(default)]
+    pub inpaint_full_res: Option<bool>,
+    /// Padding around the masked region for `inpaint_full_res` (default 32).
+    #[serde(default)]
+    pub inpaint_full_res_padding: Option<u32>,
+    /// Paste the original back outside the mask; default true.
+    #[serde(default)]
+    pub paste_back: Option<bool>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -140,6 +165,9 @@ pub struct GenerationRequest {
     /// checked for shape; whether they exist is checked against the LoRA library.
     #[serde(default)]
     pub loras: Vec<LoraChoice>,
+    /// img2img / inpainting input; `None` = text-to-image.
+    #[serde(default)]
+    pub image: Option<ImageConditioning>,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -154,8 +182,16 @@ impl GenerationParams {
         model: &ModelDefaults,
         limits: &Limits,
     ) -> Result<GenerationRequest, ValidationError> {
-        let width = self.width.unwrap_or(model.width);
-        let height = self.height.unwrap_or(model.height);
+        let init_image = match &self.init_image {
+            Some(data) => Some(image_input::decode_init_image("init_image", data)?),
+            None => None,
+        };
+        // Without an explicit size, img2img keeps the init image's size (down to a
+        // multiple of 8), as diffusers' image processor does.
+        let init_size =
+            init_image.as_ref().map(|image| (image.width / 8 * 8, image.height / 8 * 8));
+        let width = self.width.or(init_size.map(|s| s.0)).unwrap_or(model.width);
+        let height = self.height.or(init_size.map(|s| s.1)).unwrap_or(model.height);
         for (field, value, max) in
             [("width", width, limits.max_width), ("height", height, limits.max_height)]
         {
@@ -172,6 +208,7 @@ impl GenerationParams {
                 ));
             }
         }
+        let image = self.image_conditioning(init_image, width, height)?;
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > limits.max_steps {
             return Err(ValidationError::new(
@@ -369,7 +406,88 @@ impl GenerationParams {
                 negative_aesthetic_score,
             },
             loras,
+            image,
         })
+    }
+
+    /// Validates the img2img / inpainting fields and fits the images to the output size.
+    fn image_conditioning(
+        &self,
+        init_image: Option<crate::codec::DecodedImage>,
+        width: u32,
+        height: u32,
+    ) -> Result<Option<ImageConditioning>, ValidationError> {
+        let Some(init_image) = init_image else {
+            let image_only = [
+                ("mask_image", self.mask_image.is_some()),
+                ("strength", self.strength.is_some()),
+                ("resize_mode", self.resize_mode.is_some()),
+            ];
+            if let Some((field, _)) = image_only.into_iter().find(|(_, given)| *given) {
+                return Err(ValidationError::new(field, "needs an init_image"));
+            }
+            return Ok(None);
+        };
+        let strength = self.strength.unwrap_or(image_input::DEFAULT_STRENGTH);
+        if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+            return Err(ValidationError::new(
+                "strength",
+                format!("must be greater than 0 and at most 1, got {strength}"),
+            ));
+        }
+        let resize_mode = match self.resize_mode.as_deref() {
+            None => ResizeMode::default(),
+            Some(name) => ResizeMode::from_name(name).ok_or_else(|| {
+                ValidationError::new(
+                    "resize_mode",
+                    format!("unknown resize mode {name:?}; valid modes: resize, crop, fill"),
+                )
+            })?,
+        };
+        let mask_blur = self.mask_blur.unwrap_or(image_input::DEFAULT_MASK_BLUR);
+        if mask_blur > image_input::MAX_MASK_BLUR {
+            return Err(ValidationError::new(
+                "mask_blur",
+                format!("must be at most {}, got {mask_blur}", image_input::MAX_MASK_BLUR),
+            ));
+        }
+        let mask = match &self.mask_image {
+            Some(data) => {
+                let decoded = image_input::decode_mask("mask_image", data)?;
+                let fitted = image_input::fit_mask(decoded, width, height, resize_mode);
+                Some(image_input::blur_mask(&fitted, width, height, mask_blur))
+            }
+            None => None,
+        };
+        let init_rgb = image_input::fit_rgb(init_image, width, height, resize_mode);
+        let padding = self.inpaint_full_res_padding.unwrap_or(32);
+        if padding > 4096 {
+            return Err(ValidationError::new(
+                "inpaint_full_res_padding",
+                format!("must be at most 4096, got {padding}"),
+            ));
+        }
+        let (init_rgb, mask, full_res) = match (self.inpaint_full_res, mask) {
+            (Some(true), Some(mask)) => {
+                let (rgb, mask, full) =
+                    image_input::full_res_inputs(init_rgb, mask, width, height, padding)
+                        .ok_or_else(|| {
+                            ValidationError::new("mask_image", "the mask is empty (all black)")
+                        })?;
+                (rgb, Some(mask), Some(full))
+            }
+            (Some(true), None) => {
+                return Err(ValidationError::new("inpaint_full_res", "needs a mask_image"))
+            }
+            (_, mask) => (init_rgb, mask, None),
+        };
+        Ok(Some(ImageConditioning {
+            init_rgb,
+            strength,
+            mask,
+            paste_back: self.paste_back.unwrap_or(true),
+            full_res,
+        }))
     }
 }
 

@@ -11,7 +11,9 @@ use candle_core::{Error, Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_sigma_noise, as_f32, batch_noise, check_same_shape, check_step_index, div, mul,
+};
 use super::{Sampler, TorchGenerator};
 
 /// diffusers' layout of per-step values over model evaluations:
@@ -123,6 +125,15 @@ impl Sampler for Dpm2 {
 
     fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma as f64
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        add_sigma_noise(original, noise, self.sigmas[step_index])
+    }
+
+    fn order(&self) -> usize {
+        2
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {

@@ -84,6 +84,14 @@ impl Sampler for DpmPp2m {
         1.0
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(noise, original)?;
+        // This solver works in VP coordinates: x_t = alpha_t x0 + sigma_t noise.
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
+        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+    }
+
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
         Ok(sample.clone())

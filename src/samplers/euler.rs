@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{add_sigma_noise, as_f32, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
 
 /// An Euler run of a fixed number of steps.
@@ -73,6 +73,11 @@ impl Sampler for Euler {
 
     fn init_noise_sigma(&self) -> f64 {
         self.schedule.init_noise_sigma as f64
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        add_sigma_noise(original, noise, self.schedule.sigmas[step_index])
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {

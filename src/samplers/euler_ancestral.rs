@@ -7,7 +7,9 @@ use candle_core::{Error, Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_sigma_noise, as_f32, batch_noise, check_same_shape, check_step_index, div, mul,
+};
 use super::{Sampler, TorchGenerator};
 
 /// An Euler ancestral run of a fixed number of steps.
@@ -64,6 +66,11 @@ impl Sampler for EulerAncestral {
 
     fn init_noise_sigma(&self) -> f64 {
         self.schedule.init_noise_sigma as f64
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        add_sigma_noise(original, noise, self.schedule.sigmas[step_index])
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {

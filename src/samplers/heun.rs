@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{add_sigma_noise, as_f32, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
 
 /// State kept between the predictor and the corrector evaluation of one step.
@@ -71,6 +71,15 @@ impl Sampler for Heun {
 
     fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma as f64
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        add_sigma_noise(original, noise, self.sigmas[step_index])
+    }
+
+    fn order(&self) -> usize {
+        2
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {

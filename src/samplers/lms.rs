@@ -9,7 +9,7 @@ use candle_core::{Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{add_sigma_noise, as_f32, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
 
 /// The highest order diffusers' pipelines use (its `step(order=4)` default).
@@ -73,6 +73,11 @@ impl Sampler for Lms {
         self.init_noise_sigma as f64
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        add_sigma_noise(original, noise, self.sigmas[step_index])
+    }
+
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
         scale_for_sigma(sample, self.sigmas[step_index])
@@ -96,9 +101,12 @@ impl Sampler for Lms {
         if self.derivatives.len() > ORDER {
             self.derivatives.remove(0);
         }
-        let order = (step_index + 1).min(ORDER).min(self.derivatives.len());
+        // diffusers picks the order from the step index and then zips the coefficients
+        // with the derivatives it has, so a run begun part-way (img2img) computes
+        // higher-order coefficients but uses only as many as it has derivatives.
+        let order = (step_index + 1).min(ORDER);
         let mut update: Option<Tensor> = None;
-        for (current, derivative) in self.derivatives.iter().rev().take(order).enumerate() {
+        for (current, derivative) in self.derivatives.iter().rev().enumerate() {
             let term = mul(derivative, self.coefficient(order, step_index, current) as f32)?;
             update = Some(match update {
                 None => term,

@@ -22,6 +22,8 @@ pub mod unipc;
 mod step_math;
 
 #[cfg(test)]
+mod add_noise_tests;
+#[cfg(test)]
 mod parity_tests;
 #[cfg(test)]
 mod samplers2_parity_tests;
@@ -295,4 +297,20 @@ pub trait Sampler: Send {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor>;
+
+    /// Model evaluations per step (2 for Heun and DPM2): a run that starts part-way, as
+    /// img2img does at step `t_start`, starts at `timesteps()[t_start * order()]`
+    /// (diffusers' `set_begin_index`).
+    fn order(&self) -> usize {
+        1
+    }
+
+    /// Noises a clean latent `original` to the noise level the sampler expects at
+    /// `step_index` (diffusers' `add_noise` at the begin index, or at the current step
+    /// index when inpainting re-noises the original after a step). A run started this way
+    /// at `step_index` must then call `step` from `step_index` on with no earlier state.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        let _ = (original, noise, step_index);
+        Err(Error::Msg("img2img is not supported with this sampler yet".into()))
+    }
 }

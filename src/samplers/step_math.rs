@@ -65,3 +65,9 @@ pub(crate) fn batch_noise(generators: &mut [TorchGenerator], like: &Tensor) -> R
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&items, 0)
 }
+
+/// The sigma samplers' `add_noise`: `original + noise * sigma`, in float32.
+pub(crate) fn add_sigma_noise(original: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
+    check_same_shape(noise, original)?;
+    as_f32(original)? + mul(&as_f32(noise)?, sigma)?
+}
