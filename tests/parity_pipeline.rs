@@ -145,3 +145,22 @@ fn single_files_give_the_same_images_as_their_folders() {
         assert_eq!(from_folder[0].rgb, from_single[0].rgb, "{family}: images differ");
     }
 }
+
+/// Sizes whose latents are odd at some UNet level (72 px → 9 → 5 → 9) run: the UNet
+/// upsamples to the size of the skip connection, as diffusers does.
+#[test]
+fn odd_latent_sizes_run() {
+    let pipeline = load(&fixtures().join("sd1"));
+    let request = GenerationParams {
+        prompt: "a lighthouse".into(),
+        width: Some(72),
+        height: Some(88),
+        steps: Some(2),
+        seed: Some(1),
+        ..Default::default()
+    }
+    .validate(pipeline.defaults(), &Default::default())
+    .unwrap();
+    let images = pipeline.generate(&request, &mut NoObserver).unwrap();
+    assert_eq!((images[0].width, images[0].height, images[0].rgb.len()), (72, 88, 72 * 88 * 3));
+}

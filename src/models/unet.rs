@@ -599,8 +599,14 @@ impl UNet {
                 }
             }
             if let Some(upsampler) = &block.upsampler {
-                let (_, _, height, width) = x.dims4()?;
-                x = upsampler.forward(&x.upsample_nearest2d(height * 2, width * 2)?)?;
+                // Upsample to the size of the skip connection it meets next: twice the size
+                // except where a downsampler rounded an odd size up (e.g. 72 px images:
+                // 9 → 5 → 9, not 10), as diffusers' `forward_upsample_size` does.
+                let (height, width) = match skips.last() {
+                    Some(skip) => (skip.dim(2)?, skip.dim(3)?),
+                    None => (x.dim(2)? * 2, x.dim(3)? * 2),
+                };
+                x = upsampler.forward(&x.upsample_nearest2d(height, width)?)?;
             }
         }
 
