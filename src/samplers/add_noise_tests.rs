@@ -15,12 +15,21 @@ fn config() -> SchedulerConfig {
     .unwrap()
 }
 
+/// Samplers that landed after img2img: they refuse img2img with a clear error until their
+/// diffusers `add_noise` is ported.
+const NO_IMG2IMG_YET: [SamplerKind; 3] = [SamplerKind::UniPc, SamplerKind::Pndm, SamplerKind::Ddpm];
+
 #[test]
 fn every_sampler_noises_an_image_to_its_start_step() {
     let original = Tensor::full(0.5f32, (1, 4, 2, 2), &Device::Cpu).unwrap();
     let noise = Tensor::full(1.0f32, (1, 4, 2, 2), &Device::Cpu).unwrap();
     for kind in SamplerKind::ALL {
         let sampler = kind.build(&config(), 6).unwrap();
+        if NO_IMG2IMG_YET.contains(&kind) {
+            let refused = sampler.add_noise(&original, &noise, 0).unwrap_err();
+            assert!(refused.to_string().contains("not supported"), "{kind:?}: {refused}");
+            continue;
+        }
         let order = sampler.order();
         assert_eq!(
             order,
