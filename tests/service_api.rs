@@ -233,6 +233,14 @@ async fn embeddings_are_listed_without_paths() {
 #[tokio::test]
 async fn loras_are_listed_applied_and_confined_to_their_directory() {
     let mut settings = test_settings();
+    // The fixture LoRAs were made for the tiny sd1 fixture, not the bundled shapes model.
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    settings.models = vec![sdserve::config::ModelSpec {
+        name: "sd1".into(),
+        path: fixtures.join("sd1"),
+        dtype: Default::default(),
+    }];
+    settings.default_model = "sd1".into();
     settings.lora_dirs =
         vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loras")];
     let server = TestServer::start(settings, Double::None).await;

@@ -239,7 +239,7 @@ async fn a1111_txt2img_speaks_a1111_and_matches_the_native_api() {
     request["sampler_name"] = json!("k_euler_a");
     request.as_object_mut().unwrap().remove("scheduler");
     request["override_settings"] =
-        json!({"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "sd1-tiny", "eta_ddim": 0});
+        json!({"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "shapes", "eta_ddim": 0});
     let body: Value = server.post_json("/sdapi/v1/txt2img", &request).await.json().await.unwrap();
     assert_eq!(body["images"].as_array().map(Vec::len), Some(2), "{body}");
     let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
@@ -275,7 +275,7 @@ async fn a1111_listings_options_and_img2img() {
     let schedulers: Value = server.get("/sdapi/v1/schedulers").await.json().await.unwrap();
     assert_eq!(schedulers[0]["name"], "automatic");
     let models: Value = server.get("/sdapi/v1/sd-models").await.json().await.unwrap();
-    assert_eq!(models[0]["title"], "sd1-tiny");
+    assert_eq!(models[0]["title"], "shapes");
     for field in ["model_name", "hash", "sha256", "filename", "config"] {
         assert!(models[0].get(field).is_some(), "{field}: {models}");
     }
@@ -284,12 +284,12 @@ async fn a1111_listings_options_and_img2img() {
     assert_eq!(embeddings, json!({"loaded": {}, "skipped": {}}));
 
     let options: Value = server.get("/sdapi/v1/options").await.json().await.unwrap();
-    assert_eq!(options["sd_model_checkpoint"], "sd1-tiny");
+    assert_eq!(options["sd_model_checkpoint"], "shapes");
     assert_eq!(options["CLIP_stop_at_last_layers"], 1);
     let set = server
         .post_json(
             "/sdapi/v1/options",
-            &json!({"sd_model_checkpoint": "sd1-tiny [abc123]", "CLIP_stop_at_last_layers": 2,
+            &json!({"sd_model_checkpoint": "shapes [abc123]", "CLIP_stop_at_last_layers": 2,
                     "show_progressbar": true}),
         )
         .await;

@@ -847,7 +847,7 @@ pub async fn get_options(State(state): State<AppState>) -> Json<Value> {
 /// logged.
 #[utoipa::path(
     post, path = "/sdapi/v1/options", tag = "automatic1111",
-    request_body(content = Object, example = json!({"sd_model_checkpoint": "sd1-tiny"})),
+    request_body(content = Object, example = json!({"sd_model_checkpoint": "shapes"})),
     responses(
         (status = 200, description = "Set", body = bool),
         (status = 404, description = "Unknown model", body = ErrorResponse),

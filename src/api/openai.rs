@@ -42,7 +42,7 @@ pub struct ImageGenerationRequest {
     pub prompt: Option<String>,
     /// Registry name of the model. OpenAI's own names (`dall-e-2`, `dall-e-3`,
     /// `gpt-image-*`) and absence mean the server's default model.
-    #[schema(example = "sd1-tiny")]
+    #[schema(example = "shapes")]
     pub model: Option<String>,
     /// Number of images.
     #[schema(default = 1, minimum = 1)]
