@@ -1,8 +1,9 @@
-//! Whole-pipeline parity of the sigma samplers and schedules with diffusers: the tiny sd1
-//! and sd2v fixtures, diffusers' pipeline with the scheduler swapped (seed 42), 4 and 20
-//! steps; final latents within 1e-3 and the RGB8 image within 2/255. References:
-//! tests/fixtures/reference/samplers_<family>.{json,safetensors}, made by
-//! tools/make_schedule_refs.py.
+//! Whole-pipeline parity of the samplers and schedules with diffusers: the tiny sd1 and
+//! sd2v fixtures, diffusers' pipeline with the scheduler swapped (seed 42), 4 and 20 steps;
+//! final latents within 1e-3 and the RGB8 image within 2/255. References, one set per
+//! batch of samplers: tests/fixtures/reference/samplers_<family>.{json,safetensors} (made
+//! by tools/make_schedule_refs.py) and samplers2_<family>.* (unipc, pndm, ddpm; made by
+//! tools/make_sampler2_refs.py).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,14 +19,14 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn check_family(family: &str) {
+fn check_family(set: &str, family: &str) {
     let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(format!("reference/samplers_{family}.json")))
+        &std::fs::read_to_string(fixtures().join(format!("reference/{set}_{family}.json")))
             .unwrap(),
     )
     .unwrap();
     let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
-        fixtures().join(format!("reference/samplers_{family}.safetensors")),
+        fixtures().join(format!("reference/{set}_{family}.safetensors")),
         &Device::Cpu,
     )
     .unwrap();
@@ -76,10 +77,20 @@ fn check_family(family: &str) {
 
 #[test]
 fn sd1_samplers_match_diffusers() {
-    check_family("sd1");
+    check_family("samplers", "sd1");
 }
 
 #[test]
 fn sd2v_samplers_match_diffusers() {
-    check_family("sd2v");
+    check_family("samplers", "sd2v");
+}
+
+#[test]
+fn sd1_second_batch_samplers_match_diffusers() {
+    check_family("samplers2", "sd1");
+}
+
+#[test]
+fn sd2v_second_batch_samplers_match_diffusers() {
+    check_family("samplers2", "sd2v");
 }
