@@ -4,39 +4,11 @@
 //! timesteps, the initial noise scale and a fake denoising loop with the request's
 //! generators.
 
-use std::collections::BTreeMap;
+use candle_core::Device;
 
-use candle_core::{Device, Tensor};
-use serde::Deserialize;
+use super::{SamplerKind, SamplerOptions, Schedule, TorchGenerator};
 
-use super::{SamplerKind, SamplerOptions, Schedule, SchedulerConfig, TorchGenerator};
-
-#[derive(Deserialize)]
-struct References {
-    configs: BTreeMap<String, SchedulerConfig>,
-    loops: BTreeMap<String, Vec<LoopRecord>>,
-}
-
-#[derive(Deserialize)]
-struct LoopRecord {
-    schedule: String,
-    sampler: String,
-    steps: usize,
-    timesteps: Vec<f64>,
-    init_noise_sigma: f64,
-    #[serde(rename = "final")]
-    final_sample: Vec<f32>,
-}
-
-fn max_abs(ours: &Tensor, expected: &[f32]) -> f32 {
-    let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(ours.len(), expected.len());
-    ours.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
-}
-
-/// Final samples agree within 1e-4 relative to their scale: both sides compute in float32,
-/// but torch's float32 sqrt/log/exp differ from Rust's by an ulp now and then.
-const LOOP_TOLERANCE: f32 = 1e-4;
+use super::schedule_parity_tests::{max_abs, References, LOOP_TOLERANCE};
 
 #[test]
 fn second_batch_samplers_match_diffusers() {

@@ -10,25 +10,30 @@ use serde::Deserialize;
 
 use super::{SamplerKind, SamplerOptions, Schedule, SchedulerConfig, TorchGenerator};
 
+/// A reference file of fake denoising loops recorded from diffusers (shared with the
+/// second-batch sampler tests).
 #[derive(Deserialize)]
-struct References {
-    configs: BTreeMap<String, SchedulerConfig>,
-    loops: BTreeMap<String, Vec<LoopRecord>>,
+pub(super) struct References {
+    pub(super) configs: BTreeMap<String, SchedulerConfig>,
+    pub(super) loops: BTreeMap<String, Vec<LoopRecord>>,
 }
 
+/// One recorded run: a sampler × schedule × step count on one config.
 #[derive(Deserialize)]
-struct LoopRecord {
-    schedule: String,
-    sampler: String,
-    steps: usize,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f64,
+pub(super) struct LoopRecord {
+    pub(super) schedule: String,
+    pub(super) sampler: String,
+    pub(super) steps: usize,
+    pub(super) timesteps: Vec<f64>,
+    /// Recorded for the sigma samplers only.
+    #[serde(default)]
+    pub(super) sigmas: Vec<f32>,
+    pub(super) init_noise_sigma: f64,
     #[serde(rename = "final")]
-    final_sample: Vec<f32>,
+    pub(super) final_sample: Vec<f32>,
 }
 
-fn max_abs(ours: &Tensor, expected: &[f32]) -> f32 {
+pub(super) fn max_abs(ours: &Tensor, expected: &[f32]) -> f32 {
     let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(ours.len(), expected.len());
     ours.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
@@ -36,7 +41,7 @@ fn max_abs(ours: &Tensor, expected: &[f32]) -> f32 {
 
 /// Final samples agree within 1e-4 relative to their scale: both sides compute in float32,
 /// but torch's float32 sqrt/log/exp differ from Rust's by an ulp now and then.
-const LOOP_TOLERANCE: f32 = 1e-4;
+pub(super) const LOOP_TOLERANCE: f32 = 1e-4;
 
 #[test]
 fn sigma_samplers_and_schedules_match_diffusers() {
