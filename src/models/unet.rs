@@ -158,6 +158,33 @@ pub struct AddedConditions {
     pub time_ids: Tensor,
 }
 
+/// Features that adapters add to the UNet's down path, with diffusers' semantics.
+///
+/// ControlNet fills `down_block` (one tensor per skip connection, conv_in's output
+/// included, added to the skips before the up path) and `mid_block` (added to the mid
+/// block's output). T2I-Adapter fills `down_intrablock`: one tensor per down block, added
+/// to that block's output (for blocks with attention: after the last resnet/attention
+/// pair, before it becomes a skip; for blocks without: after the block, downsampler
+/// included, which also changes its last skip — diffusers adds in place there); any
+/// tensor left over after the down blocks is added to the mid block's output when the
+/// shapes agree.
+#[derive(Debug, Clone, Default)]
+pub struct UNetResiduals {
+    /// ControlNet residuals for every skip connection, in order.
+    pub down_block: Option<Vec<Tensor>>,
+    /// ControlNet residual for the mid block's output.
+    pub mid_block: Option<Tensor>,
+    /// T2I-Adapter features, one per down block (plus optionally one for the mid block).
+    pub down_intrablock: Option<Vec<Tensor>>,
+}
+
+impl UNetResiduals {
+    /// True when nothing would be added.
+    pub fn is_empty(&self) -> bool {
+        self.down_block.is_none() && self.mid_block.is_none() && self.down_intrablock.is_none()
+    }
+}
+
 #[derive(Debug, Clone)]
 struct FeedForward {
     project_in: Linear,
@@ -534,6 +561,18 @@ impl UNet {
         context: &Tensor,
         added: Option<&AddedConditions>,
     ) -> Result<Tensor> {
+        self.forward_with_residuals(sample, timestep, context, added, &UNetResiduals::default())
+    }
+
+    /// [`UNet::forward`] with adapter features added to the down path and mid block.
+    pub fn forward_with_residuals(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+        residuals: &UNetResiduals,
+    ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let dtype = sample.dtype();
         let device = sample.device();
@@ -572,11 +611,20 @@ impl UNet {
 
         let mut x = self.conv_in.forward(sample)?;
         let mut skips = vec![x.clone()];
+        let mut intrablock = residuals.down_intrablock.iter().flatten();
         for block in &self.down_blocks {
+            let has_attention = !block.attentions.is_empty();
+            let last = block.resnets.len().saturating_sub(1);
+            // Blocks with attention take their adapter feature inside, after the last
+            // resnet/attention pair; the others after the whole block (see UNetResiduals).
+            let inside = if has_attention { intrablock.next() } else { None };
             for (j, resnet) in block.resnets.iter().enumerate() {
                 x = resnet.forward(&x, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(j) {
                     x = attention.forward(&x, context)?;
+                }
+                if let (true, Some(feature)) = (j == last, inside) {
+                    x = x.broadcast_add(feature)?;
                 }
                 skips.push(x.clone());
             }
@@ -584,11 +632,39 @@ impl UNet {
                 x = downsampler.forward(&x)?;
                 skips.push(x.clone());
             }
+            if !has_attention {
+                if let Some(feature) = intrablock.next() {
+                    x = x.broadcast_add(feature)?;
+                    *skips.last_mut().expect("conv_in's output is a skip; this is a bug") =
+                        x.clone();
+                }
+            }
         }
 
         x = self.mid_block.resnet_in.forward(&x, Some(&temb))?;
         x = self.mid_block.attention.forward(&x, context)?;
         x = self.mid_block.resnet_out.forward(&x, Some(&temb))?;
+        if let Some(feature) = intrablock.next() {
+            if feature.dims() == x.dims() {
+                x = (x + feature)?;
+            }
+        }
+
+        if let Some(down) = &residuals.down_block {
+            if down.len() != skips.len() {
+                candle_core::bail!(
+                    "{} down-block residuals for a UNet with {} skip connections",
+                    down.len(),
+                    skips.len()
+                );
+            }
+            for (skip, residual) in skips.iter_mut().zip(down) {
+                *skip = skip.broadcast_add(residual)?;
+            }
+        }
+        if let Some(mid) = &residuals.mid_block {
+            x = x.broadcast_add(mid)?;
+        }
 
         for block in &self.up_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
