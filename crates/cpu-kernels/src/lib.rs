@@ -1,0 +1,439 @@
+//! f32 CPU kernels for sdserve's networks on plain slices: 2-D convolution (im2col tiles fed
+//! to the `gemm` crate, written straight into NCHW output) and group normalisation with an
+//! optional fused SiLU. They live in their own crate so that dev and test builds optimise
+//! them (the main crate builds at opt-level 1) and so they can be tested without candle.
+
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Geometry of one 2-D convolution over NCHW input with an OIHW weight (groups = 1,
+/// dilation = 1: the only kind Stable Diffusion networks use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2dGeometry {
+    /// Output height; `None` when the kernel does not fit the padded input.
+    pub fn out_h(&self) -> Option<usize> {
+        out_size(self.height, self.kernel_h, self.stride, self.padding)
+    }
+
+    /// Output width; `None` when the kernel does not fit the padded input.
+    pub fn out_w(&self) -> Option<usize> {
+        out_size(self.width, self.kernel_w, self.stride, self.padding)
+    }
+}
+
+fn out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
+    let padded = input + 2 * padding;
+    (stride > 0 && kernel > 0 && padded >= kernel).then(|| (padded - kernel) / stride + 1)
+}
+
+/// Upper bound on the im2col tile, in floats (16 MiB): large enough that the GEMM sees
+/// wide matrices (the SD UNet's 64×64 level fits whole), small enough for a 512² VAE.
+const COLUMN_TILE_FLOATS: usize = 4 << 20;
+
+thread_local! {
+    /// Reused im2col buffer: allocating a fresh one per call costs page faults that showed
+    /// up as ~10% of a UNet step.
+    static COLUMN_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Convolution of `input` (`[batch, in, h, w]`) with `weight` (`[out, in, kh, kw]`), plus
+/// `bias` (`[out]`), as `[batch, out, out_h, out_w]`. `threads` is the GEMM parallelism.
+///
+/// Each image's output is `weight (out × in·kh·kw) · columns (in·kh·kw × pixels)`; the
+/// columns are built a band of output rows at a time, row order (channel, ky, kx) matching
+/// the weight's memory order, so the weight is used in place. 1×1 stride-1 convolutions
+/// use the input itself as the right-hand matrix.
+///
+/// # Panics
+/// When slice lengths do not match the geometry (a caller bug).
+pub fn conv2d(
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    geometry: &Conv2dGeometry,
+    threads: usize,
+) -> Vec<f32> {
+    let g = geometry;
+    let (out_h, out_w) = (
+        g.out_h().expect("conv2d kernel larger than padded input: this is a bug"),
+        g.out_w().expect("conv2d kernel larger than padded input: this is a bug"),
+    );
+    let image_in = g.in_channels * g.height * g.width;
+    let pixels = out_h * out_w;
+    let depth = g.in_channels * g.kernel_h * g.kernel_w;
+    assert_eq!(input.len(), g.batch * image_in, "conv2d input length");
+    assert_eq!(weight.len(), g.out_channels * depth, "conv2d weight length");
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), g.out_channels, "conv2d bias length");
+    }
+    let mut output = vec![0f32; g.batch * g.out_channels * pixels];
+    if output.is_empty() {
+        return output;
+    }
+    let parallelism =
+        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let pointwise = g.kernel_h == 1 && g.kernel_w == 1 && g.stride == 1 && g.padding == 0;
+    let rows_per_tile = (COLUMN_TILE_FLOATS / (depth * out_w).max(1)).clamp(1, out_h);
+
+    for (image, out_image) in
+        input.chunks_exact(image_in).zip(output.chunks_exact_mut(g.out_channels * pixels))
+    {
+        if let Some(bias) = bias {
+            for (row, &b) in out_image.chunks_exact_mut(pixels).zip(bias) {
+                row.fill(b);
+            }
+        }
+        if pointwise {
+            // SAFETY: lengths checked above; dst rows are `pixels` apart, rhs is the image.
+            unsafe {
+                matmul_into(
+                    out_image.as_mut_ptr(),
+                    pixels,
+                    weight,
+                    image.as_ptr(),
+                    pixels,
+                    g.out_channels,
+                    pixels,
+                    depth,
+                    bias.is_some(),
+                    parallelism,
+                )
+            };
+            continue;
+        }
+        COLUMN_SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut row0 = 0;
+            while row0 < out_h {
+                let rows = rows_per_tile.min(out_h - row0);
+                let tile_pixels = rows * out_w;
+                if scratch.len() < depth * tile_pixels {
+                    scratch.resize(depth * tile_pixels, 0.0);
+                }
+                let columns = &mut scratch[..depth * tile_pixels];
+                fill_columns(image, g, out_w, row0, rows, columns, threads);
+                // SAFETY: the tile's output starts at pixel row0·out_w of each channel row;
+                // rows are `pixels` apart and `tile_pixels` wide, inside `out_image`.
+                unsafe {
+                    matmul_into(
+                        out_image.as_mut_ptr().add(row0 * out_w),
+                        pixels,
+                        weight,
+                        columns.as_ptr(),
+                        tile_pixels,
+                        g.out_channels,
+                        tile_pixels,
+                        depth,
+                        bias.is_some(),
+                        parallelism,
+                    )
+                };
+                row0 += rows;
+            }
+        });
+    }
+    output
+}
+
+/// `dst (m × n, row stride dst_rs) [+]= lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_into(
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: &[f32],
+    rhs: *const f32,
+    rhs_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.as_ptr(),
+        1,
+        k as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+/// im2col for output rows `row0 .. row0 + rows` of one image into `columns`
+/// (`[in·kh·kw, rows·out_w]`), zero where the kernel reads padding.
+fn fill_columns(
+    image: &[f32],
+    g: &Conv2dGeometry,
+    out_w: usize,
+    row0: usize,
+    rows: usize,
+    columns: &mut [f32],
+    threads: usize,
+) {
+    let tile_pixels = rows * out_w;
+    let taps = g.kernel_h * g.kernel_w;
+    let fill_row = |(index, column_row): (usize, &mut [f32])| {
+        let channel = index / taps;
+        let (ky, kx) = ((index % taps) / g.kernel_w, index % g.kernel_w);
+        let plane = &image[channel * g.height * g.width..(channel + 1) * g.height * g.width];
+        for (r, segment) in column_row.chunks_exact_mut(out_w).enumerate() {
+            let iy = ((row0 + r) * g.stride + ky) as isize - g.padding as isize;
+            if iy < 0 || iy >= g.height as isize {
+                segment.fill(0.0);
+                continue;
+            }
+            let line = &plane[iy as usize * g.width..(iy as usize + 1) * g.width];
+            if g.stride == 1 {
+                // Output x reads input x + kx - padding: one shifted copy with zero edges.
+                let shift = kx as isize - g.padding as isize;
+                let first = (-shift).clamp(0, out_w as isize) as usize;
+                let last =
+                    (g.width as isize - shift).clamp(first as isize, out_w as isize) as usize;
+                segment[..first].fill(0.0);
+                segment[first..last].copy_from_slice(
+                    &line[(first as isize + shift) as usize..(last as isize + shift) as usize],
+                );
+                segment[last..].fill(0.0);
+            } else {
+                for (ox, value) in segment.iter_mut().enumerate() {
+                    let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                    *value = if ix >= 0 && ix < g.width as isize { line[ix as usize] } else { 0.0 };
+                }
+            }
+        }
+    };
+    if threads > 1 {
+        columns.par_chunks_mut(tile_pixels).enumerate().for_each(fill_row);
+    } else {
+        columns.chunks_mut(tile_pixels).enumerate().for_each(fill_row);
+    }
+}
+
+/// Lanes of the partial sums below: wide enough for LLVM to vectorise without reordering
+/// concerns (each lane is its own sum).
+const LANES: usize = 16;
+
+fn lane_sum(values: &[f32], mut term: impl FnMut(f32) -> f32) -> f64 {
+    let mut lanes = [0f32; LANES];
+    let mut total = 0f64;
+    // Fold the f32 lanes into f64 every few thousand values so long groups keep precision.
+    for block in values.chunks(LANES * 256) {
+        let mut chunks = block.chunks_exact(LANES);
+        for chunk in &mut chunks {
+            for (lane, &value) in lanes.iter_mut().zip(chunk) {
+                *lane += term(value);
+            }
+        }
+        for &value in chunks.remainder() {
+            lanes[0] += term(value);
+        }
+        total += lanes.iter().map(|&lane| lane as f64).sum::<f64>();
+        lanes = [0f32; LANES];
+    }
+    total
+}
+
+/// Group normalisation of `input` (`[batch, channels, spatial]`, contiguous) with per-channel
+/// `gamma` and `beta`, as torch's `group_norm` (biased variance, `eps` inside the square
+/// root), followed by SiLU when `silu`. Groups run in parallel on rayon's pool.
+///
+/// # Panics
+/// When lengths do not match or `channels` is not a multiple of `groups` (a caller bug).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    input: &[f32],
+    batch: usize,
+    channels: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f32,
+    gamma: &[f32],
+    beta: &[f32],
+    silu: bool,
+) -> Vec<f32> {
+    assert!(groups > 0 && channels % groups == 0, "group_norm channels/groups");
+    assert_eq!(input.len(), batch * channels * spatial, "group_norm input length");
+    assert_eq!(gamma.len(), channels, "group_norm gamma length");
+    assert_eq!(beta.len(), channels, "group_norm beta length");
+    let per_group = channels / groups;
+    let group_len = per_group * spatial;
+    let mut output = vec![0f32; input.len()];
+    if group_len == 0 {
+        return output;
+    }
+    output.par_chunks_mut(group_len).zip(input.par_chunks(group_len)).enumerate().for_each(
+        |(index, (out, x))| {
+            let first_channel = (index % groups) * per_group;
+            let count = x.len() as f64;
+            let mean = lane_sum(x, |v| v) / count;
+            let mean32 = mean as f32;
+            let variance = lane_sum(x, |v| (v - mean32) * (v - mean32)) / count;
+            let inv_std = (1.0 / (variance + eps as f64).sqrt()) as f32;
+            for (c, (out_plane, x_plane)) in
+                out.chunks_exact_mut(spatial).zip(x.chunks_exact(spatial)).enumerate()
+            {
+                let scale = inv_std * gamma[first_channel + c];
+                let shift = beta[first_channel + c] - mean32 * scale;
+                for (o, &v) in out_plane.iter_mut().zip(x_plane) {
+                    *o = v * scale + shift;
+                }
+                if silu {
+                    for o in out_plane.iter_mut() {
+                        *o /= 1.0 + (-*o).exp();
+                    }
+                }
+            }
+        },
+    );
+    output
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn naive_conv(
+        input: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        g: &Conv2dGeometry,
+    ) -> Vec<f32> {
+        let (oh, ow) = (g.out_h().unwrap(), g.out_w().unwrap());
+        let mut out = vec![0f32; g.batch * g.out_channels * oh * ow];
+        for b in 0..g.batch {
+            for o in 0..g.out_channels {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let mut acc = bias.map_or(0.0, |bias| bias[o] as f64);
+                        for c in 0..g.in_channels {
+                            for ky in 0..g.kernel_h {
+                                for kx in 0..g.kernel_w {
+                                    let iy = (y * g.stride + ky) as isize - g.padding as isize;
+                                    let ix = (x * g.stride + kx) as isize - g.padding as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= g.height as isize
+                                        || ix >= g.width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let i = ((b * g.in_channels + c) * g.height + iy as usize)
+                                        * g.width
+                                        + ix as usize;
+                                    let w = ((o * g.in_channels + c) * g.kernel_h + ky)
+                                        * g.kernel_w
+                                        + kx;
+                                    acc += input[i] as f64 * weight[w] as f64;
+                                }
+                            }
+                        }
+                        out[((b * g.out_channels + o) * oh + y) * ow + x] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn conv2d_matches_naive_convolution_on_odd_shapes() {
+        let cases = [
+            (2, 3, 7, 5, 4, 3, 1, 1),
+            (1, 5, 9, 6, 3, 3, 2, 1),
+            (1, 4, 8, 8, 6, 3, 2, 0),
+            (2, 6, 5, 7, 5, 1, 1, 0),
+            (1, 3, 6, 6, 2, 1, 2, 0),
+            (1, 2, 4, 4, 3, 3, 1, 2),
+        ];
+        for (i, &(batch, in_channels, height, width, out_channels, kernel, stride, padding)) in
+            cases.iter().enumerate()
+        {
+            let g = Conv2dGeometry {
+                batch,
+                in_channels,
+                height,
+                width,
+                out_channels,
+                kernel_h: kernel,
+                kernel_w: kernel,
+                stride,
+                padding,
+            };
+            let input = pseudo_random(batch * in_channels * height * width, i as u64);
+            let weight =
+                pseudo_random(out_channels * in_channels * kernel * kernel, 100 + i as u64);
+            let bias = pseudo_random(out_channels, 200 + i as u64);
+            for threads in [1, 2] {
+                for bias in [None, Some(bias.as_slice())] {
+                    let fast = conv2d(&input, &weight, bias, &g, threads);
+                    let slow = naive_conv(&input, &weight, bias, &g);
+                    let worst =
+                        fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(worst < 1e-4, "case {i} threads {threads}: max |Δ| {worst}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_two_pass_formula() {
+        let (batch, channels, spatial, groups) = (2, 6, 37, 3);
+        let input = pseudo_random(batch * channels * spatial, 7);
+        let gamma = pseudo_random(channels, 8);
+        let beta = pseudo_random(channels, 9);
+        for silu in [false, true] {
+            let fast =
+                group_norm(&input, batch, channels, spatial, groups, 1e-5, &gamma, &beta, silu);
+            let group_len = channels / groups * spatial;
+            for (index, (x, y)) in input.chunks(group_len).zip(fast.chunks(group_len)).enumerate() {
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / group_len as f64;
+                let var =
+                    x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / group_len as f64;
+                for (j, (&v, &got)) in x.iter().zip(y).enumerate() {
+                    let c = (index % groups) * (channels / groups) + j / spatial;
+                    let mut want =
+                        (v as f64 - mean) / (var + 1e-5).sqrt() * gamma[c] as f64 + beta[c] as f64;
+                    if silu {
+                        want /= 1.0 + (-want).exp();
+                    }
+                    assert!((want - got as f64).abs() < 1e-5, "silu {silu}: {want} vs {got}");
+                }
+            }
+        }
+    }
+}
