@@ -282,25 +282,40 @@ pub struct BenchArgs {
     /// Device: cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Steps of the timed whole request (with guidance).
+    /// Steps of the timed whole request (with guidance); 0 skips it.
     #[arg(long, default_value_t = 20)]
     pub request_steps: u32,
 }
 
-/// Median, min and max of `repeats` timed runs of `run`, after one warm-up run.
+/// Median, min and max wall seconds of `repeats` timed runs of `run`, after one warm-up
+/// run, and the median CPU seconds of the process (all threads) per run.
 fn time_runs(
     repeats: usize,
     mut run: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<[f64; 3]> {
+) -> anyhow::Result<[f64; 4]> {
     run()?;
     let mut seconds = Vec::with_capacity(repeats);
+    let mut cpu_seconds = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
-        let started = Instant::now();
+        let (started, cpu_started) = (Instant::now(), process_cpu_seconds());
         run()?;
         seconds.push(started.elapsed().as_secs_f64());
+        cpu_seconds.push(process_cpu_seconds().zip(cpu_started).map_or(f64::NAN, |(b, a)| b - a));
     }
     seconds.sort_by(f64::total_cmp);
-    Ok([seconds[seconds.len() / 2], seconds[0], seconds[seconds.len() - 1]])
+    cpu_seconds.sort_by(f64::total_cmp);
+    let middle = seconds.len() / 2;
+    Ok([seconds[middle], seconds[0], seconds[seconds.len() - 1], cpu_seconds[middle]])
+}
+
+/// User + system CPU time of this process, all threads (Linux, 10 ms ticks). On a shared
+/// machine it varies far less than wall time, so `bench` prints it beside the wall time.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |index: usize| fields.get(index)?.parse::<f64>().ok();
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// Peak resident memory of this process so far (Linux), in MiB.
@@ -327,8 +342,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         candle_core::utils::get_num_threads(),
         loading.elapsed().as_secs_f64()
     );
-    let report = |part: &str, [median, min, max]: [f64; 3]| {
-        println!("{part:<32} median {median:>8.3} s   min {min:>8.3} s   max {max:>8.3} s");
+    let report = |part: &str, [median, min, max, cpu]: [f64; 4]| {
+        println!(
+            "{part:<32} median {median:>8.3} s   min {min:>8.3} s   max {max:>8.3} s   \
+             cpu {cpu:>8.3} s"
+        );
     };
     let request = |size: u32, steps: u32| {
         GenerationParams {
@@ -360,6 +378,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             &format!("vae decode {size}x{size}"),
             time_runs(args.repeats, || Ok(pipeline.bench_vae_decode(&one).map(|_| ())?))?,
         );
+        if args.request_steps == 0 {
+            continue;
+        }
         let whole = request(size, args.request_steps)?;
         report(
             &format!("request {size}x{size}, {} steps, cfg", args.request_steps),

@@ -2,7 +2,9 @@
 //! ResNet blocks, sinusoidal timestep embeddings and config helpers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+pub use super::layers::{conv2d, group_norm, Conv2d, GroupNorm};
 use serde::Deserialize;
 
 /// A config value diffusers allows as one number for all blocks or a list per block.
@@ -126,19 +128,6 @@ impl Attention {
     }
 }
 
-/// A 3×3 (or other) convolution loaded from `vb` with the given padding and stride.
-pub fn conv2d(
-    vb: VarBuilder,
-    in_channels: usize,
-    out_channels: usize,
-    kernel: usize,
-    padding: usize,
-    stride: usize,
-) -> Result<Conv2d> {
-    let config = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)
-}
-
 /// diffusers' `ResnetBlock2D` (default time-embedding mode: added after conv1).
 #[derive(Debug, Clone)]
 pub struct ResnetBlock {
@@ -171,10 +160,10 @@ impl ResnetBlock {
             None => None,
         };
         Ok(ResnetBlock {
-            norm1: candle_nn::group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
+            norm1: group_norm(groups, in_channels, eps, vb.pp("norm1"))?,
             conv1: conv2d(vb.pp("conv1"), in_channels, out_channels, 3, 1, 1)?,
             time_emb_proj,
-            norm2: candle_nn::group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
+            norm2: group_norm(groups, out_channels, eps, vb.pp("norm2"))?,
             conv2: conv2d(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
             conv_shortcut,
         })
@@ -182,12 +171,12 @@ impl ResnetBlock {
 
     /// `temb` is the already-computed time embedding `[batch, temb_channels]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = projection.forward(&candle_nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -3,10 +3,13 @@
 //! `text_time` additional embedding.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
-use super::common::{conv2d, timestep_embedding, Attention, PerBlock, ResnetBlock, TimestepMlp};
+use super::common::{
+    conv2d, group_norm, timestep_embedding, Attention, Conv2d, GroupNorm, PerBlock, ResnetBlock,
+    TimestepMlp,
+};
 
 /// The fields of a diffusers `UNet2DConditionModel` config that shape the network.
 #[derive(Debug, Clone, Deserialize)]
@@ -302,7 +305,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(SpatialTransformer {
-            norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in: projection("proj_in")?,
             blocks,
             proj_out: projection("proj_out")?,
@@ -541,7 +544,7 @@ impl UNet {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(vb.pp("conv_out"), channels[0], config.out_channels, 3, 1, 1)?,
             config: config.clone(),
         })
@@ -686,7 +689,7 @@ impl UNet {
             }
         }
 
-        let x = candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
 }

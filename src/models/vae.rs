@@ -2,10 +2,10 @@
 //! (decode), configured from the component's `config.json`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::common::{conv2d, Attention, ResnetBlock};
+use super::common::{conv2d, group_norm, Attention, Conv2d, GroupNorm, ResnetBlock};
 
 /// The fields of a diffusers `AutoencoderKL` config that shape the network.
 #[derive(Debug, Clone, Deserialize)]
@@ -74,7 +74,7 @@ impl MidBlock {
         let attention = if config.mid_block_add_attention {
             let vb_attention = vb.pp("attentions.0");
             Some((
-                candle_nn::group_norm(groups, channels, VAE_EPS, vb_attention.pp("group_norm"))?,
+                group_norm(groups, channels, VAE_EPS, vb_attention.pp("group_norm"))?,
                 Attention::new(vb_attention, channels, channels, 1, channels, true, true)?,
             ))
         } else {
@@ -169,7 +169,7 @@ impl Encoder {
             conv_in: conv2d(vb.pp("conv_in"), config.in_channels, channels[0], 3, 1, 1)?,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), last, config)?,
-            conv_norm_out: candle_nn::group_norm(groups, last, VAE_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, last, VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(vb.pp("conv_out"), last, 2 * config.latent_channels, 3, 1, 1)?,
         })
     }
@@ -186,7 +186,7 @@ impl Encoder {
             }
         }
         let x = self.mid_block.forward(&x)?;
-        self.conv_out.forward(&candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
 
@@ -241,7 +241,7 @@ impl Decoder {
             conv_in: conv2d(vb.pp("conv_in"), config.latent_channels, reversed[0], 3, 1, 1)?,
             mid_block: MidBlock::new(vb.pp("mid_block"), reversed[0], config)?,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(groups, first, VAE_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(groups, first, VAE_EPS, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(vb.pp("conv_out"), first, config.out_channels, 3, 1, 1)?,
         })
     }
@@ -257,7 +257,7 @@ impl Decoder {
                 x = conv.forward(&x.upsample_nearest2d(height * 2, width * 2)?)?;
             }
         }
-        self.conv_out.forward(&candle_nn::ops::silu(&self.conv_norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.conv_norm_out.forward_silu(&x)?)
     }
 }
 

@@ -276,7 +276,7 @@ pub fn group_norm(
     beta: &[f32],
     silu: bool,
 ) -> Vec<f32> {
-    assert!(groups > 0 && channels % groups == 0, "group_norm channels/groups");
+    assert!(groups > 0 && channels.is_multiple_of(groups), "group_norm channels/groups");
     assert_eq!(input.len(), batch * channels * spatial, "group_norm input length");
     assert_eq!(gamma.len(), channels, "group_norm gamma length");
     assert_eq!(beta.len(), channels, "group_norm beta length");

@@ -1,0 +1,285 @@
+//! Convolution and group-norm layers that run sdserve's own f32 CPU kernels
+//! (`sdserve-cpu-kernels`) when the tensors allow it and candle's ops otherwise (GPU, f16,
+//! bf16, grouped or dilated convolutions), with the same weights and results.
+
+use candle_core::{DType, Module, Result, Storage, StorageRef, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use sdserve_cpu_kernels::Conv2dGeometry;
+
+/// Read access to the f32 elements of a contiguous CPU tensor, holding its storage lock.
+struct CpuF32<'a> {
+    storage: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> CpuF32<'a> {
+    /// `None` when `tensor` is not a contiguous f32 CPU tensor.
+    fn of(tensor: &'a Tensor) -> Option<Self> {
+        if tensor.dtype() != DType::F32 || !tensor.device().is_cpu() {
+            return None;
+        }
+        let (storage, layout) = tensor.storage_and_layout();
+        let (start, end) = layout.contiguous_offsets()?;
+        matches!(&*storage, Storage::Cpu(_)).then_some(CpuF32 { storage, start, end })
+    }
+
+    fn values(&self) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[self.start..self.end]),
+            _ => unreachable!("CpuF32::of only accepts CPU storage"),
+        }
+    }
+}
+
+/// Whether the kernels may run: `SDSERVE_CPU_KERNELS=0` forces candle's ops everywhere,
+/// for A/B timing and for ruling the kernels out when chasing a numerical difference.
+fn kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("SDSERVE_CPU_KERNELS").map_or(true, |v| v != "0"))
+}
+
+fn is_cpu_f32(tensor: &Tensor) -> bool {
+    tensor.dtype() == DType::F32 && tensor.device().is_cpu() && kernels_enabled()
+}
+
+/// A 2-D convolution layer (weights `[out, in, kh, kw]`, optional bias), torch semantics.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// Wraps candle's layer (whose forward is the fallback).
+    pub fn new(inner: candle_nn::Conv2d) -> Self {
+        Conv2d { inner }
+    }
+
+    /// The weight tensor `[out, in / groups, kh, kw]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// The kernel path: f32 on CPU, groups 1, dilation 1. `None` hands over to candle.
+    fn forward_cpu_f32(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let config: &Conv2dConfig = self.inner.config();
+        let weight = self.inner.weight();
+        if !is_cpu_f32(x) || !is_cpu_f32(weight) || config.groups != 1 || config.dilation != 1 {
+            return Ok(None);
+        }
+        let (Ok((batch, in_channels, height, width)), Ok((out_channels, weight_in, kh, kw))) =
+            (x.dims4(), weight.dims4())
+        else {
+            return Ok(None);
+        };
+        let geometry = Conv2dGeometry {
+            batch,
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel_h: kh,
+            kernel_w: kw,
+            stride: config.stride,
+            padding: config.padding,
+        };
+        let (Some(out_h), Some(out_w)) = (geometry.out_h(), geometry.out_w()) else {
+            return Ok(None);
+        };
+        if weight_in != in_channels || self.bias().is_some_and(|b| b.dims() != [out_channels]) {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let weight = weight.contiguous()?;
+        let bias = self.bias().map(Tensor::contiguous).transpose()?;
+        let (Some(input), Some(weight)) = (CpuF32::of(&x), CpuF32::of(&weight)) else {
+            return Ok(None);
+        };
+        let bias = match &bias {
+            Some(bias) => match CpuF32::of(bias) {
+                Some(view) => Some(view),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let bias_values = bias.as_ref().map(CpuF32::values).transpose()?;
+        let threads = candle_core::utils::get_num_threads();
+        let output = sdserve_cpu_kernels::conv2d(
+            input.values()?,
+            weight.values()?,
+            bias_values,
+            &geometry,
+            threads,
+        );
+        Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device()).map(Some)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.forward_cpu_f32(x)? {
+            Some(output) => Ok(output),
+            None => self.inner.forward(x),
+        }
+    }
+}
+
+/// A convolution loaded from `vb` (`weight`, `bias`) with the given padding and stride.
+pub fn conv2d(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+) -> Result<Conv2d> {
+    let config = Conv2dConfig { padding, stride, ..Default::default() };
+    Ok(Conv2d::new(candle_nn::conv2d(in_channels, out_channels, kernel, config, vb)?))
+}
+
+/// torch's `GroupNorm` over `[batch, channels, ...]` with per-channel affine weights, with
+/// a fused "group norm then SiLU" for the ResNet blocks.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// `SiLU(group_norm(x))`, fused into one pass over the data on CPU f32.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.forward_cpu_f32(x, true)? {
+            Some(output) => Ok(output),
+            None => candle_nn::ops::silu(&self.inner.forward(x)?),
+        }
+    }
+
+    fn forward_cpu_f32(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        if !is_cpu_f32(x) || !is_cpu_f32(&self.weight) || !is_cpu_f32(&self.bias) || x.rank() < 3 {
+            return Ok(None);
+        }
+        let dims = x.dims();
+        let (batch, channels) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        if channels != self.weight.elem_count() || !channels.is_multiple_of(self.groups) {
+            return Ok(None);
+        }
+        let x_contiguous = x.contiguous()?;
+        let (Some(input), Some(gamma), Some(beta)) =
+            (CpuF32::of(&x_contiguous), CpuF32::of(&self.weight), CpuF32::of(&self.bias))
+        else {
+            return Ok(None);
+        };
+        let output = sdserve_cpu_kernels::group_norm(
+            input.values()?,
+            batch,
+            channels,
+            spatial,
+            self.groups,
+            self.eps as f32,
+            gamma.values()?,
+            beta.values()?,
+            silu,
+        );
+        Tensor::from_vec(output, dims, x.device()).map(Some)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.forward_cpu_f32(x, false)? {
+            Some(output) => Ok(output),
+            None => self.inner.forward(x),
+        }
+    }
+}
+
+/// A group norm loaded from `vb` (`weight`, `bias`).
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm { inner, weight, bias, groups, eps })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The kernels against candle's own ops on the shapes SD uses (3×3 pad 1, 3×3 stride 2,
+    /// 1×1, the VAE encoder's unpadded stride-2 downsampler) and odd sizes.
+    #[test]
+    fn conv2d_matches_candle() -> Result<()> {
+        let device = Device::Cpu;
+        let cases = [
+            (2, 8, 9, 7, 6, 3, 1, 1, true),
+            (1, 5, 11, 10, 4, 3, 2, 1, true),
+            (1, 6, 9, 9, 3, 3, 2, 0, false),
+            (2, 7, 5, 6, 9, 1, 1, 0, true),
+            (1, 4, 8, 8, 4, 1, 1, 0, false),
+            (1, 4, 3, 5, 2, 3, 1, 1, false),
+        ];
+        for (batch, cin, h, w, cout, k, stride, padding, with_bias) in cases {
+            let x = Tensor::randn(0f32, 1.0, (batch, cin, h, w), &device)?;
+            let weight = Tensor::randn(0f32, 0.3, (cout, cin, k, k), &device)?;
+            let bias = with_bias.then(|| Tensor::randn(0f32, 1.0, cout, &device)).transpose()?;
+            let config = Conv2dConfig { padding, stride, ..Default::default() };
+            let reference = candle_nn::Conv2d::new(weight, bias, config);
+            let ours = Conv2d::new(reference.clone());
+            let fast = ours.forward_cpu_f32(&x)?.expect("kernel path taken");
+            let slow = reference.forward(&x)?;
+            assert_eq!(fast.dims(), slow.dims());
+            let diff = max_abs_diff(&fast, &slow);
+            assert!(diff < 1e-4, "conv {batch}x{cin}x{h}x{w} k{k} s{stride} p{padding}: {diff}");
+            // A non-contiguous input takes the same path and gives the same result.
+            let transposed = x.transpose(2, 3)?.contiguous()?.transpose(2, 3)?;
+            assert!(max_abs_diff(&ours.forward(&transposed)?, &slow) < 1e-4);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn group_norm_matches_candle_with_and_without_silu() -> Result<()> {
+        let device = Device::Cpu;
+        for (batch, channels, h, w, groups) in [(2, 8, 5, 7, 4), (1, 32, 9, 9, 32), (1, 6, 1, 3, 2)]
+        {
+            let x = (Tensor::randn(0f32, 2.0, (batch, channels, h, w), &device)? + 0.5)?;
+            let weight = Tensor::randn(1f32, 0.2, channels, &device)?;
+            let bias = Tensor::randn(0f32, 0.2, channels, &device)?;
+            let reference =
+                candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, 1e-6)?;
+            let ours = GroupNorm { inner: reference.clone(), weight, bias, groups, eps: 1e-6 };
+            let want = reference.forward(&x)?;
+            let fast = ours.forward_cpu_f32(&x, false)?.expect("kernel path taken");
+            assert!(max_abs_diff(&fast, &want) < 1e-5);
+            let want_silu = candle_nn::ops::silu(&want)?;
+            assert!(max_abs_diff(&ours.forward_silu(&x)?, &want_silu) < 1e-5);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn non_f32_tensors_fall_back_to_candle() -> Result<()> {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.3, (3, 2, 3, 3), &device)?.to_dtype(DType::F16)?;
+        let config = Conv2dConfig { padding: 1, ..Default::default() };
+        let conv = Conv2d::new(candle_nn::Conv2d::new(weight, None, config));
+        let x = Tensor::randn(0f32, 1.0, (1, 2, 4, 4), &device)?.to_dtype(DType::F16)?;
+        assert!(conv.forward_cpu_f32(&x)?.is_none());
+        assert_eq!(conv.forward(&x)?.dims(), [1, 3, 4, 4]);
+        Ok(())
+    }
+}
