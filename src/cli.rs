@@ -47,12 +47,21 @@ pub struct GenerateArgs {
     /// ddim_uniform, beta (see `GET /v1/schedules`).
     #[arg(long)]
     pub schedule: Option<String>,
-    /// DDIM's eta (0-1).
+    /// DDIM's eta (0-1), or TCD's gamma (default 0.3).
     #[arg(long)]
     pub eta: Option<f64>,
     /// Noise scale of the ancestral / SDE samplers (0-2).
     #[arg(long)]
     pub s_noise: Option<f64>,
+    /// Replaces the model scheduler's timestep spacing: leading, trailing or linspace.
+    #[arg(long)]
+    pub timestep_spacing: Option<String>,
+    /// Replaces the model scheduler's zero-terminal-SNR rescale (true or false).
+    #[arg(long, value_name = "true|false", num_args = 0..=1, default_missing_value = "true")]
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Replaces the model's prediction type: epsilon, v_prediction or sample.
+    #[arg(long)]
+    pub prediction_type: Option<String>,
     /// Seed of the first image (image i uses seed + i); default random.
     #[arg(long)]
     pub seed: Option<i64>,
@@ -228,6 +237,9 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         schedule: args.schedule.clone(),
         eta: args.eta,
         s_noise: args.s_noise,
+        timestep_spacing: args.timestep_spacing.clone(),
+        rescale_betas_zero_snr: args.rescale_betas_zero_snr,
+        prediction_type: args.prediction_type.clone(),
         seed: args.seed,
         n: args.n,
         clip_skip: args.clip_skip,

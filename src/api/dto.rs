@@ -88,13 +88,27 @@ pub struct GenerateRequest {
     /// the one a legacy A1111 sampler name implies ("DPM++ 2M Karras").
     #[schema(default = "default", example = "karras")]
     pub schedule: Option<String>,
-    /// DDIM's eta (0-1; 0 = deterministic). Only for `ddim`.
-    #[schema(default = 0.0, minimum = 0, maximum = 1)]
+    /// DDIM's eta (0-1; 0 = deterministic; default 0), or TCD's gamma (default 0.3).
+    /// Only for `ddim` and `tcd`.
+    #[schema(minimum = 0, maximum = 1)]
     pub eta: Option<f64>,
     /// Scale of the noise ancestral / SDE samplers add (0-2). Only for samplers that add
     /// noise (`euler_a`, `dpm2_a`, `dpmpp_2m_sde`).
     #[schema(default = 1.0, minimum = 0, maximum = 2)]
     pub s_noise: Option<f64>,
+    /// Replaces the model scheduler's timestep spacing for this request: `leading`,
+    /// `trailing` or `linspace` (diffusers' `timestep_spacing`); the model's own when
+    /// absent. Not for `lcm` / `tcd`, which use their distillation schedule.
+    #[schema(example = "trailing")]
+    pub timestep_spacing: Option<String>,
+    /// Replaces the model scheduler's `rescale_betas_zero_snr`: rescale the noise schedule
+    /// to zero terminal SNR (Lin et al. 2023; use with `trailing` spacing, as diffusers
+    /// recommends, and a v-prediction model). The model's own setting when absent.
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Replaces the model's prediction type: `epsilon`, `v_prediction` or `sample`; for
+    /// checkpoints whose config does not say what they predict.
+    #[schema(example = "v_prediction")]
+    pub prediction_type: Option<String>,
     /// Seed of the first image (image i uses seed + i); absent or -1: random (reported).
     #[schema(default = -1, example = 42)]
     pub seed: Option<i64>,
@@ -174,6 +188,9 @@ impl GenerateRequest {
             schedule: self.schedule.clone(),
             eta: self.eta,
             s_noise: self.s_noise,
+            timestep_spacing: self.timestep_spacing.clone(),
+            rescale_betas_zero_snr: self.rescale_betas_zero_snr,
+            prediction_type: self.prediction_type.clone(),
             seed: self.seed,
             n: self.n,
             clip_skip: self.clip_skip,

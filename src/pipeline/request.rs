@@ -9,7 +9,10 @@ use super::image_input::{self, ImageConditioning, ResizeMode};
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
-use crate::samplers::{resolve_sampler_name, SamplerKind, SamplerOptions, Schedule};
+use crate::samplers::{
+    resolve_sampler_name, PredictionType, SamplerKind, SamplerOptions, Schedule,
+    SchedulerOverrides, TimestepSpacing,
+};
 
 /// Limits a deployment puts on requests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,6 +84,15 @@ pub struct GenerationParams {
     /// Noise scale of the ancestral / SDE samplers (0-2).
     #[serde(default)]
     pub s_noise: Option<f64>,
+    /// Replaces the model's scheduler `timestep_spacing`: leading, trailing or linspace.
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    /// Replaces the model's scheduler `rescale_betas_zero_snr` (zero terminal SNR).
+    #[serde(default)]
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Replaces the model's scheduler `prediction_type`: epsilon, v_prediction or sample.
+    #[serde(default)]
+    pub prediction_type: Option<String>,
     /// Absent or negative: a random seed is chosen (and reported).
     pub seed: Option<i64>,
     pub n: Option<u32>,
@@ -156,6 +168,9 @@ pub struct GenerationRequest {
     /// Noise scale of the ancestral / SDE samplers; `None` = 1.
     #[serde(default)]
     pub s_noise: Option<f64>,
+    /// Scheduler-config settings this request replaces (none: the model's own).
+    #[serde(default)]
+    pub scheduler_overrides: SchedulerOverrides,
     /// Image `i` of the request uses seed `seed + i`.
     pub seed: u64,
     pub n: u32,
@@ -270,7 +285,10 @@ impl GenerationParams {
             if !sampler.takes_eta() {
                 return Err(ValidationError::new(
                     "eta",
-                    format!("sampler {} has no eta (only ddim does)", sampler.id()),
+                    format!(
+                        "sampler {} has no eta (only ddim, and tcd as its gamma, do)",
+                        sampler.id()
+                    ),
                 ));
             }
             if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
@@ -294,6 +312,7 @@ impl GenerationParams {
                 ));
             }
         }
+        let scheduler_overrides = self.scheduler_overrides(sampler)?;
         let seed = match self.seed {
             Some(seed) if seed >= 0 => seed as u64,
             _ => u64::from(rand::random::<u32>()),
@@ -395,6 +414,7 @@ impl GenerationParams {
             schedule,
             eta: self.eta,
             s_noise: self.s_noise,
+            scheduler_overrides,
             seed,
             n,
             clip_skip,
@@ -407,6 +427,57 @@ impl GenerationParams {
             },
             loras,
             image,
+        })
+    }
+
+    /// Validates the per-request scheduler-config overrides for `sampler`.
+    fn scheduler_overrides(
+        &self,
+        sampler: SamplerKind,
+    ) -> Result<SchedulerOverrides, ValidationError> {
+        let timestep_spacing = match self.timestep_spacing.as_deref() {
+            None => None,
+            Some(name) => {
+                let spacing = TimestepSpacing::from_name(name).ok_or_else(|| {
+                    let valid: Vec<&str> = TimestepSpacing::ALL.iter().map(|s| s.id()).collect();
+                    ValidationError::new(
+                        "timestep_spacing",
+                        format!(
+                            "unknown timestep spacing {name:?}; valid spacings: {}",
+                            valid.join(", ")
+                        ),
+                    )
+                })?;
+                if !sampler.uses_timestep_spacing() {
+                    return Err(ValidationError::new(
+                        "timestep_spacing",
+                        format!(
+                            "sampler {} takes its timesteps from its distillation schedule; \
+                             timestep_spacing does not apply",
+                            sampler.id()
+                        ),
+                    ));
+                }
+                Some(spacing)
+            }
+        };
+        let prediction_type = match self.prediction_type.as_deref() {
+            None => None,
+            Some(name) => Some(PredictionType::from_name(name).ok_or_else(|| {
+                let valid: Vec<&str> = PredictionType::ALL.iter().map(|p| p.id()).collect();
+                ValidationError::new(
+                    "prediction_type",
+                    format!(
+                        "unknown prediction type {name:?}; valid prediction types: {}",
+                        valid.join(", ")
+                    ),
+                )
+            })?),
+        };
+        Ok(SchedulerOverrides {
+            timestep_spacing,
+            rescale_betas_zero_snr: self.rescale_betas_zero_snr,
+            prediction_type,
         })
     }
 
@@ -494,7 +565,12 @@ impl GenerationParams {
 impl GenerationRequest {
     /// The sampler options of this request.
     pub fn sampler_options(&self) -> SamplerOptions {
-        SamplerOptions { schedule: self.schedule, eta: self.eta, s_noise: self.s_noise }
+        SamplerOptions {
+            schedule: self.schedule,
+            eta: self.eta,
+            s_noise: self.s_noise,
+            overrides: self.scheduler_overrides,
+        }
     }
 
     /// The A1111-style "parameters" text for image `index` (written into PNGs).
@@ -516,6 +592,16 @@ impl GenerationRequest {
         ));
         if self.schedule != Schedule::Default {
             text.push_str(&format!(", Schedule type: {}", self.schedule.display_name()));
+        }
+        let overrides = &self.scheduler_overrides;
+        if let Some(spacing) = overrides.timestep_spacing {
+            text.push_str(&format!(", Timestep spacing: {}", spacing.id()));
+        }
+        if let Some(zero_snr) = overrides.rescale_betas_zero_snr {
+            text.push_str(&format!(", Zero terminal SNR: {zero_snr}"));
+        }
+        if let Some(prediction_type) = overrides.prediction_type {
+            text.push_str(&format!(", Prediction type: {}", prediction_type.id()));
         }
         if self.clip_skip > 1 {
             text.push_str(&format!(", Clip skip: {}", self.clip_skip));

@@ -18,6 +18,10 @@ pub mod lms;
 pub mod pndm;
 pub mod sigmas;
 pub mod unipc;
+// Third batch (issue #4): DEIS, LCM, TCD.
+pub mod deis;
+pub mod lcm;
+pub mod tcd;
 
 mod step_math;
 
@@ -28,12 +32,14 @@ mod parity_tests;
 #[cfg(test)]
 mod samplers2_parity_tests;
 #[cfg(test)]
+mod samplers4_parity_tests;
+#[cfg(test)]
 mod schedule_parity_tests;
 
 use candle_core::{Error, Result, Tensor};
 
 pub use rng::TorchGenerator;
-pub use schedule::{PredictionType, SchedulerConfig, TimestepSpacing};
+pub use schedule::{PredictionType, SchedulerConfig, SchedulerOverrides, TimestepSpacing};
 pub use sigmas::Schedule;
 
 /// The samplers this build knows, by id.
@@ -64,6 +70,13 @@ pub enum SamplerKind {
     Pndm,
     /// DDPM (diffusers `DDPMScheduler`, fixed_small variance), ancestral.
     Ddpm,
+    // Third batch (issue #4).
+    /// DEIS (diffusers `DEISMultistepScheduler`, logrho, order 2).
+    Deis,
+    /// LCM (diffusers `LCMScheduler`), for latent consistency models and LCM-LoRA.
+    Lcm,
+    /// TCD (diffusers `TCDScheduler`), with `eta` as its gamma.
+    Tcd,
 }
 
 /// Per-request options of a sampler run.
@@ -74,11 +87,18 @@ pub struct SamplerOptions {
     pub eta: Option<f64>,
     /// Scale of the noise the ancestral / SDE samplers add (1 = reference).
     pub s_noise: Option<f64>,
+    /// Settings of the model's scheduler config this request replaces.
+    pub overrides: SchedulerOverrides,
 }
 
 impl Default for SamplerOptions {
     fn default() -> Self {
-        SamplerOptions { schedule: Schedule::Default, eta: None, s_noise: None }
+        SamplerOptions {
+            schedule: Schedule::Default,
+            eta: None,
+            s_noise: None,
+            overrides: SchedulerOverrides::default(),
+        }
     }
 }
 
@@ -87,7 +107,7 @@ const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 12] = [
+    pub const ALL: [SamplerKind; 15] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::Heun,
@@ -100,6 +120,10 @@ impl SamplerKind {
         SamplerKind::UniPc,
         SamplerKind::Pndm,
         SamplerKind::Ddpm,
+        // Third batch (issue #4).
+        SamplerKind::Deis,
+        SamplerKind::Lcm,
+        SamplerKind::Tcd,
     ];
 
     /// The id used in requests and responses.
@@ -117,6 +141,9 @@ impl SamplerKind {
             SamplerKind::UniPc => "unipc",
             SamplerKind::Pndm => "pndm",
             SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Deis => "deis",
+            SamplerKind::Lcm => "lcm",
+            SamplerKind::Tcd => "tcd",
         }
     }
 
@@ -135,6 +162,9 @@ impl SamplerKind {
             SamplerKind::UniPc => "UniPC",
             SamplerKind::Pndm => "PLMS",
             SamplerKind::Ddpm => "DDPM",
+            SamplerKind::Deis => "DEIS",
+            SamplerKind::Lcm => "LCM",
+            SamplerKind::Tcd => "TCD",
         }
     }
 
@@ -160,6 +190,9 @@ impl SamplerKind {
             SamplerKind::UniPc => &["uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"],
             SamplerKind::Pndm => &["plms", "PNDMScheduler"],
             SamplerKind::Ddpm => &["DDPMScheduler"],
+            SamplerKind::Deis => &["DEISMultistepScheduler", "deis_2m"],
+            SamplerKind::Lcm => &["LCMScheduler", "lcm_lora"],
+            SamplerKind::Tcd => &["TCDScheduler"],
         }
     }
 
@@ -170,13 +203,22 @@ impl SamplerKind {
             SamplerKind::UniPc => unipc::SCHEDULES,
             SamplerKind::Pndm => pndm::SCHEDULES,
             SamplerKind::Ddpm => ddpm::SCHEDULES,
+            SamplerKind::Deis => deis::SCHEDULES,
+            SamplerKind::Lcm => lcm::SCHEDULES,
+            SamplerKind::Tcd => tcd::SCHEDULES,
             _ => SIGMA_SCHEDULES,
         }
     }
 
-    /// Whether the sampler takes `eta` / `s_noise`.
+    /// Whether the sampler takes `eta` (DDIM's eta; TCD's gamma).
     pub fn takes_eta(self) -> bool {
-        self == SamplerKind::Ddim
+        matches!(self, SamplerKind::Ddim | SamplerKind::Tcd)
+    }
+
+    /// Whether the sampler reads the config's `timestep_spacing` (LCM and TCD take their
+    /// timesteps from the distillation schedule instead, as their diffusers classes do).
+    pub fn uses_timestep_spacing(self) -> bool {
+        !matches!(self, SamplerKind::Lcm | SamplerKind::Tcd)
     }
 
     /// Whether the sampler adds noise that `s_noise` scales.
@@ -219,6 +261,13 @@ impl SamplerKind {
             )));
         }
         let s_noise = options.s_noise.unwrap_or(1.0);
+        let overridden;
+        let config = if options.overrides.is_empty() {
+            config
+        } else {
+            overridden = options.overrides.apply(config);
+            &overridden
+        };
         Ok(match self {
             SamplerKind::Ddim => {
                 Box::new(ddim::Ddim::new(config, steps, options.eta.unwrap_or(0.0))?)
@@ -242,6 +291,11 @@ impl SamplerKind {
             SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, schedule)?),
             SamplerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
             SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(config, steps)?),
+            SamplerKind::Deis => Box::new(deis::Deis::new(config, steps, schedule)?),
+            SamplerKind::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
+            SamplerKind::Tcd => {
+                Box::new(tcd::Tcd::new(config, steps, options.eta.unwrap_or(tcd::DEFAULT_GAMMA))?)
+            }
         })
     }
 }
