@@ -3,7 +3,8 @@
 //! final latents within 1e-3 and the RGB8 image within 2/255. References, one set per
 //! batch of samplers: tests/fixtures/reference/samplers_<family>.{json,safetensors} (made
 //! by tools/make_schedule_refs.py) and samplers2_<family>.* (unipc, pndm, ddpm; made by
-//! tools/make_sampler2_refs.py).
+//! tools/make_sampler2_refs.py), samplers4_<family>.* (deis, lcm, tcd, and sd1 runs with
+//! per-request scheduler overrides; made by tools/make_sampler4_refs.py).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ fn check_family(set: &str, family: &str) {
             sampler: Some(case["sampler"].as_str().unwrap().to_string()),
             schedule: Some(case["schedule"].as_str().unwrap().to_string()),
             seed: case["seed"].as_i64(),
+            eta: case["eta"].as_f64(),
+            timestep_spacing: case["timestep_spacing"].as_str().map(str::to_string),
+            rescale_betas_zero_snr: case["rescale_betas_zero_snr"].as_bool(),
+            prediction_type: case["prediction_type"].as_str().map(str::to_string),
             ..Default::default()
         }
         .validate(pipeline.defaults(), &Default::default())
@@ -93,4 +98,38 @@ fn sd1_second_batch_samplers_match_diffusers() {
 #[test]
 fn sd2v_second_batch_samplers_match_diffusers() {
     check_family("samplers2", "sd2v");
+}
+
+#[test]
+fn sd1_third_batch_samplers_and_overrides_match_diffusers() {
+    check_family("samplers4", "sd1");
+}
+
+#[test]
+fn sd2v_third_batch_samplers_match_diffusers() {
+    check_family("samplers4", "sd2v");
+}
+
+/// LCM asked for more steps than its distillation schedule has (50) fails as a request
+/// error naming the sampler, not as an internal error.
+#[test]
+fn lcm_beyond_its_schedule_is_a_request_error() {
+    let pipeline =
+        Pipeline::load("fixture", &fixtures().join("sd1"), &LoadOptions::default()).unwrap();
+    let request = GenerationParams {
+        prompt: "x".into(),
+        steps: Some(60),
+        sampler: Some("lcm".into()),
+        seed: Some(1),
+        ..Default::default()
+    }
+    .validate(pipeline.defaults(), &Default::default())
+    .unwrap();
+    match pipeline.denoise(&request, &mut NoObserver) {
+        Err(sdserve::error::PipelineError::Invalid(error)) => {
+            assert_eq!(error.field, "sampler");
+            assert!(error.message.contains("original_inference_steps (50)"), "{error}");
+        }
+        other => panic!("expected a validation error, got {:?}", other.map(|_| ())),
+    }
 }

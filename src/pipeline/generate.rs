@@ -380,8 +380,15 @@ impl Pipeline {
             return Err(ValidationError::new("model", reason).into());
         }
         let steps = request.steps as usize;
-        let mut sampler =
-            request.sampler.build_with(&self.scheduler, steps, &request.sampler_options())?;
+        // A sampler that cannot run this request on this model's schedule (e.g. LCM asked
+        // for more steps than its distillation schedule has) is the request's problem.
+        let mut sampler = request
+            .sampler
+            .build_with(&self.scheduler, steps, &request.sampler_options())
+            .map_err(|error| {
+                let error = crate::error::without_backtrace(error);
+                ValidationError::new("sampler", format!("{}: {error}", request.sampler.id()))
+            })?;
         let mut generators: Vec<TorchGenerator> =
             (0..n).map(|i| TorchGenerator::new(request.seed.wrapping_add(i as u64))).collect();
         let latent_shape =

@@ -668,6 +668,95 @@ mod tests {
     }
 
     #[test]
+    fn third_batch_sampler_names_resolve() {
+        let cases = [
+            ("deis", SamplerKind::Deis),
+            ("DEIS", SamplerKind::Deis),
+            ("DEISMultistepScheduler", SamplerKind::Deis),
+            ("lcm", SamplerKind::Lcm),
+            ("LCMScheduler", SamplerKind::Lcm),
+            ("TCD", SamplerKind::Tcd),
+            ("TCDScheduler", SamplerKind::Tcd),
+        ];
+        for (name, kind) in cases {
+            let request = GenerationParams { sampler: Some(name.into()), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+            assert_eq!(request.sampler, kind, "{name}");
+        }
+        let request =
+            GenerationParams { sampler: Some("DEIS Karras".into()), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+        assert_eq!((request.sampler, request.schedule), (SamplerKind::Deis, Schedule::Karras));
+        let error = GenerationParams { sampler: Some("deis_3m".into()), ..Default::default() }
+            .validate(&model(), &Limits::default())
+            .unwrap_err();
+        for listed in ["deis", "lcm", "tcd"] {
+            assert!(error.to_string().contains(listed), "{error}");
+        }
+        // TCD takes eta as its gamma.
+        let request =
+            GenerationParams { sampler: Some("tcd".into()), eta: Some(0.5), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+        assert_eq!(request.sampler_options().eta, Some(0.5));
+    }
+
+    #[test]
+    fn scheduler_overrides_validate_and_reach_the_sampler_options() {
+        let request = GenerationParams {
+            sampler: Some("ddim".into()),
+            timestep_spacing: Some("Trailing".into()),
+            rescale_betas_zero_snr: Some(true),
+            prediction_type: Some("v_prediction".into()),
+            seed: Some(1),
+            ..Default::default()
+        }
+        .validate(&model(), &Limits::default())
+        .unwrap();
+        let expected = SchedulerOverrides {
+            timestep_spacing: Some(TimestepSpacing::Trailing),
+            rescale_betas_zero_snr: Some(true),
+            prediction_type: Some(PredictionType::VPrediction),
+        };
+        assert_eq!(request.scheduler_overrides, expected);
+        assert_eq!(request.sampler_options().overrides, expected);
+        let text = request.infotext(0);
+        assert!(text.contains("Timestep spacing: trailing"), "{text}");
+        // Absent fields keep the model's config.
+        let plain = GenerationParams::default().validate(&model(), &Limits::default()).unwrap();
+        assert!(plain.scheduler_overrides.is_empty());
+
+        let cases: Vec<(GenerationParams, &str, &str)> = vec![
+            (
+                GenerationParams { timestep_spacing: Some("uniform".into()), ..Default::default() },
+                "timestep_spacing",
+                "linspace",
+            ),
+            (
+                GenerationParams { prediction_type: Some("flow".into()), ..Default::default() },
+                "prediction_type",
+                "v_prediction",
+            ),
+            (
+                GenerationParams {
+                    sampler: Some("lcm".into()),
+                    timestep_spacing: Some("trailing".into()),
+                    ..Default::default()
+                },
+                "timestep_spacing",
+                "lcm",
+            ),
+        ];
+        for (params, field, mentions) in cases {
+            let error = params.validate(&model(), &Limits::default()).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+            assert!(error.to_string().contains(mentions), "{error}");
+        }
+    }
+
+    #[test]
     fn legacy_a1111_names_set_sampler_and_schedule() {
         let cases = [
             ("DPM++ 2M Karras", SamplerKind::DpmPp2m, Schedule::Karras),
