@@ -87,6 +87,10 @@ async fn listing_and_operational_endpoints() {
     let ids: Vec<&str> =
         samplers["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"euler_a"), "{samplers}");
+    for id in ["dpmpp_sde", "dpmpp_2s_a", "dpmpp_3m_sde"] {
+        assert!(ids.contains(&id), "{id}: {samplers}");
+    }
+    assert_eq!(ids.len(), sdserve::samplers::SamplerKind::ALL.len());
     assert!(
         samplers["data"][0]["display_name"].is_string()
             && samplers["data"][0]["aliases"].is_array()

@@ -97,6 +97,9 @@ SDE_STATISTICS = [("default", 4), ("karras", 20), ("default", 20)]
 
 def euler_plan(config: dict, schedule: str, steps: int):
     """Sigmas (with the final 0) and timesteps of the Euler family for k-diffusion samplers."""
+    # A config saved by a diffusers class lists the keys it left at their defaults; from_config
+    # would drop our schedule switches if they were among them.
+    config = {k: v for k, v in config.items() if k != "_use_default_values"}
     sched = EulerDiscreteScheduler.from_config({**config, **DIFFUSERS_SCHEDULES[schedule]})
     sched.set_timesteps(steps)
     log_sigmas = np.log(np.array(((1 - sched.alphas_cumprod) / sched.alphas_cumprod) ** 0.5))
@@ -186,10 +189,9 @@ def sde_statistics(config_name: str, config: dict) -> list:
     return out
 
 
-def pipeline_2s_a(pipe, schedule: str, steps: int, output_type: str):
+def pipeline_2s_a(pipe, config: dict, schedule: str, steps: int, output_type: str):
     """StableDiffusionPipeline's steps around k-diffusion's sampler: same prompt encoding,
     initial latents (seed 42 generator) scaled by the first sigma, CFG 7.5, VAE decode."""
-    config = dict(pipe.scheduler.config)
     sigmas, timesteps, sched, log_sigmas = euler_plan(config, schedule, steps)
     generator = torch.Generator("cpu").manual_seed(42)
     with torch.no_grad():
@@ -231,7 +233,7 @@ def pipelines(samplers: list) -> None:
                     for output_type in ("latent", "np"):
                         if sampler == "dpmpp_2s_a":
                             pipe.scheduler = EulerDiscreteScheduler.from_config(base)
-                            results[output_type] = pipeline_2s_a(pipe, schedule, steps, output_type)
+                            results[output_type] = pipeline_2s_a(pipe, base, schedule, steps, output_type)
                             continue
                         cls, extra = SAMPLERS[sampler]
                         pipe.scheduler = cls.from_config({**base, **extra, **DIFFUSERS_SCHEDULES[schedule]})
@@ -307,6 +309,10 @@ def img2img() -> None:
 
 def main() -> None:
     samplers = [s for s in sys.argv[1:] if s in SAMPLERS] or list(SAMPLERS)
+    if os.environ.get("PIPELINES_ONLY") is not None:
+        pipelines(samplers)
+        img2img()
+        return
     path = ROOT / "tests/fixtures/samplers/samplers3.json"
     data = json.loads(path.read_text()) if path.exists() else {"loops": {}}
     data["generated_by"] = "tools/make_sampler3_refs.py"

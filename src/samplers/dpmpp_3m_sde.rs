@@ -116,12 +116,8 @@ impl Sampler for DpmPp3mSde {
         let out_dtype = sample.dtype();
         let model_output = as_f32(model_output)?;
         let sample = as_f32(sample)?;
-        let m0 = data_prediction(
-            self.prediction_type,
-            &model_output,
-            &sample,
-            self.sigmas[step_index],
-        )?;
+        let m0 =
+            data_prediction(self.prediction_type, &model_output, &sample, self.sigmas[step_index])?;
         let noise = batch_noise(generators, &m0)?;
         let order = self.order_at(step_index, self.previous_x0.len());
 
