@@ -196,6 +196,23 @@ fn output_path(output: &Path, index: u32, count: u32) -> PathBuf {
     output.with_file_name(name)
 }
 
+/// `sdserve samplers`: every sampler of this build, one a line: id, A1111 name, the
+/// schedules it runs with and its aliases (what `GET /v1/samplers` lists).
+pub fn sampler_table() -> String {
+    let mut table = String::new();
+    for kind in crate::samplers::SamplerKind::ALL {
+        let schedules: Vec<&str> = kind.schedules().iter().map(|s| s.id()).collect();
+        table.push_str(&format!(
+            "{:<14} {:<14} schedules: {}; aliases: {}\n",
+            kind.id(),
+            kind.display_name(),
+            schedules.join(", "),
+            kind.aliases().join(", ")
+        ));
+    }
+    table
+}
+
 /// Runs `sdserve generate`.
 pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let extension = args.output.extension().and_then(|e| e.to_str()).unwrap_or("png");
@@ -384,4 +401,18 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         println!("peak resident memory {peak:.0} MiB");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampler_table_lists_every_sampler() {
+        let table = sampler_table();
+        assert_eq!(table.lines().count(), crate::samplers::SamplerKind::ALL.len());
+        for needle in ["dpmpp_3m_sde", "DPM++ 2S a", "DPMSolverSDEScheduler", "karras"] {
+            assert!(table.contains(needle), "{needle}: {table}");
+        }
+    }
 }

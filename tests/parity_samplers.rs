@@ -2,9 +2,12 @@
 //! sd2v fixtures, diffusers' pipeline with the scheduler swapped (seed 42), 4 and 20 steps;
 //! final latents within 1e-3 and the RGB8 image within 2/255. References, one set per
 //! batch of samplers: tests/fixtures/reference/samplers_<family>.{json,safetensors} (made
-//! by tools/make_schedule_refs.py) and samplers2_<family>.* (unipc, pndm, ddpm; made by
-//! tools/make_sampler2_refs.py), samplers4_<family>.* (deis, lcm, tcd, and sd1 runs with
-//! per-request scheduler overrides; made by tools/make_sampler4_refs.py).
+//! by tools/make_schedule_refs.py), samplers2_<family>.* (unipc, pndm, ddpm; made by
+//! tools/make_sampler2_refs.py), samplers3_<family>.* (dpmpp_3m_sde; dpmpp_sde with
+//! s_noise 0, its deterministic part; dpmpp_2s_a against k-diffusion's sampler over the same
+//! pipeline's components; made by tools/make_sampler3_refs.py) and samplers4_<family>.* (deis, lcm,
+//! tcd, and sd1 runs with per-request scheduler overrides; made by
+//! tools/make_sampler4_refs.py).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -49,6 +52,7 @@ fn check_family(set: &str, family: &str) {
             timestep_spacing: case["timestep_spacing"].as_str().map(str::to_string),
             rescale_betas_zero_snr: case["rescale_betas_zero_snr"].as_bool(),
             prediction_type: case["prediction_type"].as_str().map(str::to_string),
+            s_noise: case.get("s_noise").and_then(Value::as_f64),
             ..Default::default()
         }
         .validate(pipeline.defaults(), &Default::default())
@@ -101,12 +105,22 @@ fn sd2v_second_batch_samplers_match_diffusers() {
 }
 
 #[test]
-fn sd1_third_batch_samplers_and_overrides_match_diffusers() {
+fn sd1_third_batch_samplers_match_references() {
+    check_family("samplers3", "sd1");
+}
+
+#[test]
+fn sd2v_third_batch_samplers_match_references() {
+    check_family("samplers3", "sd2v");
+}
+
+#[test]
+fn sd1_fourth_batch_samplers_and_overrides_match_diffusers() {
     check_family("samplers4", "sd1");
 }
 
 #[test]
-fn sd2v_third_batch_samplers_match_diffusers() {
+fn sd2v_fourth_batch_samplers_match_diffusers() {
     check_family("samplers4", "sd2v");
 }
 

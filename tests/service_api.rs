@@ -86,9 +86,11 @@ async fn listing_and_operational_endpoints() {
     let samplers: Value = server.get("/v1/samplers").await.json().await.unwrap();
     let ids: Vec<&str> =
         samplers["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
-    for id in ["euler_a", "deis", "lcm", "tcd"] {
+    assert!(ids.contains(&"euler_a"), "{samplers}");
+    for id in ["dpmpp_sde", "dpmpp_2s_a", "dpmpp_3m_sde", "deis", "lcm", "tcd"] {
         assert!(ids.contains(&id), "{id}: {samplers}");
     }
+    assert_eq!(ids.len(), sdserve::samplers::SamplerKind::ALL.len());
     assert!(
         samplers["data"][0]["display_name"].is_string()
             && samplers["data"][0]["aliases"].is_array()

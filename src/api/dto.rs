@@ -93,7 +93,8 @@ pub struct GenerateRequest {
     #[schema(minimum = 0, maximum = 1)]
     pub eta: Option<f64>,
     /// Scale of the noise ancestral / SDE samplers add (0-2). Only for samplers that add
-    /// noise (`euler_a`, `dpm2_a`, `dpmpp_2m_sde`).
+    /// noise (`euler_a`, `dpm2_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpmpp_2s_a`,
+    /// `dpmpp_3m_sde`; `s_noise: true` in `GET /v1/samplers`).
     #[schema(default = 1.0, minimum = 0, maximum = 2)]
     pub s_noise: Option<f64>,
     /// Replaces the model scheduler's timestep spacing for this request: `leading`,

@@ -326,7 +326,7 @@ impl JobManager {
         }
         let now = Instant::now();
         let images = request.n.max(1) as usize;
-        let steps_per_image = request.steps as usize;
+        let steps_per_image = request.denoising_steps();
         let record = JobRecord {
             id: id.clone(),
             request: Arc::new(request),

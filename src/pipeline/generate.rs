@@ -473,7 +473,7 @@ impl Pipeline {
         guided: bool,
     ) -> Result<ImageStart, PipelineError> {
         let steps = request.steps as usize;
-        let kept_steps = ((steps as f64 * image.strength) as usize).min(steps);
+        let kept_steps = request.denoising_steps();
         if kept_steps == 0 {
             return Err(ValidationError::new(
                 "strength",

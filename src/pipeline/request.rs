@@ -563,6 +563,16 @@ impl GenerationParams {
 }
 
 impl GenerationRequest {
+    /// The denoising steps that actually run per image: `steps`, or for img2img /
+    /// inpainting `int(steps × strength)` (diffusers' `get_timesteps`, A1111's img2img).
+    pub fn denoising_steps(&self) -> usize {
+        let steps = self.steps as usize;
+        match &self.image {
+            Some(image) => ((steps as f64 * image.strength) as usize).min(steps),
+            None => steps,
+        }
+    }
+
     /// The sampler options of this request.
     pub fn sampler_options(&self) -> SamplerOptions {
         SamplerOptions {

@@ -11,6 +11,9 @@ pub mod ddim;
 pub mod ddpm;
 pub mod dpm2;
 pub mod dpmpp_2m;
+pub mod dpmpp_2s_ancestral;
+pub mod dpmpp_3m_sde;
+pub mod dpmpp_sde;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
@@ -31,6 +34,8 @@ mod add_noise_tests;
 mod parity_tests;
 #[cfg(test)]
 mod samplers2_parity_tests;
+#[cfg(test)]
+mod samplers3_parity_tests;
 #[cfg(test)]
 mod samplers4_parity_tests;
 #[cfg(test)]
@@ -64,6 +69,13 @@ pub enum SamplerKind {
     DpmPp2m,
     /// DPM++ 2M SDE (diffusers `DPMSolverMultistepScheduler`, sde-dpmsolver++).
     DpmPp2mSde,
+    /// DPM++ SDE (diffusers `DPMSolverSDEScheduler` / k-diffusion `sample_dpmpp_sde`), with
+    /// its Brownian-tree noise drawn from the request's generators instead.
+    DpmPpSde,
+    /// DPM++ 2S ancestral (k-diffusion `sample_dpmpp_2s_ancestral`).
+    DpmPp2sA,
+    /// DPM++ 3M SDE (diffusers `DPMSolverMultistepScheduler`, sde-dpmsolver++, order 3).
+    DpmPp3mSde,
     /// UniPC (diffusers `UniPCMultistepScheduler`, bh2, order 2).
     UniPc,
     /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`, as SD 1.x ships it).
@@ -107,7 +119,7 @@ const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 15] = [
+    pub const ALL: [SamplerKind; 18] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::Heun,
@@ -116,6 +128,9 @@ impl SamplerKind {
         SamplerKind::Dpm2A,
         SamplerKind::DpmPp2m,
         SamplerKind::DpmPp2mSde,
+        SamplerKind::DpmPpSde,
+        SamplerKind::DpmPp2sA,
+        SamplerKind::DpmPp3mSde,
         SamplerKind::Ddim,
         SamplerKind::UniPc,
         SamplerKind::Pndm,
@@ -138,6 +153,9 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "dpm2_a",
             SamplerKind::DpmPp2m => "dpmpp_2m",
             SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
+            SamplerKind::DpmPpSde => "dpmpp_sde",
+            SamplerKind::DpmPp2sA => "dpmpp_2s_a",
+            SamplerKind::DpmPp3mSde => "dpmpp_3m_sde",
             SamplerKind::UniPc => "unipc",
             SamplerKind::Pndm => "pndm",
             SamplerKind::Ddpm => "ddpm",
@@ -159,6 +177,9 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "DPM2 a",
             SamplerKind::DpmPp2m => "DPM++ 2M",
             SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
+            SamplerKind::DpmPpSde => "DPM++ SDE",
+            SamplerKind::DpmPp2sA => "DPM++ 2S a",
+            SamplerKind::DpmPp3mSde => "DPM++ 3M SDE",
             SamplerKind::UniPc => "UniPC",
             SamplerKind::Pndm => "PLMS",
             SamplerKind::Ddpm => "DDPM",
@@ -187,6 +208,11 @@ impl SamplerKind {
             ],
             SamplerKind::DpmPp2m => &["DPMSolverMultistepScheduler", "k_dpmpp_2m"],
             SamplerKind::DpmPp2mSde => &["k_dpmpp_2m_sde"],
+            SamplerKind::DpmPpSde => &["DPMSolverSDEScheduler", "k_dpmpp_sde"],
+            SamplerKind::DpmPp2sA => {
+                &["dpmpp_2s_ancestral", "k_dpmpp_2s_a", "k_dpmpp_2s_ancestral"]
+            }
+            SamplerKind::DpmPp3mSde => &["k_dpmpp_3m_sde"],
             SamplerKind::UniPc => &["uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"],
             SamplerKind::Pndm => &["plms", "PNDMScheduler"],
             SamplerKind::Ddpm => &["DDPMScheduler"],
@@ -223,7 +249,15 @@ impl SamplerKind {
 
     /// Whether the sampler adds noise that `s_noise` scales.
     pub fn takes_s_noise(self) -> bool {
-        matches!(self, SamplerKind::EulerA | SamplerKind::Dpm2A | SamplerKind::DpmPp2mSde)
+        matches!(
+            self,
+            SamplerKind::EulerA
+                | SamplerKind::Dpm2A
+                | SamplerKind::DpmPp2mSde
+                | SamplerKind::DpmPpSde
+                | SamplerKind::DpmPp2sA
+                | SamplerKind::DpmPp3mSde
+        )
     }
 
     /// Looks a name up among ids, display names and aliases (case-insensitive).
@@ -287,6 +321,15 @@ impl SamplerKind {
             }
             SamplerKind::DpmPp2mSde => {
                 Box::new(dpmpp_2m::DpmPp2m::new(config, steps, schedule, true, s_noise)?)
+            }
+            SamplerKind::DpmPpSde => {
+                Box::new(dpmpp_sde::DpmPpSde::new(config, steps, schedule, s_noise)?)
+            }
+            SamplerKind::DpmPp2sA => Box::new(dpmpp_2s_ancestral::DpmPp2sAncestral::new(
+                config, steps, schedule, s_noise,
+            )?),
+            SamplerKind::DpmPp3mSde => {
+                Box::new(dpmpp_3m_sde::DpmPp3mSde::new(config, steps, schedule, s_noise)?)
             }
             SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, schedule)?),
             SamplerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
