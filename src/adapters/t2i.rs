@@ -1,0 +1,396 @@
+//! T2I-Adapters by name: found directly inside the configured directories (a diffusers
+//! folder with `config.json`, named by the folder, or a single `.safetensors` file, named
+//! by its stem), confined to those directories, loaded on first use and kept in a small
+//! cache per device and dtype.
+//!
+//! A single file holds diffusers' key names (`adapter.conv_in.weight`, ...); its config
+//! comes from a sidecar `<stem>.config.json` when there is one, otherwise from the tensor
+//! shapes (see [`infer_config`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component as PathComponent, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
+
+/// Most T2I-Adapters one request may use.
+pub const MAX_T2I_ADAPTERS_PER_REQUEST: usize = 4;
+/// Largest conditioning scale a request may give an adapter.
+pub const MAX_T2I_ADAPTER_SCALE: f64 = 10.0;
+/// Loaded adapters kept in memory (over all devices and dtypes).
+const CACHE_ENTRIES: usize = 8;
+
+/// Finding or loading a T2I-Adapter went wrong; messages are written for users.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum T2IAdapterError {
+    #[error(
+        "unknown T2I-Adapter {0:?}: no such folder or .safetensors file in the configured \
+         T2I-Adapter directories"
+    )]
+    UnknownName(String),
+    #[error("T2I-Adapter name {name:?} is not allowed: {reason}")]
+    BadName { name: String, reason: String },
+    #[error("T2I-Adapter {path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+}
+
+fn bad_file(path: &Path, reason: impl std::fmt::Display) -> T2IAdapterError {
+    T2IAdapterError::BadFile { path: path.to_path_buf(), reason: reason.to_string() }
+}
+
+/// Checks that `name` is one plain path component (adapters live directly inside their
+/// directory).
+pub fn check_name(name: &str) -> Result<(), T2IAdapterError> {
+    let refuse =
+        |reason: &str| T2IAdapterError::BadName { name: name.to_string(), reason: reason.into() };
+    if name.trim().is_empty() {
+        return Err(refuse("it is empty"));
+    }
+    if name.contains(['/', '\\', ':', '\0']) {
+        return Err(refuse("it may not contain '/', '\\', ':' or NUL"));
+    }
+    let mut components = Path::new(name).components();
+    match (components.next(), components.next()) {
+        (Some(PathComponent::Normal(_)), None) => Ok(()),
+        _ => Err(refuse("'.' and '..' are not allowed")),
+    }
+}
+
+/// Every adapter directly inside `dirs`, as `(name, path)` sorted by name: folders with
+/// a `config.json` (named by the folder) and `.safetensors` files (named by their stem).
+/// An earlier directory wins on equal names; entries whose real path leaves their
+/// directory (symlinks) are skipped.
+pub fn discover(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
+    let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for dir in dirs {
+        let Ok(root) = dir.canonicalize() else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(real) = path.canonicalize() else {
+                continue;
+            };
+            if !real.starts_with(&root) {
+                continue;
+            }
+            let name = if real.is_dir() && real.join("config.json").is_file() {
+                path.file_name()
+            } else if real.is_file() && path.extension().is_some_and(|e| e == "safetensors") {
+                path.file_stem()
+            } else {
+                None
+            };
+            if let Some(name) = name.and_then(|n| n.to_str()) {
+                found.entry(name.to_string()).or_insert(real);
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// The folder or file `name` stands for in `dirs` (see [`check_name`] and the module
+/// docs for what is refused).
+pub fn resolve(dirs: &[PathBuf], name: &str) -> Result<PathBuf, T2IAdapterError> {
+    check_name(name)?;
+    let stem = name.strip_suffix(".safetensors").unwrap_or(name);
+    for dir in dirs {
+        let folder = dir.join(stem);
+        let file = dir.join(format!("{stem}.safetensors"));
+        let candidate = if folder.join("config.json").is_file() {
+            folder
+        } else if file.is_file() {
+            file
+        } else {
+            continue;
+        };
+        let (Ok(real), Ok(root)) = (candidate.canonicalize(), dir.canonicalize()) else {
+            continue;
+        };
+        if !real.starts_with(&root) {
+            return Err(T2IAdapterError::BadName {
+                name: name.to_string(),
+                reason: "it links outside its T2I-Adapter directory".into(),
+            });
+        }
+        return Ok(real);
+    }
+    Err(T2IAdapterError::UnknownName(name.to_string()))
+}
+
+struct CacheEntry {
+    path: PathBuf,
+    stamp: (Option<SystemTime>, u64),
+    device: candle_core::DeviceLocation,
+    dtype: DType,
+    adapter: Arc<T2IAdapter>,
+}
+
+/// The T2I-Adapter directories of a server or CLI run, with the loaded-adapter cache.
+/// Shared by every worker (each loads onto its own device).
+pub struct T2IAdapterLibrary {
+    dirs: Vec<PathBuf>,
+    /// Loaded adapters, least recently used first.
+    cache: Mutex<Vec<CacheEntry>>,
+}
+
+impl std::fmt::Debug for T2IAdapterLibrary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("T2IAdapterLibrary").field("dirs", &self.dirs).finish()
+    }
+}
+
+impl Default for T2IAdapterLibrary {
+    fn default() -> Self {
+        T2IAdapterLibrary::new(Vec::new())
+    }
+}
+
+impl T2IAdapterLibrary {
+    pub fn new(dirs: Vec<PathBuf>) -> T2IAdapterLibrary {
+        T2IAdapterLibrary { dirs, cache: Mutex::new(Vec::new()) }
+    }
+
+    /// The configured directories.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Every adapter requests can name, as [`discover`] finds them.
+    pub fn list(&self) -> Vec<(String, PathBuf)> {
+        discover(&self.dirs)
+    }
+
+    /// The adapter `name` stands for, loaded onto `device` in `dtype` (from the cache
+    /// when its files are unchanged).
+    pub fn load(
+        &self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Arc<T2IAdapter>, T2IAdapterError> {
+        let path = resolve(&self.dirs, name)?;
+        let weights = weight_file(&path, dtype)?;
+        let stamp = std::fs::metadata(&weights)
+            .map(|m| (m.modified().ok(), m.len()))
+            .map_err(|e| bad_file(&weights, e))?;
+        let location = device.location();
+        {
+            let mut cache =
+                self.cache.lock().expect("T2I-Adapter cache lock poisoned; this is a bug");
+            let hit = cache.iter().position(|e| {
+                e.path == weights && e.stamp == stamp && e.device == location && e.dtype == dtype
+            });
+            if let Some(index) = hit {
+                let entry = cache.remove(index);
+                let adapter = entry.adapter.clone();
+                cache.push(entry);
+                return Ok(adapter);
+            }
+        }
+        let adapter = Arc::new(load_adapter(&path, &weights, device, dtype)?);
+        let mut cache = self.cache.lock().expect("T2I-Adapter cache lock poisoned; this is a bug");
+        cache.retain(|e| !(e.path == weights && e.device == location && e.dtype == dtype));
+        if cache.len() >= CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push(CacheEntry {
+            path: weights,
+            stamp,
+            device: location,
+            dtype,
+            adapter: adapter.clone(),
+        });
+        Ok(adapter)
+    }
+}
+
+/// The weights of an adapter folder (the `fp16` variant preferred for f16) or the file
+/// itself; pickles are refused.
+fn weight_file(path: &Path, dtype: DType) -> Result<PathBuf, T2IAdapterError> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let plain = path.join("diffusion_pytorch_model.safetensors");
+    let half = path.join("diffusion_pytorch_model.fp16.safetensors");
+    let preferred = if dtype == DType::F16 { [&half, &plain] } else { [&plain, &half] };
+    if let Some(found) = preferred.into_iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    if path.join("diffusion_pytorch_model.bin").exists() {
+        return Err(bad_file(
+            path,
+            "only a pickle (diffusion_pytorch_model.bin) is there; loading pickles can run \
+             arbitrary code, so convert it to .safetensors first",
+        ));
+    }
+    Err(bad_file(path, "no diffusion_pytorch_model.safetensors in the folder"))
+}
+
+fn load_adapter(
+    path: &Path,
+    weights: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<T2IAdapter, T2IAdapterError> {
+    crate::models::single_file::check_safetensors(weights).map_err(|e| bad_file(weights, e))?;
+    let tensors = candle_core::safetensors::load(weights, device)
+        .map_err(|e| bad_file(weights, crate::error::without_backtrace(e)))?;
+    let sidecar = if path.is_dir() {
+        Some(path.join("config.json"))
+    } else {
+        Some(path.with_extension("config.json")).filter(|p| p.is_file())
+    };
+    let config: T2IAdapterConfig = match sidecar {
+        Some(config_path) => {
+            let text =
+                std::fs::read_to_string(&config_path).map_err(|e| bad_file(&config_path, e))?;
+            serde_json::from_str(&text).map_err(|e| bad_file(&config_path, e))?
+        }
+        None => infer_config(&tensors).map_err(|reason| bad_file(path, reason))?,
+    };
+    config.kind().map_err(|reason| bad_file(path, reason))?;
+    let tensors = tensors
+        .into_iter()
+        .map(|(name, tensor)| Ok((name, tensor.to_dtype(dtype)?)))
+        .collect::<candle_core::Result<HashMap<_, _>>>()
+        .map_err(|e| bad_file(weights, e))?;
+    let builder = VarBuilder::from_tensors(tensors, dtype, device);
+    T2IAdapter::new(builder, &config).map_err(|e| {
+        bad_file(
+            weights,
+            format!("the weights do not fit the config: {}", crate::error::without_backtrace(e)),
+        )
+    })
+}
+
+/// Reads a T2I-Adapter config from diffusers-named weights: light adapters have
+/// `out_conv`s; the widths come from each level's first residual block (light: its
+/// `out_conv`), the unshuffle factor and input channels from the first convolution
+/// (`in_channels · factor²` inputs, RGB tried before grayscale); a factor of 16 means
+/// `full_adapter_xl` (every published SDXL adapter), 8 `full_adapter`.
+pub fn infer_config(tensors: &HashMap<String, Tensor>) -> Result<T2IAdapterConfig, String> {
+    let shape = |key: &str| tensors.get(key).map(|t| t.dims().to_vec());
+    if shape("adapter.body.0.resnets.0.block1.weight").is_none() {
+        return Err("no adapter.body.0.resnets.0.block1.weight: not a T2I-Adapter in diffusers' \
+                    key layout (convert original TencentARC files with diffusers first), or \
+                    add a <stem>.config.json beside it"
+            .into());
+    }
+    let count = |prefix: &str| -> usize {
+        (0..)
+            .take_while(|i| tensors.keys().any(|k| k.starts_with(&format!("{prefix}{i}."))))
+            .count()
+    };
+    let levels = count("adapter.body.");
+    let num_res_blocks = count("adapter.body.0.resnets.");
+    let light = tensors.contains_key("adapter.body.0.out_conv.weight");
+    let first_conv = if light { "adapter.body.0.in_conv.weight" } else { "adapter.conv_in.weight" };
+    let unshuffled = shape(first_conv).ok_or_else(|| format!("no {first_conv}"))?[1];
+    let square_root = |n: usize| (1..=64).find(|r| r * r == n);
+    let (in_channels, downscale_factor) = [3usize, 1]
+        .into_iter()
+        .find_map(|c| {
+            (unshuffled % c == 0).then(|| square_root(unshuffled / c)).flatten().map(|r| (c, r))
+        })
+        .ok_or_else(|| format!("{first_conv} takes {unshuffled} channels: not 3·r² or r²"))?;
+    let width_of = |level: usize| -> Result<usize, String> {
+        let key = if light {
+            format!("adapter.body.{level}.out_conv.weight")
+        } else {
+            format!("adapter.body.{level}.resnets.0.block1.weight")
+        };
+        shape(&key).map(|s| s[0]).ok_or_else(|| format!("no {key}"))
+    };
+    let widths = if light { levels.saturating_sub(1) } else { levels };
+    let channels = (0..widths).map(width_of).collect::<Result<Vec<_>, _>>()?;
+    let adapter_type = match (light, downscale_factor) {
+        (true, _) => "light_adapter",
+        (false, 16) => "full_adapter_xl",
+        (false, _) => "full_adapter",
+    };
+    Ok(T2IAdapterConfig {
+        in_channels,
+        channels,
+        num_res_blocks,
+        downscale_factor,
+        adapter_type: adapter_type.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t2i_adapters")
+    }
+
+    #[test]
+    fn names_are_single_plain_components() {
+        for name in ["../x", "a/b", "/etc/passwd", "..", ".", "", "C:x", "a\\b"] {
+            assert!(check_name(name).is_err(), "{name:?} was accepted");
+        }
+        for name in ["canny", "sketch-v2", "depth.sdxl"] {
+            assert!(check_name(name).is_ok(), "{name:?} was refused");
+        }
+    }
+
+    #[test]
+    fn discovers_folders_and_resolves_names() {
+        let listed: Vec<String> = discover(&[fixtures()]).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(listed, ["sd1_full", "sd1_light", "sdxl_full"]);
+        assert!(resolve(&[fixtures()], "sd1_full").unwrap().ends_with("sd1_full"));
+        assert!(matches!(resolve(&[fixtures()], "nope"), Err(T2IAdapterError::UnknownName(_))));
+        assert!(matches!(resolve(&[fixtures()], "../sd1"), Err(T2IAdapterError::BadName { .. })));
+    }
+
+    #[test]
+    fn inferred_configs_match_the_fixture_configs() {
+        for name in ["sd1_full", "sd1_light", "sdxl_full"] {
+            let folder = fixtures().join(name);
+            let tensors = candle_core::safetensors::load(
+                folder.join("diffusion_pytorch_model.safetensors"),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let inferred = infer_config(&tensors).unwrap();
+            let text = std::fs::read_to_string(folder.join("config.json")).unwrap();
+            let stored: T2IAdapterConfig = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                (inferred.in_channels, &inferred.channels, inferred.num_res_blocks),
+                (stored.in_channels, &stored.channels, stored.num_res_blocks),
+                "{name}"
+            );
+            assert_eq!(
+                (inferred.downscale_factor, &inferred.adapter_type),
+                (stored.downscale_factor, &stored.adapter_type),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn symlinks_out_of_the_directory_are_refused() {
+        let root = std::env::temp_dir().join(format!("sdserve-t2i-{}", std::process::id()));
+        let inside = root.join("adapters");
+        std::fs::create_dir_all(&inside).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(fixtures().join("sd1_full"), inside.join("escape")).unwrap();
+            assert!(matches!(
+                resolve(&[inside.clone()], "escape"),
+                Err(T2IAdapterError::BadName { .. })
+            ));
+            assert!(discover(&[inside.clone()]).is_empty());
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
