@@ -377,6 +377,33 @@ mod tests {
         }
     }
 
+    /// A lone `.safetensors` file (config inferred from its shapes) loads as its folder.
+    #[test]
+    fn single_files_load_by_stem() {
+        let root = std::env::temp_dir().join(format!("sdserve-t2i-file-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let weights = fixtures().join("sd1_light/diffusion_pytorch_model.safetensors");
+        std::fs::copy(&weights, root.join("sketch.safetensors")).unwrap();
+        let from_file = T2IAdapterLibrary::new(vec![root.clone()]);
+        assert_eq!(from_file.list().len(), 1);
+        let image = Tensor::rand(0f32, 1., (1, 1, 64, 64), &Device::Cpu).unwrap();
+        let file_features = from_file.load("sketch", &Device::Cpu, DType::F32).unwrap();
+        let folder = T2IAdapterLibrary::new(vec![fixtures()]);
+        let folder_features = folder.load("sd1_light", &Device::Cpu, DType::F32).unwrap();
+        let (a, b) =
+            (file_features.forward(&image).unwrap(), folder_features.forward(&image).unwrap());
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            let diff =
+                (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0);
+        }
+        // Cached: the same adapter comes back.
+        let again = from_file.load("sketch", &Device::Cpu, DType::F32).unwrap();
+        assert!(Arc::ptr_eq(&file_features, &again));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn symlinks_out_of_the_directory_are_refused() {
         let root = std::env::temp_dir().join(format!("sdserve-t2i-{}", std::process::id()));
