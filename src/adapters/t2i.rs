@@ -413,10 +413,10 @@ mod tests {
         {
             std::os::unix::fs::symlink(fixtures().join("sd1_full"), inside.join("escape")).unwrap();
             assert!(matches!(
-                resolve(&[inside.clone()], "escape"),
+                resolve(std::slice::from_ref(&inside), "escape"),
                 Err(T2IAdapterError::BadName { .. })
             ));
-            assert!(discover(&[inside.clone()]).is_empty());
+            assert!(discover(std::slice::from_ref(&inside)).is_empty());
         }
         std::fs::remove_dir_all(&root).unwrap();
     }
