@@ -3,9 +3,10 @@
 //! by its stem), confined to those directories, loaded on first use and kept in a small
 //! cache per device and dtype.
 //!
-//! A single file holds diffusers' key names (`adapter.conv_in.weight`, ...); its config
-//! comes from a sidecar `<stem>.config.json` when there is one, otherwise from the tensor
-//! shapes (see [`infer_config`]).
+//! A single file holds diffusers' key names (`adapter.conv_in.weight`, ...) or those of
+//! TencentARC's original `Adapter` / `Adapter_light` (see [`from_original_layout`]); its
+//! config comes from a sidecar `<stem>.config.json` when there is one, otherwise from the
+//! tensor shapes (see [`infer_config`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Component as PathComponent, Path, PathBuf};
@@ -241,8 +242,11 @@ fn load_adapter(
     dtype: DType,
 ) -> Result<T2IAdapter, T2IAdapterError> {
     crate::models::single_file::check_safetensors(weights).map_err(|e| bad_file(weights, e))?;
-    let tensors = candle_core::safetensors::load(weights, device)
+    let mut tensors = candle_core::safetensors::load(weights, device)
         .map_err(|e| bad_file(weights, crate::error::without_backtrace(e)))?;
+    if !tensors.keys().any(|k| k.starts_with("adapter.")) {
+        tensors = from_original_layout(tensors).map_err(|reason| bad_file(weights, reason))?;
+    }
     let sidecar = if path.is_dir() {
         Some(path.join("config.json"))
     } else {
@@ -271,6 +275,73 @@ fn load_adapter(
     })
 }
 
+/// Renames the weights of TencentARC's original adapters to diffusers' names, as
+/// diffusers' conversion script does. `Adapter` numbers its residual blocks through all
+/// levels (`body.{level · blocks + j}.block1`, the level's projection on its first
+/// block); the blocks per level are the largest count that every projection's position
+/// and the total agree with (2 in every TencentARC release). `Adapter_light` keeps levels
+/// (`body.{i}.body.{j}.block1`). Variants diffusers cannot run (`skep` shortcuts,
+/// convolutional downsampling) are refused.
+pub fn from_original_layout(
+    tensors: HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>, String> {
+    if let Some(key) = tensors.keys().find(|k| k.contains(".skep.") || k.contains(".down_opt.")) {
+        return Err(format!(
+            "{key}: this adapter variant (shortcut convolutions or convolutional \
+             downsampling) is not supported"
+        ));
+    }
+    if !tensors.keys().any(|k| k.starts_with("body.")) {
+        return Err("neither diffusers' (adapter.…) nor TencentARC's (body.…) key names: \
+                    not a T2I-Adapter"
+            .into());
+    }
+    let light = tensors.keys().any(|k| k.contains(".out_conv."));
+    let position =
+        |key: &str| -> Option<usize> { key.strip_prefix("body.")?.split('.').next()?.parse().ok() };
+    let blocks_per_level = if light {
+        1
+    } else {
+        let total = tensors.keys().filter_map(|k| position(k)).max().map_or(0, |m| m + 1);
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        tensors
+            .keys()
+            .filter(|k| k.contains(".in_conv."))
+            .filter_map(|k| position(k))
+            .fold(total, gcd)
+            .max(1)
+    };
+    let renamed = tensors
+        .into_iter()
+        .map(|(key, tensor)| {
+            let name = match (key.strip_prefix("body."), light) {
+                (None, _) => format!("adapter.{key}"),
+                (Some(rest), true) => {
+                    format!("adapter.body.{}", rest.replacen(".body.", ".resnets.", 1))
+                }
+                (Some(rest), false) => {
+                    let (index, layer) = rest.split_once('.').unwrap_or((rest, ""));
+                    let index: usize =
+                        index.parse().map_err(|_| format!("unexpected key {key}"))?;
+                    let (level, block) = (index / blocks_per_level, index % blocks_per_level);
+                    if layer.starts_with("in_conv.") {
+                        format!("adapter.body.{level}.{layer}")
+                    } else {
+                        format!("adapter.body.{level}.resnets.{block}.{layer}")
+                    }
+                }
+            };
+            Ok((name, tensor))
+        })
+        .collect::<Result<HashMap<_, _>, String>>()?;
+    Ok(renamed)
+}
+
 /// Reads a T2I-Adapter config from diffusers-named weights: light adapters have
 /// `out_conv`s; the widths come from each level's first residual block (light: its
 /// `out_conv`), the unshuffle factor and input channels from the first convolution
@@ -279,9 +350,8 @@ fn load_adapter(
 pub fn infer_config(tensors: &HashMap<String, Tensor>) -> Result<T2IAdapterConfig, String> {
     let shape = |key: &str| tensors.get(key).map(|t| t.dims().to_vec());
     if shape("adapter.body.0.resnets.0.block1.weight").is_none() {
-        return Err("no adapter.body.0.resnets.0.block1.weight: not a T2I-Adapter in diffusers' \
-                    key layout (convert original TencentARC files with diffusers first), or \
-                    add a <stem>.config.json beside it"
+        return Err("no adapter.body.0.resnets.0.block1.weight: not a T2I-Adapter layout sdserve \
+                    reads; add a <stem>.config.json beside it if it is one"
             .into());
     }
     let count = |prefix: &str| -> usize {
@@ -375,6 +445,70 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// The fixture adapters under TencentARC's original key names load as their folders.
+    #[test]
+    fn original_layouts_load_as_diffusers_folders() {
+        let root = std::env::temp_dir().join(format!("sdserve-t2i-orig-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        for (name, light) in [("sd1_full", false), ("sd1_light", true)] {
+            let weights = fixtures().join(name).join("diffusion_pytorch_model.safetensors");
+            let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+            let original: HashMap<String, Tensor> = tensors
+                .into_iter()
+                .map(|(key, tensor)| {
+                    let key = key.strip_prefix("adapter.").unwrap().to_string();
+                    // sd1_full has one residual block per level: body.{level}.resnets.0.X
+                    // and body.{level}.in_conv.X are both original block `level`.
+                    let key = if light {
+                        key.replace(".resnets.", ".body.")
+                    } else {
+                        key.replace(".resnets.0.", ".")
+                    };
+                    (key, tensor)
+                })
+                .collect();
+            let file = root.join(format!("{name}_original.safetensors"));
+            candle_core::safetensors::save(&original, &file).unwrap();
+        }
+        let originals = T2IAdapterLibrary::new(vec![root.clone()]);
+        let folders = T2IAdapterLibrary::new(vec![fixtures()]);
+        for (name, channels) in [("sd1_full", 3), ("sd1_light", 1)] {
+            let image = Tensor::rand(0f32, 1., (1, channels, 64, 64), &Device::Cpu).unwrap();
+            let original = originals.load(&format!("{name}_original"), &Device::Cpu, DType::F32);
+            let a = original.unwrap().forward(&image).unwrap();
+            let b = folders.load(name, &Device::Cpu, DType::F32).unwrap().forward(&image).unwrap();
+            assert_eq!(a.len(), b.len(), "{name}");
+            for (x, y) in a.iter().zip(&b) {
+                let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap();
+                assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+            }
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// TencentARC's SD 1.x releases: 4 levels × 2 blocks numbered 0-7, projections where
+    /// the width changes (blocks 2 and 4).
+    #[test]
+    fn original_full_adapters_split_their_blocks_into_levels() {
+        let tensor = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+        let mut keys = vec!["conv_in.weight".to_string()];
+        keys.extend((0..8).map(|i| format!("body.{i}.block1.weight")));
+        keys.extend(["body.2.in_conv.weight".into(), "body.4.in_conv.weight".into()]);
+        let tensors = keys.into_iter().map(|k| (k, tensor.clone())).collect();
+        let renamed = from_original_layout(tensors).unwrap();
+        for key in [
+            "adapter.conv_in.weight",
+            "adapter.body.0.resnets.1.block1.weight",
+            "adapter.body.1.in_conv.weight",
+            "adapter.body.2.in_conv.weight",
+            "adapter.body.3.resnets.1.block1.weight",
+        ] {
+            assert!(renamed.contains_key(key), "{key} missing: {:?}", renamed.keys());
+        }
+        let skep = [("body.0.skep.weight".to_string(), tensor)].into_iter().collect();
+        assert!(from_original_layout(skep).unwrap_err().contains("not supported"));
     }
 
     /// A lone `.safetensors` file (config inferred from its shapes) loads as its folder.

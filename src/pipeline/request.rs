@@ -543,6 +543,12 @@ impl GenerationRequest {
                 self.loras.iter().map(|l| format!("{}:{}", l.name, l.weight)).collect();
             text.push_str(&format!(", Lora: \"{}\"", list.join(", ")));
         }
+        for (i, adapter) in self.t2i_adapters.iter().enumerate() {
+            text.push_str(&format!(
+                ", T2I-Adapter {i}: \"Model: {}, Scale: {}\"",
+                adapter.model, adapter.scale
+            ));
+        }
         text
     }
 }
