@@ -589,6 +589,21 @@ mod tests {
     }
 
     #[test]
+    fn t2i_adapter_dirs_come_from_flags_and_must_exist() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t2i_adapters");
+        let args = ServeArgs { t2i_adapter_dirs: vec![fixtures.clone()], ..Default::default() };
+        let settings = Settings::load(&args).unwrap();
+        assert_eq!(settings.t2i_adapter_dirs, vec![fixtures]);
+        assert_eq!(settings.t2i_adapter_library().list().len(), 3);
+        let args =
+            ServeArgs { t2i_adapter_dirs: vec!["/no/such/dir".into()], ..Default::default() };
+        match Settings::load(&args) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "t2i_adapter_dirs"),
+            other => panic!("expected an error for t2i_adapter_dirs, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn unknown_keys_in_a_file_are_errors() {
         let mut table = parse_toml("test", DEFAULT_CONFIG_TOML).unwrap();
         merge_tables(&mut table, parse_toml("test", "queue_capacityy = 3").unwrap());
