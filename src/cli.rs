@@ -118,6 +118,14 @@ pub struct GenerateArgs {
     /// Paste the original back outside the mask (default true).
     #[arg(long, value_name = "true|false")]
     pub paste_back: Option<bool>,
+    /// A directory of T2I-Adapters (diffusers folders or .safetensors files) that
+    /// --t2i-adapter names. Repeatable.
+    #[arg(long = "t2i-adapter-dir", value_name = "DIR")]
+    pub t2i_adapter_dirs: Vec<PathBuf>,
+    /// A T2I-Adapter by name (in --t2i-adapter-dir), its control image and optionally its
+    /// scale (default 1): `--t2i-adapter canny:edges.png:0.8`. Repeatable.
+    #[arg(long = "t2i-adapter", value_name = "NAME:IMAGE[:SCALE]", value_parser = parse_t2i_adapter_arg)]
+    pub t2i_adapters: Vec<(String, PathBuf, Option<f64>)>,
 }
 
 /// Reads an image file given on the command line as base64 for the request.
@@ -139,6 +147,20 @@ fn parse_lora_arg(text: &str) -> Result<(PathBuf, f64), String> {
         }
     }
     Ok((PathBuf::from(text), 1.0))
+}
+
+/// Parses `NAME:IMAGE[:SCALE]`; a last part that is not a number stays part of the path.
+fn parse_t2i_adapter_arg(text: &str) -> Result<(String, PathBuf, Option<f64>), String> {
+    let (name, rest) = text
+        .split_once(':')
+        .filter(|(name, rest)| !name.is_empty() && !rest.is_empty())
+        .ok_or_else(|| format!("expected NAME:IMAGE[:SCALE], got {text:?}"))?;
+    if let Some((image, scale)) = rest.rsplit_once(':') {
+        if let Ok(scale) = scale.trim().parse::<f64>() {
+            return Ok((name.to_string(), PathBuf::from(image), Some(scale)));
+        }
+    }
+    Ok((name.to_string(), PathBuf::from(rest), None))
 }
 
 fn parse_size(text: &str) -> Result<(u32, u32), String> {
@@ -213,6 +235,17 @@ pub fn sampler_table() -> String {
     table
 }
 
+/// The flag a request field came from: `t2i_adapters[1].image` → `t2i-adapter` (#2).
+fn cli_flag(field: &str) -> String {
+    match field.strip_prefix("t2i_adapters[") {
+        Some(rest) => {
+            let index = rest.split(']').next().and_then(|i| i.parse::<usize>().ok());
+            index.map_or("t2i-adapter".into(), |i| format!("t2i-adapter (#{})", i + 1))
+        }
+        None => field.replace('_', "-"),
+    }
+}
+
 /// Runs `sdserve generate`.
 pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let extension = args.output.extension().and_then(|e| e.to_str()).unwrap_or("png");
@@ -231,7 +264,22 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     let mut pipeline = Pipeline::load(&name, &args.model, &options)
         .with_context(|| format!("--model {}", args.model.display()))?
-        .with_lora_library(Arc::new(library));
+        .with_lora_library(Arc::new(library))
+        .with_t2i_adapter_library(Arc::new(crate::adapters::t2i::T2IAdapterLibrary::new(
+            args.t2i_adapter_dirs.clone(),
+        )));
+    let t2i_adapters = args
+        .t2i_adapters
+        .iter()
+        .map(|(model, image, scale)| {
+            let image = image_file("t2i-adapter", &Some(image.clone()))?.unwrap_or_default();
+            Ok(crate::pipeline::t2i_adapter::T2IAdapterParams {
+                model: model.clone(),
+                image,
+                scale: *scale,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if !args.embeddings_dirs.is_empty() {
         let library = EmbeddingLibrary::new(&args.embeddings_dirs).context("--embeddings-dir")?;
         pipeline.set_prompt_context(PromptContext::with_embeddings(Arc::new(library)));
@@ -270,12 +318,13 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         mask_image: image_file("mask-image", &args.mask_image)?,
         mask_blur: args.mask_blur,
         paste_back: args.paste_back,
+        t2i_adapters,
         ..Default::default()
     };
     let limits = crate::pipeline::Limits { max_n: 64, max_steps: 1000, ..Default::default() };
     let request = params
         .validate(pipeline.defaults(), &limits)
-        .map_err(|e| anyhow::anyhow!("--{}: {}", e.field.replace('_', "-"), e.message))?;
+        .map_err(|e| anyhow::anyhow!("--{}: {}", cli_flag(&e.field), e.message))?;
     let images = pipeline.generate(&request, &mut StderrProgress { started: Instant::now() })?;
     for image in &images {
         let bytes = encode_image(

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::adapters::embeddings::EmbeddingLibrary;
+use crate::adapters::t2i::T2IAdapterLibrary;
 
 use crate::codec::ImageFormat;
 use crate::pipeline::Limits;
@@ -132,6 +133,10 @@ pub struct Settings {
     /// Memory bound (MiB) of the cache of parsed LoRA files.
     #[serde(default = "default_lora_cache_mb")]
     pub lora_cache_mb: usize,
+    /// Directories whose T2I-Adapters (diffusers folders, `.safetensors` files) requests
+    /// may name.
+    #[serde(default)]
+    pub t2i_adapter_dirs: Vec<PathBuf>,
 }
 
 fn default_lora_cache_mb() -> usize {
@@ -228,6 +233,15 @@ pub struct ServeArgs {
     /// Memory bound (MiB) of the parsed-LoRA cache.
     #[arg(long, env = "SDSERVE_LORA_CACHE_MB", value_name = "MIB")]
     pub lora_cache_mb: Option<usize>,
+    /// A directory of T2I-Adapters (diffusers folders or .safetensors files) requests may
+    /// name (repeatable; adds to the config file's `t2i_adapter_dirs`).
+    #[arg(
+        long = "t2i-adapter-dir",
+        env = "SDSERVE_T2I_ADAPTER_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub t2i_adapter_dirs: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -328,6 +342,7 @@ impl Settings {
         if let Some(megabytes) = args.lora_cache_mb {
             self.lora_cache_mb = megabytes;
         }
+        self.t2i_adapter_dirs.extend(args.t2i_adapter_dirs.iter().cloned());
         Ok(())
     }
 
@@ -362,6 +377,13 @@ impl Settings {
         for dir in &self.lora_dirs {
             if !dir.is_dir() {
                 return Err(invalid("lora_dirs", format!("{} is not a directory", dir.display())));
+            }
+        }
+        for dir in &mut self.t2i_adapter_dirs {
+            *dir = resolve_model_path(dir);
+            if !dir.is_dir() {
+                let message = format!("{} is not a directory", dir.display());
+                return Err(invalid("t2i_adapter_dirs", message));
             }
         }
         if self.devices.is_empty() || self.devices.iter().any(|d| d.trim().is_empty()) {
@@ -425,6 +447,11 @@ impl Settings {
         EmbeddingLibrary::new(&self.embeddings_dirs)
             .map(|library| Some(Arc::new(library)))
             .map_err(|e| invalid("embeddings_dirs", e.to_string()))
+    }
+
+    /// The T2I-Adapter library of `t2i_adapter_dirs` (empty when none are configured).
+    pub fn t2i_adapter_library(&self) -> Arc<T2IAdapterLibrary> {
+        Arc::new(T2IAdapterLibrary::new(self.t2i_adapter_dirs.clone()))
     }
 
     /// The request limits the pipeline validates against.
@@ -558,6 +585,21 @@ mod tests {
                 Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key),
                 other => panic!("expected an error for {key}, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn t2i_adapter_dirs_come_from_flags_and_must_exist() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t2i_adapters");
+        let args = ServeArgs { t2i_adapter_dirs: vec![fixtures.clone()], ..Default::default() };
+        let settings = Settings::load(&args).unwrap();
+        assert_eq!(settings.t2i_adapter_dirs, vec![fixtures]);
+        assert_eq!(settings.t2i_adapter_library().list().len(), 3);
+        let args =
+            ServeArgs { t2i_adapter_dirs: vec!["/no/such/dir".into()], ..Default::default() };
+        match Settings::load(&args) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "t2i_adapter_dirs"),
+            other => panic!("expected an error for t2i_adapter_dirs, got {other:?}"),
         }
     }
 

@@ -1,6 +1,8 @@
 //! Adapters chosen per request on top of a loaded model: textual-inversion embeddings and
 //! the LoRA family (kohya / A1111, diffusers / peft, LoCon, LoHa, LoKr), applied without
-//! reloading the base weights. They are read from the configured directories only.
+//! reloading the base weights, and T2I-Adapters. They are read from the configured
+//! directories only.
 
 pub mod embeddings;
 pub mod lora;
+pub mod t2i;

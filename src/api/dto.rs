@@ -52,6 +52,23 @@ pub struct LoraRequest {
     pub weight: Option<f64>,
 }
 
+/// One T2I-Adapter to condition a request on.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct T2IAdapterRequest {
+    /// Name of an adapter in a configured T2I-Adapter directory: a diffusers folder (its
+    /// name) or a `.safetensors` file (its stem).
+    #[schema(example = "t2iadapter_canny_sd15v2")]
+    pub model: String,
+    /// Control image: base64 or a data URI (PNG, JPEG, WebP), stretched to the output
+    /// size; converted to grayscale for one-channel adapters. Without `width`/`height`
+    /// the output takes the first control image's size (down to a multiple of 8).
+    pub image: String,
+    /// Multiplies the adapter's features (0-10).
+    #[schema(default = 1.0, minimum = 0, maximum = 10)]
+    pub scale: Option<f64>,
+}
+
 /// A text-to-image request. Every field but `prompt` is optional; unknown fields are
 /// refused (422) so that a typo never silently does nothing.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -164,6 +181,10 @@ pub struct GenerateRequest {
     /// unmasked pixels survive the lossy VAE round trip.
     #[schema(default = true)]
     pub paste_back: Option<bool>,
+    /// T2I-Adapters (at most 4): each adds its features, times its scale, to the UNet's
+    /// down blocks; several are summed (diffusers' MultiAdapter).
+    #[serde(default)]
+    pub t2i_adapters: Vec<T2IAdapterRequest>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -216,6 +237,15 @@ impl GenerateRequest {
             inpaint_full_res: self.inpaint_full_res,
             inpaint_full_res_padding: self.inpaint_full_res_padding,
             paste_back: self.paste_back,
+            t2i_adapters: self
+                .t2i_adapters
+                .iter()
+                .map(|a| crate::pipeline::t2i_adapter::T2IAdapterParams {
+                    model: a.model.clone(),
+                    image: a.image.clone(),
+                    scale: a.scale,
+                })
+                .collect(),
         }
     }
 }

@@ -43,6 +43,16 @@ pub(super) fn submit(
             .resolve(&lora.name)
             .map_err(|e| crate::error::ValidationError::new("loras", e.to_string()))?;
     }
+    for (i, adapter) in request.t2i_adapters.iter().enumerate() {
+        crate::adapters::t2i::resolve(&state.settings.t2i_adapter_dirs, &adapter.model).map_err(
+            |e| {
+                crate::error::ValidationError::new(
+                    format!("t2i_adapters[{i}].model"),
+                    e.to_string(),
+                )
+            },
+        )?;
+    }
     let format = match (body.output_format.map(OutputFormat::to_codec), accepted) {
         (Some(asked), Some(accepted)) if asked != accepted => {
             return Err(ApiError::invalid_value(

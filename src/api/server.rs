@@ -248,7 +248,10 @@ pub async fn shutdown_signal() {
 /// Runs the service with the real models until ctrl-c or SIGTERM, then shuts down
 /// gracefully. A second ctrl-c exits at once.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let backend = CandleBackend { embeddings: settings.embedding_library()? };
+    let backend = CandleBackend {
+        embeddings: settings.embedding_library()?,
+        t2i_adapters: Some(settings.t2i_adapter_library()),
+    };
     let server = start(settings, Arc::new(backend)).await?;
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {

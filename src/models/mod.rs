@@ -1,10 +1,11 @@
-//! The networks (CLIP text encoders, UNet, VAE), configured from each component's
+//! The networks (CLIP text encoders, UNet, VAE, T2I-Adapter), configured from each component's
 //! diffusers `config.json`, and the loaders for the layouts users have on disk.
 
 pub mod clip;
 pub mod common;
 pub mod loader;
 pub mod single_file;
+pub mod t2i_adapter;
 pub mod unet;
 pub mod vae;
 

@@ -10,14 +10,16 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::image_input::{self, ImageConditioning};
+use super::t2i_adapter::{adapter_features, FeatureContext};
 use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
 use crate::adapters::lora::targets::{patch_weights, with_overrides, Component, ModuleTable};
 use crate::adapters::lora::{LoraError, LoraLibrary};
+use crate::adapters::t2i::T2IAdapterLibrary;
 use crate::error::{ModelError, PipelineError, ValidationError};
 use crate::models::clip::ClipTextModel;
 use crate::models::loader::{self, ModelLayout, NetworkWeights};
-use crate::models::unet::{AddedConditions, UNet};
+use crate::models::unet::{AddedConditions, UNet, UNetResiduals};
 use crate::models::vae::AutoencoderKl;
 use crate::models::ModelFamily;
 use crate::samplers::{Sampler, SchedulerConfig, TorchGenerator};
@@ -56,6 +58,8 @@ pub struct Pipeline {
     lora_targets: ModuleTable,
     /// Where request LoRA names resolve (empty: none do).
     loras: Arc<LoraLibrary>,
+    /// Where request T2I-Adapter names resolve (empty: none do).
+    t2i_adapters: Arc<T2IAdapterLibrary>,
 }
 
 /// The networks one request runs with where its LoRAs change them; `None` = the base.
@@ -125,6 +129,7 @@ impl Pipeline {
             weights: loaded.weights,
             lora_targets,
             loras: Arc::new(LoraLibrary::default()),
+            t2i_adapters: Arc::new(T2IAdapterLibrary::default()),
             defaults: defaults_from(name, &loaded.layout),
             layout: loaded.layout,
             prompts,
@@ -140,6 +145,12 @@ impl Pipeline {
     /// Lets requests name the LoRAs of `library`.
     pub fn with_lora_library(mut self, library: Arc<LoraLibrary>) -> Pipeline {
         self.loras = library;
+        self
+    }
+
+    /// Lets requests name the T2I-Adapters of `library`.
+    pub fn with_t2i_adapter_library(mut self, library: Arc<T2IAdapterLibrary>) -> Pipeline {
+        self.t2i_adapters = library;
         self
     }
 
@@ -412,6 +423,20 @@ impl Pipeline {
             )?,
         };
         let ImageStart { start, mut latents, blend, extra_channels } = start;
+        let feature_context = FeatureContext {
+            library: &self.t2i_adapters,
+            unet: unet.config(),
+            width: request.width,
+            height: request.height,
+            images: n,
+            guided,
+            device: &self.device,
+            dtype: self.dtype,
+        };
+        let residuals = UNetResiduals {
+            down_intrablock: adapter_features(&request.t2i_adapters, &feature_context)?,
+            ..Default::default()
+        };
 
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len() - start;
@@ -426,7 +451,13 @@ impl Pipeline {
                 model_input = Tensor::cat(&[&model_input, extra], 1)?;
             }
             let prediction = unet
-                .forward(&model_input.to_dtype(self.dtype)?, timestep, &context, added.as_ref())?
+                .forward_with_residuals(
+                    &model_input.to_dtype(self.dtype)?,
+                    timestep,
+                    &context,
+                    added.as_ref(),
+                    &residuals,
+                )?
                 .to_dtype(DType::F32)?;
             let guided_prediction = if guided {
                 let unconditional = prediction.narrow(0, 0, n)?;

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod image_input;
 pub mod prompt;
 pub mod request;
+pub mod t2i_adapter;
 pub mod text;
 pub mod tokenizer;
 

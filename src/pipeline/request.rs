@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::image_input::{self, ImageConditioning, ResizeMode};
+use super::t2i_adapter::{self, T2IAdapterChoice, T2IAdapterParams};
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
@@ -130,6 +131,9 @@ pub struct GenerationParams {
     /// Paste the original back outside the mask; default true.
     #[serde(default)]
     pub paste_back: Option<bool>,
+    /// T2I-Adapters with their control images and scales.
+    #[serde(default)]
+    pub t2i_adapters: Vec<T2IAdapterParams>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -183,6 +187,10 @@ pub struct GenerationRequest {
     /// img2img / inpainting input; `None` = text-to-image.
     #[serde(default)]
     pub image: Option<ImageConditioning>,
+    /// T2I-Adapters, control images fitted to the output size; whether the names exist is
+    /// checked against the T2I-Adapter library.
+    #[serde(default)]
+    pub t2i_adapters: Vec<T2IAdapterChoice>,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -201,10 +209,14 @@ impl GenerationParams {
             Some(data) => Some(image_input::decode_init_image("init_image", data)?),
             None => None,
         };
+        let adapter_images = t2i_adapter::decode_images(&self.t2i_adapters)?;
         // Without an explicit size, img2img keeps the init image's size (down to a
-        // multiple of 8), as diffusers' image processor does.
-        let init_size =
-            init_image.as_ref().map(|image| (image.width / 8 * 8, image.height / 8 * 8));
+        // multiple of 8), as diffusers' image processor does; so do T2I-Adapter requests
+        // with their first control image (diffusers' adapter pipelines).
+        let init_size = init_image
+            .as_ref()
+            .or(adapter_images.first())
+            .map(|image| (image.width / 8 * 8, image.height / 8 * 8));
         let width = self.width.or(init_size.map(|s| s.0)).unwrap_or(model.width);
         let height = self.height.or(init_size.map(|s| s.1)).unwrap_or(model.height);
         for (field, value, max) in
@@ -224,6 +236,8 @@ impl GenerationParams {
             }
         }
         let image = self.image_conditioning(init_image, width, height)?;
+        let t2i_adapters =
+            t2i_adapter::validate(&self.t2i_adapters, adapter_images, width, height)?;
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > limits.max_steps {
             return Err(ValidationError::new(
@@ -427,6 +441,7 @@ impl GenerationParams {
             },
             loras,
             image,
+            t2i_adapters,
         })
     }
 
@@ -623,6 +638,12 @@ impl GenerationRequest {
             let list: Vec<String> =
                 self.loras.iter().map(|l| format!("{}:{}", l.name, l.weight)).collect();
             text.push_str(&format!(", Lora: \"{}\"", list.join(", ")));
+        }
+        for (i, adapter) in self.t2i_adapters.iter().enumerate() {
+            text.push_str(&format!(
+                ", T2I-Adapter {i}: \"Model: {}, Scale: {}\"",
+                adapter.model, adapter.scale
+            ));
         }
         text
     }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::adapters::lora::LoraLibrary;
+use crate::adapters::t2i::T2IAdapterLibrary;
 use crate::codec;
 use crate::config::ModelSpec;
 use crate::error::{ModelError, PipelineError};
@@ -73,10 +74,20 @@ pub trait ModelBackend: Send + Sync {
 }
 
 /// The real backend: [`probe`] and [`Pipeline::load`]; every loaded pipeline encodes
-/// prompts with `embeddings`.
+/// prompts with `embeddings` and resolves request T2I-Adapters in `t2i_adapters`.
 #[derive(Debug, Default)]
 pub struct CandleBackend {
     pub embeddings: Option<Arc<EmbeddingLibrary>>,
+    pub t2i_adapters: Option<Arc<T2IAdapterLibrary>>,
+}
+
+impl CandleBackend {
+    fn with_adapters(&self, pipeline: Pipeline) -> Pipeline {
+        match &self.t2i_adapters {
+            Some(library) => pipeline.with_t2i_adapter_library(library.clone()),
+            None => pipeline,
+        }
+    }
 }
 
 impl ModelBackend for CandleBackend {
@@ -86,7 +97,7 @@ impl ModelBackend for CandleBackend {
 
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
-        let mut pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
+        let mut pipeline = self.with_adapters(Pipeline::load(&spec.name, &spec.path, &options)?);
         pipeline.set_prompt_context(PromptContext { embeddings: self.embeddings.clone() });
         Ok(Arc::new(pipeline))
     }
@@ -98,7 +109,7 @@ impl ModelBackend for CandleBackend {
         loras: &Arc<LoraLibrary>,
     ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
-        let pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
+        let pipeline = self.with_adapters(Pipeline::load(&spec.name, &spec.path, &options)?);
         Ok(Arc::new(pipeline.with_lora_library(loras.clone())))
     }
 }
