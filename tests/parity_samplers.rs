@@ -77,7 +77,14 @@ fn check_family(set: &str, family: &str) {
         println!(
             "{family}/{name}: latents max |Δ| = {latent_diff:e}, image max |Δ| = {image_diff}/255"
         );
-        if latent_diff.is_nan() || latent_diff > LATENT_TOLERANCE || image_diff > IMAGE_TOLERANCE {
+        // A case may state a larger latent tolerance with its reason (`tolerance_note`):
+        // an ill-conditioned run where diffusers' own float32 result is that sensitive.
+        let latent_tolerance =
+            case.get("latent_tolerance").and_then(Value::as_f64).map_or(LATENT_TOLERANCE, |t| {
+                assert!(case["tolerance_note"].is_string(), "{name}: tolerance without a reason");
+                t as f32
+            });
+        if latent_diff.is_nan() || latent_diff > latent_tolerance || image_diff > IMAGE_TOLERANCE {
             failures.push(format!("{name}: latents {latent_diff}, image {image_diff}"));
         }
     }

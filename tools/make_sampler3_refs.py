@@ -73,6 +73,7 @@ def k_diffusion_sampling():
 
 
 K = k_diffusion_sampling()
+torch.set_num_threads(1)
 
 
 class NoNoiseSDE(DPMSolverSDEScheduler):
@@ -92,6 +93,15 @@ SAMPLERS = {
 }
 PIPELINE_SCHEDULES = ["default", "karras"]
 SDE_SEEDS = 64
+# Without noise, DPM++ SDE's ancestral sub-steps shrink the sample to sigma_down and never
+# put the noise back; on the v-prediction fixture at 20 steps that path amplifies float32
+# differences about 3000-fold: diffusers' own final latents move by 3.1e-3 (default) and
+# 4.4e-3 (karras) when the initial latents change by 1e-6 relative. These cases get a
+# latent tolerance above that sensitivity (the image still has to match within 2/255).
+SDE_ILL_CONDITIONED = {
+    "latent_tolerance": 1e-2,
+    "tolerance_note": "diffusers itself moves 3.1e-3 / 4.4e-3 for a 1e-6 relative change of the initial latents",
+}
 SDE_STATISTICS = [("default", 4), ("karras", 20), ("default", 20)]
 
 
@@ -208,8 +218,14 @@ def pipeline_2s_a(pipe, config: dict, schedule: str, steps: int, output_type: st
         latents = K.sample_dpmpp_2s_ancestral(model, latents, sigmas, disable=True, noise_sampler=per_item_noise([generator], latents.shape))
         if output_type == "latent":
             return latents
+        return decode(pipe, latents)
+
+
+def decode(pipe, latents):
+    """What StableDiffusionPipeline does for output_type="np" (no safety checker here)."""
+    with torch.no_grad():
         image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="np")
+    return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True] * image.shape[0])
 
 
 def pipelines(samplers: list) -> None:
@@ -229,20 +245,18 @@ def pipelines(samplers: list) -> None:
             for schedule in PIPELINE_SCHEDULES:
                 for steps in STEPS:
                     name = f"{sampler}_{schedule}_{steps}"
-                    results = {}
-                    for output_type in ("latent", "np"):
-                        if sampler == "dpmpp_2s_a":
-                            pipe.scheduler = EulerDiscreteScheduler.from_config(base)
-                            results[output_type] = pipeline_2s_a(pipe, base, schedule, steps, output_type)
-                            continue
+                    if sampler == "dpmpp_2s_a":
+                        latents = pipeline_2s_a(pipe, base, schedule, steps, "latent")
+                    else:
                         cls, extra = SAMPLERS[sampler]
                         pipe.scheduler = cls.from_config({**base, **extra, **DIFFUSERS_SCHEDULES[schedule]})
                         with torch.no_grad():
-                            results[output_type] = pipe(
+                            latents = pipe(
                                 prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
                                 guidance_scale=7.5, width=64, height=64,
-                                generator=torch.Generator("cpu").manual_seed(42), output_type=output_type,
+                                generator=torch.Generator("cpu").manual_seed(42), output_type="latent",
                             ).images
+                    results = {"latent": latents, "np": decode(pipe, latents)}
                     pipe.scheduler = EulerDiscreteScheduler.from_config(base)
                     refs[f"{name}.latents"] = torch.as_tensor(results["latent"]).float().contiguous()
                     refs[f"{name}.image"] = torch.from_numpy(np.round(results["np"] * 255.0).astype(np.uint8)).contiguous()
@@ -251,9 +265,12 @@ def pipelines(samplers: list) -> None:
                                    "width": 64, "height": 64}
                     if sampler == "dpmpp_sde":
                         cases[name]["s_noise"] = 0.0
-                    print(f"  {family}/{name}: latents std {torch.as_tensor(results['latent']).std():.3f}")
-        save_file(refs, str(st_path))
-        json_path.write_text(json.dumps({"family": family, "cases": cases}, indent=1, sort_keys=True) + "\n")
+                        if family == "sd2v" and steps == 20:
+                            cases[name].update(SDE_ILL_CONDITIONED)
+                    print(f"  {family}/{name}: latents std {torch.as_tensor(results['latent']).std():.3f}", flush=True)
+                    # Saved after every case: a long run can be resumed sampler by sampler.
+                    save_file(refs, str(st_path))
+                    json_path.write_text(json.dumps({"family": family, "cases": cases}, indent=1, sort_keys=True) + "\n")
 
 
 IMG2IMG_SAMPLERS = {
@@ -283,22 +300,21 @@ def img2img() -> None:
                 "seed": 42, "prompt": "a red cube on a blue table", "negative_prompt": "blurry", "width": 64, "height": 64}
         if sampler == "dpmpp_sde":
             spec["s_noise"] = 0.0
-        outputs = {}
-        for output_type in ("latent", "np"):
-            cls, extra = IMG2IMG_SAMPLERS[sampler]
-            pipe = pipes[kind]
-            pipe.scheduler = cls.from_config({**base, **extra})
-            kwargs = dict(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], image=init, strength=spec["strength"],
-                          num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
-                          generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type=output_type)
-            if kind == "inpaint":
-                kwargs.update(mask_image=mask, width=64, height=64)
-            with torch.no_grad():
-                outputs[output_type] = pipe(**kwargs).images
+        cls, extra = IMG2IMG_SAMPLERS[sampler]
+        pipe = pipes[kind]
+        pipe.scheduler = cls.from_config({**base, **extra})
+        kwargs = dict(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], image=init, strength=spec["strength"],
+                      num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
+                      generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="latent")
+        if kind == "inpaint":
+            kwargs.update(mask_image=mask, width=64, height=64)
+        with torch.no_grad():
+            latents = pipe(**kwargs).images
+        outputs = {"latent": latents, "np": decode(pipe, latents)}
         refs[f"{name}.latents"] = outputs["latent"].float().contiguous()
         refs[f"{name}.image"] = torch.from_numpy(np.round(outputs["np"] * 255.0).astype(np.uint8)).contiguous()
         cases[name] = spec
-        print(f"  img2img/{name}: latents std {outputs['latent'].std():.3f}")
+        print(f"  img2img/{name}: latents std {outputs['latent'].std():.3f}", flush=True)
     out = ROOT / "tests/fixtures/reference"
     save_file(refs, str(out / "img2img_samplers3_sd1.safetensors"))
     meta = {"family": "sd1", "init_image": "images/init_64.png", "mask_image": "images/mask_64.png", "cases": cases,
@@ -310,8 +326,8 @@ def img2img() -> None:
 def main() -> None:
     samplers = [s for s in sys.argv[1:] if s in SAMPLERS] or list(SAMPLERS)
     if os.environ.get("PIPELINES_ONLY") is not None:
-        pipelines(samplers)
         img2img()
+        pipelines(samplers)
         return
     path = ROOT / "tests/fixtures/samplers/samplers3.json"
     data = json.loads(path.read_text()) if path.exists() else {"loops": {}}
