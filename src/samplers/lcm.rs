@@ -12,7 +12,7 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::schedule::{alphas_cumprod, PredictionType, SchedulerConfig};
+use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
 use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
@@ -104,10 +104,12 @@ impl Lcm {
             )));
         }
         let timesteps = consistency_timesteps(config, steps, "lcm")?;
+        let alphas_cumprod = alphas_cumprod(config)?;
+        check_epsilon_at_zero_snr(config, &alphas_cumprod, &timesteps, "lcm")?;
         Ok(Lcm {
             timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
             timesteps,
-            alphas_cumprod: alphas_cumprod(config)?,
+            alphas_cumprod,
             prediction_type: config.prediction_type,
             clip_range: clip_range(config)?,
             timestep_scaling: scaling as f32,

@@ -164,3 +164,32 @@ fn new_samplers_add_noise_like_diffusers() {
     }
     assert_eq!(checked, 8);
 }
+
+/// An epsilon model at zero SNR: DDIM, LCM and TCD would divide by sqrt(ᾱ) = 0 at timestep
+/// 999 (diffusers returns NaN); they refuse with a message naming the way out, while the
+/// sigma samplers (ᾱ nudged, as diffusers) and a v-prediction override run.
+#[test]
+fn epsilon_at_zero_snr_is_refused_where_it_would_divide_by_zero() {
+    let config = SchedulerConfig::default();
+    let zero_snr = SchedulerOverrides {
+        timestep_spacing: Some(TimestepSpacing::Trailing),
+        rescale_betas_zero_snr: Some(true),
+        prediction_type: None,
+    };
+    let options = SamplerOptions { overrides: zero_snr, ..Default::default() };
+    for kind in [SamplerKind::Ddim, SamplerKind::Lcm, SamplerKind::Tcd] {
+        let message = kind.build_with(&config, 4, &options).err().unwrap().to_string();
+        assert!(message.contains("v_prediction"), "{kind:?}: {message}");
+        let v =
+            SchedulerOverrides { prediction_type: Some(PredictionType::VPrediction), ..zero_snr };
+        let options = SamplerOptions { overrides: v, ..Default::default() };
+        assert!(kind.build_with(&config, 4, &options).is_ok(), "{kind:?}");
+    }
+    for kind in [SamplerKind::Euler, SamplerKind::DpmPp2m, SamplerKind::Deis] {
+        assert!(kind.build_with(&config, 4, &options).is_ok(), "{kind:?}");
+    }
+    // Leading spacing never reaches timestep 999: DDIM runs.
+    let leading = SchedulerOverrides { timestep_spacing: None, ..zero_snr };
+    let options = SamplerOptions { overrides: leading, ..Default::default() };
+    assert!(SamplerKind::Ddim.build_with(&config, 4, &options).is_ok());
+}

@@ -211,6 +211,29 @@ pub fn betas(config: &SchedulerConfig) -> Result<Vec<f32>> {
     Ok(if config.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas })
 }
 
+/// Refuses an epsilon-prediction run that visits a timestep whose ᾱ the zero-SNR rescale
+/// made exactly 0: the samplers that index ᾱ directly (DDIM, LCM, TCD) estimate
+/// x0 = (x − sqrt(1 − ᾱ)·ε) / sqrt(ᾱ) there, a division by zero (diffusers returns a NaN
+/// image). The sigma samplers nudge that ᾱ to 2^-24 instead, as diffusers does.
+pub(crate) fn check_epsilon_at_zero_snr(
+    config: &SchedulerConfig,
+    alphas_cumprod: &[f32],
+    timesteps: &[usize],
+    sampler: &str,
+) -> Result<()> {
+    if config.prediction_type != PredictionType::Epsilon {
+        return Ok(());
+    }
+    match timesteps.iter().find(|&&t| alphas_cumprod[t] == 0.0) {
+        Some(t) => Err(Error::Msg(format!(
+            "{sampler} with rescale_betas_zero_snr visits timestep {t}, where the signal is \
+             zero and an epsilon-prediction model cannot recover the image; use \
+             prediction_type v_prediction (zero-SNR models predict v) or another sampler"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Cumulative products of (1 - beta), float32 values as diffusers' `alphas_cumprod`.
 pub fn alphas_cumprod(config: &SchedulerConfig) -> Result<Vec<f32>> {
     let alphas: Vec<f32> = betas(config)?.iter().map(|beta| 1.0 - beta).collect();

@@ -11,7 +11,7 @@
 use candle_core::{Error, Result, Tensor};
 
 use super::lcm::{add_alpha_noise, consistency_timesteps};
-use super::schedule::{alphas_cumprod, PredictionType, SchedulerConfig};
+use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
 use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
@@ -39,10 +39,12 @@ impl Tcd {
             return Err(Error::Msg(format!("eta (TCD's gamma) must be in [0, 1], got {gamma}")));
         }
         let timesteps = consistency_timesteps(config, steps, "tcd")?;
+        let alphas_cumprod = alphas_cumprod(config)?;
+        check_epsilon_at_zero_snr(config, &alphas_cumprod, &timesteps, "tcd")?;
         Ok(Tcd {
             timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
             timesteps,
-            alphas_cumprod: alphas_cumprod(config)?,
+            alphas_cumprod,
             prediction_type: config.prediction_type,
             gamma: gamma as f32,
         })
