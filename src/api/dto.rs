@@ -52,6 +52,30 @@ pub struct LoraRequest {
     pub weight: Option<f64>,
 }
 
+/// One ControlNet guiding a request.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetRequest {
+    /// A ControlNet in a configured ControlNet directory: folder name or `.safetensors`
+    /// file stem (`GET /v1/adapters`).
+    #[schema(example = "control_v11p_sd15_canny")]
+    pub model: String,
+    /// The control image (edges, depth, pose... already preprocessed: the server runs no
+    /// detector): base64 or a data URI (PNG, JPEG, WebP). Resized to the output size;
+    /// without `width`/`height` (and `init_image`) the output takes the first control
+    /// image's size.
+    pub image: String,
+    /// Conditioning scale, 0-5 (diffusers' `controlnet_conditioning_scale`).
+    #[schema(default = 1.0, minimum = 0, maximum = 5)]
+    pub scale: Option<f64>,
+    /// Fraction of the steps after which it starts guiding (`control_guidance_start`).
+    #[schema(default = 0.0, minimum = 0, maximum = 1)]
+    pub start: Option<f64>,
+    /// Fraction of the steps after which it stops guiding (`control_guidance_end`).
+    #[schema(default = 1.0, minimum = 0, maximum = 1)]
+    pub end: Option<f64>,
+}
+
 /// A text-to-image request. Every field but `prompt` is optional; unknown fields are
 /// refused (422) so that a typo never silently does nothing.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -149,6 +173,14 @@ pub struct GenerateRequest {
     /// unmasked pixels survive the lossy VAE round trip.
     #[schema(default = true)]
     pub paste_back: Option<bool>,
+    /// ControlNets guiding the image (at most 4; their residuals add up).
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetRequest>,
+    /// ControlNet guess mode (diffusers' `guess_mode`): the ControlNets see only the
+    /// prompt half of the guidance batch and their residuals grow from 0.1× at the first
+    /// skip connection to 1× at the mid block; a guidance scale of 3-5 suits it.
+    #[schema(default = false)]
+    pub guess_mode: Option<bool>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -198,6 +230,18 @@ impl GenerateRequest {
             inpaint_full_res: self.inpaint_full_res,
             inpaint_full_res_padding: self.inpaint_full_res_padding,
             paste_back: self.paste_back,
+            controlnets: self
+                .controlnets
+                .iter()
+                .map(|c| crate::pipeline::ControlNetParams {
+                    model: c.model.clone(),
+                    image: c.image.clone(),
+                    scale: c.scale,
+                    start: c.start,
+                    end: c.end,
+                })
+                .collect(),
+            guess_mode: self.guess_mode,
         }
     }
 }
