@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::adapters::controlnet::ControlNetLibrary;
 use crate::adapters::embeddings::EmbeddingLibrary;
 
 use crate::codec::ImageFormat;
@@ -132,6 +133,10 @@ pub struct Settings {
     /// Memory bound (MiB) of the cache of parsed LoRA files.
     #[serde(default = "default_lora_cache_mb")]
     pub lora_cache_mb: usize,
+    /// Directories whose ControlNets (diffusers folders or `.safetensors` files)
+    /// requests may name.
+    #[serde(default)]
+    pub controlnet_dirs: Vec<PathBuf>,
 }
 
 fn default_lora_cache_mb() -> usize {
@@ -228,6 +233,16 @@ pub struct ServeArgs {
     /// Memory bound (MiB) of the parsed-LoRA cache.
     #[arg(long, env = "SDSERVE_LORA_CACHE_MB", value_name = "MIB")]
     pub lora_cache_mb: Option<usize>,
+    /// A directory of ControlNets requests may name: diffusers folders (by folder name)
+    /// or `.safetensors` files (by stem). Repeatable; adds to the config file's
+    /// `controlnet_dirs`.
+    #[arg(
+        long = "controlnet-dir",
+        env = "SDSERVE_CONTROLNET_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub controlnet_dirs: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -328,6 +343,7 @@ impl Settings {
         if let Some(megabytes) = args.lora_cache_mb {
             self.lora_cache_mb = megabytes;
         }
+        self.controlnet_dirs.extend(args.controlnet_dirs.iter().cloned());
         Ok(())
     }
 
@@ -362,6 +378,14 @@ impl Settings {
         for dir in &self.lora_dirs {
             if !dir.is_dir() {
                 return Err(invalid("lora_dirs", format!("{} is not a directory", dir.display())));
+            }
+        }
+        for dir in &self.controlnet_dirs {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "controlnet_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
             }
         }
         if self.devices.is_empty() || self.devices.iter().any(|d| d.trim().is_empty()) {
@@ -415,6 +439,14 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The ControlNet library of `controlnet_dirs` (empty when none are configured).
+    pub fn controlnet_library(&self) -> Arc<ControlNetLibrary> {
+        Arc::new(ControlNetLibrary::new(
+            self.controlnet_dirs.clone(),
+            crate::adapters::controlnet::DEFAULT_CACHED_CONTROLNETS,
+        ))
     }
 
     /// The embedding library of `embeddings_dirs`; `None` when none are configured.

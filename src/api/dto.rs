@@ -616,6 +616,27 @@ mod tests {
     }
 }
 
+/// The adapters requests may name, by kind.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterList {
+    /// ControlNets (`controlnets[].model`).
+    pub controlnets: Vec<AdapterCard>,
+    /// T2I-Adapters.
+    pub t2i_adapters: Vec<AdapterCard>,
+    /// IP-Adapters.
+    pub ip_adapters: Vec<AdapterCard>,
+}
+
+/// One adapter.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterCard {
+    /// The name requests use.
+    #[schema(example = "control_v11p_sd15_canny")]
+    pub name: String,
+    /// Where it is on the server (a folder or a `.safetensors` file).
+    pub path: String,
+}
+
 /// The LoRA list.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct LoraList {

@@ -105,6 +105,7 @@ pub async fn start(
     );
     let state = AppState::new(SharedState {
         loras,
+        controlnets: settings.controlnet_library(),
         settings: settings.clone(),
         registry,
         jobs,
@@ -248,7 +249,10 @@ pub async fn shutdown_signal() {
 /// Runs the service with the real models until ctrl-c or SIGTERM, then shuts down
 /// gracefully. A second ctrl-c exits at once.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let backend = CandleBackend { embeddings: settings.embedding_library()? };
+    let backend = CandleBackend {
+        embeddings: settings.embedding_library()?,
+        controlnets: Some(settings.controlnet_library()),
+    };
     let server = start(settings, Arc::new(backend)).await?;
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::adapters::controlnet::ControlNetLibrary;
 use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::adapters::lora::LoraLibrary;
 use crate::codec;
@@ -73,10 +74,20 @@ pub trait ModelBackend: Send + Sync {
 }
 
 /// The real backend: [`probe`] and [`Pipeline::load`]; every loaded pipeline encodes
-/// prompts with `embeddings`.
+/// prompts with `embeddings` and resolves request ControlNets in `controlnets`.
 #[derive(Debug, Default)]
 pub struct CandleBackend {
     pub embeddings: Option<Arc<EmbeddingLibrary>>,
+    pub controlnets: Option<Arc<ControlNetLibrary>>,
+}
+
+impl CandleBackend {
+    fn with_adapters(&self, pipeline: Pipeline) -> Pipeline {
+        match &self.controlnets {
+            Some(library) => pipeline.with_controlnet_library(library.clone()),
+            None => pipeline,
+        }
+    }
 }
 
 impl ModelBackend for CandleBackend {
@@ -88,7 +99,7 @@ impl ModelBackend for CandleBackend {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
         let mut pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
         pipeline.set_prompt_context(PromptContext { embeddings: self.embeddings.clone() });
-        Ok(Arc::new(pipeline))
+        Ok(Arc::new(self.with_adapters(pipeline)))
     }
 
     fn load_with_loras(
@@ -99,7 +110,7 @@ impl ModelBackend for CandleBackend {
     ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
         let pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
-        Ok(Arc::new(pipeline.with_lora_library(loras.clone())))
+        Ok(Arc::new(self.with_adapters(pipeline).with_lora_library(loras.clone())))
     }
 }
 

@@ -145,7 +145,11 @@ impl TestServer {
     /// Starts the server and waits until /ready says the models are loaded.
     pub async fn start(settings: Settings, double: Double) -> TestServer {
         let key = settings.api_keys.first().map(|k| k.0.clone()).unwrap_or_default();
-        let backend = Arc::new(DoubledBackend { real: CandleBackend::default(), double });
+        let real = CandleBackend {
+            controlnets: Some(settings.controlnet_library()),
+            ..CandleBackend::default()
+        };
+        let backend = Arc::new(DoubledBackend { real, double });
         let server = sdserve::start(settings, backend).await.expect("server starts");
         let base = format!("http://{}", server.local_addr());
         let client = reqwest::Client::new();
