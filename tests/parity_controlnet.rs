@@ -232,3 +232,21 @@ fn bad_controlnets_name_their_field() {
         assert!(invalid.message.contains(mentions), "{invalid}");
     }
 }
+
+/// Without its sidecar, a single-file ControlNet whose family cannot be told from its
+/// weights (the tiny one has 32-wide cross-attention) is refused with a message that
+/// names the sidecar to add.
+#[test]
+fn single_file_without_a_config_asks_for_a_sidecar() {
+    let dir = std::env::temp_dir().join(format!("sdserve-cn-single-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("bare.safetensors");
+    std::fs::copy(fixtures().join("controlnets/sd1/tiny_edges_single.safetensors"), &copy).unwrap();
+    let error = sdserve::models::loader::load_controlnet(&copy, &Device::Cpu, DType::F32)
+        .err()
+        .expect("no config can be inferred");
+    let message = error.to_string();
+    assert!(message.contains("cannot tell the ControlNet's model family"), "{message}");
+    assert!(message.contains("bare.config.json"), "{message}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -43,7 +43,7 @@ pub enum ControlNetError {
     Load {
         name: String,
         #[source]
-        source: ModelError,
+        source: Box<ModelError>,
     },
 }
 
@@ -222,10 +222,9 @@ impl ControlNetLibrary {
             }
         }
         let started = std::time::Instant::now();
-        let model = Arc::new(
-            loader::load_controlnet(&path, device, dtype)
-                .map_err(|source| ControlNetError::Load { name: name.to_string(), source })?,
-        );
+        let model = Arc::new(loader::load_controlnet(&path, device, dtype).map_err(|source| {
+            ControlNetError::Load { name: name.to_string(), source: Box::new(source) }
+        })?);
         tracing::info!(
             controlnet = name,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,

@@ -663,6 +663,17 @@ impl GenerationRequest {
                 self.loras.iter().map(|l| format!("{}:{}", l.name, l.weight)).collect();
             text.push_str(&format!(", Lora: \"{}\"", list.join(", ")));
         }
+        for (index, unit) in self.controlnets.iter().enumerate() {
+            // AUTOMATIC1111's sd-webui-controlnet layout, so its PNG Info reads it.
+            text.push_str(&format!(
+                ", ControlNet {index}: \"Module: none, Model: {}, Weight: {}, Guidance Start: {}, \
+                 Guidance End: {}\"",
+                unit.model, unit.scale, unit.start, unit.end
+            ));
+        }
+        if self.guess_mode {
+            text.push_str(", Guess Mode: True");
+        }
         text
     }
 }

@@ -320,7 +320,12 @@ pub fn load_controlnet(
         }
         value
     } else {
-        inferred_controlnet_config(header, prefix).map_err(unknown)?
+        inferred_controlnet_config(header, prefix).map_err(|reason| {
+            unknown(format!(
+                "{reason}; put the ControlNet's diffusers config.json beside it as {}",
+                sidecar.display()
+            ))
+        })?
     };
     let plan = unet_keys::controlnet_plan(header, prefix, &config).map_err(|reason| {
         if sidecar_path(path).exists() {
@@ -390,7 +395,7 @@ fn inferred_controlnet_config(header: &Header, prefix: &str) -> Result<Value, St
             .and_then(|shape| shape.first().copied())
             .ok_or_else(|| format!("missing {prefix}input_hint_block.{index}.weight"))
     };
-    if hint.len() < 2 || hint.len() % 2 != 0 {
+    if hint.len() < 2 || !hint.len().is_multiple_of(2) {
         return Err(format!("unexpected input_hint_block layout {hint:?}"));
     }
     let mut widths = vec![width(hint[0])?];
