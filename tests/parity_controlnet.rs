@@ -250,3 +250,32 @@ fn single_file_without_a_config_asks_for_a_sidecar() {
     assert!(message.contains("bare.config.json"), "{message}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// ControlNets combine with img2img (the window counts the steps that run) and with a
+/// second-order sampler (its extra model evaluations get residuals too).
+#[test]
+fn controlnets_run_with_img2img_and_heun() {
+    let pipeline = pipeline_for("sd1");
+    let unit = |end: f64| ControlNetParams {
+        model: "tiny_edges".into(),
+        image: image_base64("images/control_edges_64.png"),
+        end: Some(end),
+        ..Default::default()
+    };
+    let params = GenerationParams {
+        prompt: "a cube".into(),
+        steps: Some(4),
+        seed: Some(5),
+        sampler: Some("heun".into()),
+        init_image: Some(image_base64("images/init_64.png")),
+        strength: Some(0.5),
+        controlnets: vec![unit(0.5)],
+        ..Default::default()
+    };
+    let request = params.clone().validate(pipeline.defaults(), &Default::default()).unwrap();
+    let windowed = pipeline.denoise(&request, &mut NoObserver).unwrap();
+    let full = GenerationParams { controlnets: vec![unit(1.0)], ..params };
+    let request = full.validate(pipeline.defaults(), &Default::default()).unwrap();
+    let whole = pipeline.denoise(&request, &mut NoObserver).unwrap();
+    assert!(max_abs_diff(&windowed, &whole) > 1e-3, "the window changed nothing");
+}
