@@ -243,8 +243,7 @@ fn single_file_without_a_config_asks_for_a_sidecar() {
     let copy = dir.join("bare.safetensors");
     std::fs::copy(fixtures().join("controlnets/sd1/tiny_edges_single.safetensors"), &copy).unwrap();
     let error = sdserve::models::loader::load_controlnet(&copy, &Device::Cpu, DType::F32)
-        .err()
-        .expect("no config can be inferred");
+        .expect_err("no config can be inferred");
     let message = error.to_string();
     assert!(message.contains("cannot tell the ControlNet's model family"), "{message}");
     assert!(message.contains("bare.config.json"), "{message}");
