@@ -463,7 +463,8 @@ impl GenerationParams {
         })
     }
 
-    /// Decodes every control image (field `controlnets[i].image`), checking the count and
+    /// Decodes every control image (field `controlnets[i].image`; alpha dropped as
+    /// diffusers does, see [`image_input::decode_control_image`]), checking the count and
     /// names first so a bad request fails before any decoding.
     fn decode_control_images(&self) -> Result<Vec<crate::codec::DecodedImage>, ValidationError> {
         use crate::adapters::controlnet;
@@ -489,7 +490,10 @@ impl GenerationParams {
             .iter()
             .enumerate()
             .map(|(index, unit)| {
-                image_input::decode_init_image(&format!("controlnets[{index}].image"), &unit.image)
+                image_input::decode_control_image(
+                    &format!("controlnets[{index}].image"),
+                    &unit.image,
+                )
             })
             .collect()
     }
