@@ -126,6 +126,52 @@ pub struct GenerateArgs {
     /// scale (default 1): `--t2i-adapter canny:edges.png:0.8`. Repeatable.
     #[arg(long = "t2i-adapter", value_name = "NAME:IMAGE[:SCALE]", value_parser = parse_t2i_adapter_arg)]
     pub t2i_adapters: Vec<(String, PathBuf, Option<f64>)>,
+    /// A directory of ControlNets (diffusers folders or `.safetensors` files) that
+    /// --controlnet names. Repeatable.
+    #[arg(long = "controlnet-dir", value_name = "DIR")]
+    pub controlnet_dirs: Vec<PathBuf>,
+    /// A ControlNet from --controlnet-dir with its control image, optionally its scale
+    /// (default 1) and guidance window as fractions of the steps (default 0:1):
+    /// `--controlnet canny:edges.png:0.8:0:0.6` (repeatable; residuals add up).
+    #[arg(long = "controlnet", value_name = "NAME:IMAGE[:SCALE[:START:END]]", value_parser = parse_controlnet_arg)]
+    pub controlnets: Vec<ControlNetArg>,
+    /// ControlNet guess mode (diffusers' `guess_mode`).
+    #[arg(long)]
+    pub guess_mode: bool,
+}
+
+/// One `--controlnet` flag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlNetArg {
+    pub name: String,
+    pub image: PathBuf,
+    pub scale: Option<f64>,
+    pub window: Option<(f64, f64)>,
+}
+
+/// Parses `NAME:IMAGE[:SCALE[:START:END]]`: trailing numbers are the scale and window;
+/// whatever lies between the name and them is the image path.
+fn parse_controlnet_arg(text: &str) -> Result<ControlNetArg, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let numbers = parts.iter().rev().take_while(|part| part.trim().parse::<f64>().is_ok()).count();
+    let numbers = numbers.min(parts.len().saturating_sub(2));
+    let (head, tail) = parts.split_at(parts.len() - numbers);
+    if head.len() < 2 || head[0].is_empty() {
+        return Err(format!("expected NAME:IMAGE[:SCALE[:START:END]], got {text:?}"));
+    }
+    let values: Vec<f64> = tail.iter().map(|part| part.trim().parse().unwrap_or(0.0)).collect();
+    let (scale, window) = match values.as_slice() {
+        [] => (None, None),
+        [scale] => (Some(*scale), None),
+        [scale, start, end] => (Some(*scale), Some((*start, *end))),
+        _ => return Err(format!("expected NAME:IMAGE[:SCALE[:START:END]], got {text:?}")),
+    };
+    Ok(ControlNetArg {
+        name: head[0].to_string(),
+        image: PathBuf::from(head[1..].join(":")),
+        scale,
+        window,
+    })
 }
 
 /// Reads an image file given on the command line as base64 for the request.
@@ -262,12 +308,17 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         let name = library.add_file(path).context("--lora")?;
         loras.push(crate::pipeline::LoraChoice { name, weight: *weight });
     }
+    let controlnet_library = crate::adapters::controlnet::ControlNetLibrary::new(
+        args.controlnet_dirs.clone(),
+        args.controlnets.len(),
+    );
     let mut pipeline = Pipeline::load(&name, &args.model, &options)
         .with_context(|| format!("--model {}", args.model.display()))?
         .with_lora_library(Arc::new(library))
         .with_t2i_adapter_library(Arc::new(crate::adapters::t2i::T2IAdapterLibrary::new(
             args.t2i_adapter_dirs.clone(),
-        )));
+        )))
+        .with_controlnet_library(Arc::new(controlnet_library));
     let t2i_adapters = args
         .t2i_adapters
         .iter()
@@ -277,6 +328,19 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
                 model: model.clone(),
                 image,
                 scale: *scale,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let controlnets = args
+        .controlnets
+        .iter()
+        .map(|unit| {
+            Ok(crate::pipeline::ControlNetParams {
+                model: unit.name.clone(),
+                image: image_file("controlnet", &Some(unit.image.clone()))?.unwrap_or_default(),
+                scale: unit.scale,
+                start: unit.window.map(|w| w.0),
+                end: unit.window.map(|w| w.1),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -319,6 +383,8 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         mask_blur: args.mask_blur,
         paste_back: args.paste_back,
         t2i_adapters,
+        controlnets,
+        guess_mode: args.guess_mode.then_some(true),
         ..Default::default()
     };
     let limits = crate::pipeline::Limits { max_n: 64, max_steps: 1000, ..Default::default() };
@@ -462,6 +528,21 @@ mod tests {
         assert_eq!(table.lines().count(), crate::samplers::SamplerKind::ALL.len());
         for needle in ["dpmpp_3m_sde", "DPM++ 2S a", "DPMSolverSDEScheduler", "karras"] {
             assert!(table.contains(needle), "{needle}: {table}");
+        }
+    }
+
+    #[test]
+    fn controlnet_flags_parse() {
+        let parsed = parse_controlnet_arg("canny:edges.png").unwrap();
+        assert_eq!((parsed.name.as_str(), parsed.scale, parsed.window), ("canny", None, None));
+        assert_eq!(parsed.image, PathBuf::from("edges.png"));
+        let parsed = parse_controlnet_arg("sub/depth:a:b.png:0.8:0.1:0.6").unwrap();
+        assert_eq!(parsed.image, PathBuf::from("a:b.png"));
+        assert_eq!((parsed.scale, parsed.window), (Some(0.8), Some((0.1, 0.6))));
+        // A numeric image name stays the image.
+        assert_eq!(parse_controlnet_arg("x:1").unwrap().image, PathBuf::from("1"));
+        for bad in ["canny", ":edges.png", "canny:e.png:1:0.5"] {
+            assert!(parse_controlnet_arg(bad).is_err(), "{bad}");
         }
     }
 }

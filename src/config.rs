@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::adapters::controlnet::ControlNetLibrary;
 use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::adapters::t2i::T2IAdapterLibrary;
 
@@ -137,6 +138,10 @@ pub struct Settings {
     /// may name.
     #[serde(default)]
     pub t2i_adapter_dirs: Vec<PathBuf>,
+    /// Directories whose ControlNets (diffusers folders or `.safetensors` files)
+    /// requests may name.
+    #[serde(default)]
+    pub controlnet_dirs: Vec<PathBuf>,
 }
 
 fn default_lora_cache_mb() -> usize {
@@ -242,6 +247,16 @@ pub struct ServeArgs {
         value_name = "DIR"
     )]
     pub t2i_adapter_dirs: Vec<PathBuf>,
+    /// A directory of ControlNets requests may name: diffusers folders (by folder name)
+    /// or `.safetensors` files (by stem). Repeatable; adds to the config file's
+    /// `controlnet_dirs`.
+    #[arg(
+        long = "controlnet-dir",
+        env = "SDSERVE_CONTROLNET_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub controlnet_dirs: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -343,6 +358,7 @@ impl Settings {
             self.lora_cache_mb = megabytes;
         }
         self.t2i_adapter_dirs.extend(args.t2i_adapter_dirs.iter().cloned());
+        self.controlnet_dirs.extend(args.controlnet_dirs.iter().cloned());
         Ok(())
     }
 
@@ -384,6 +400,14 @@ impl Settings {
             if !dir.is_dir() {
                 let message = format!("{} is not a directory", dir.display());
                 return Err(invalid("t2i_adapter_dirs", message));
+            }
+        }
+        for dir in &self.controlnet_dirs {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "controlnet_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
             }
         }
         if self.devices.is_empty() || self.devices.iter().any(|d| d.trim().is_empty()) {
@@ -437,6 +461,14 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The ControlNet library of `controlnet_dirs` (empty when none are configured).
+    pub fn controlnet_library(&self) -> Arc<ControlNetLibrary> {
+        Arc::new(ControlNetLibrary::new(
+            self.controlnet_dirs.clone(),
+            crate::adapters::controlnet::DEFAULT_CACHED_CONTROLNETS,
+        ))
     }
 
     /// The embedding library of `embeddings_dirs`; `None` when none are configured.

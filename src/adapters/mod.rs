@@ -1,8 +1,9 @@
 //! Adapters chosen per request on top of a loaded model: textual-inversion embeddings and
 //! the LoRA family (kohya / A1111, diffusers / peft, LoCon, LoHa, LoKr), applied without
-//! reloading the base weights, and T2I-Adapters. They are read from the configured
+//! reloading the base weights, ControlNets and T2I-Adapters. They are read from the configured
 //! directories only.
 
+pub mod controlnet;
 pub mod embeddings;
 pub mod lora;
 pub mod t2i;

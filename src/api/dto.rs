@@ -69,6 +69,30 @@ pub struct T2IAdapterRequest {
     pub scale: Option<f64>,
 }
 
+/// One ControlNet guiding a request.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetRequest {
+    /// A ControlNet in a configured ControlNet directory: folder name or `.safetensors`
+    /// file stem (`GET /v1/adapters`).
+    #[schema(example = "control_v11p_sd15_canny")]
+    pub model: String,
+    /// The control image (edges, depth, pose... already preprocessed: the server runs no
+    /// detector): base64 or a data URI (PNG, JPEG, WebP). Resized to the output size;
+    /// without `width`/`height` (and `init_image`) the output takes the first control
+    /// image's size.
+    pub image: String,
+    /// Conditioning scale, 0-5 (diffusers' `controlnet_conditioning_scale`).
+    #[schema(default = 1.0, minimum = 0, maximum = 5)]
+    pub scale: Option<f64>,
+    /// Fraction of the steps after which it starts guiding (`control_guidance_start`).
+    #[schema(default = 0.0, minimum = 0, maximum = 1)]
+    pub start: Option<f64>,
+    /// Fraction of the steps after which it stops guiding (`control_guidance_end`).
+    #[schema(default = 1.0, minimum = 0, maximum = 1)]
+    pub end: Option<f64>,
+}
+
 /// A text-to-image request. Every field but `prompt` is optional; unknown fields are
 /// refused (422) so that a typo never silently does nothing.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -185,6 +209,14 @@ pub struct GenerateRequest {
     /// down blocks; several are summed (diffusers' MultiAdapter).
     #[serde(default)]
     pub t2i_adapters: Vec<T2IAdapterRequest>,
+    /// ControlNets guiding the image (at most 4; their residuals add up).
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetRequest>,
+    /// ControlNet guess mode (diffusers' `guess_mode`): the ControlNets see only the
+    /// prompt half of the guidance batch and their residuals grow from 0.1× at the first
+    /// skip connection to 1× at the mid block; a guidance scale of 3-5 suits it.
+    #[schema(default = false)]
+    pub guess_mode: Option<bool>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -246,6 +278,18 @@ impl GenerateRequest {
                     scale: a.scale,
                 })
                 .collect(),
+            controlnets: self
+                .controlnets
+                .iter()
+                .map(|c| crate::pipeline::ControlNetParams {
+                    model: c.model.clone(),
+                    image: c.image.clone(),
+                    scale: c.scale,
+                    start: c.start,
+                    end: c.end,
+                })
+                .collect(),
+            guess_mode: self.guess_mode,
         }
     }
 }
@@ -618,6 +662,27 @@ mod tests {
             serde_json::from_str(r#"{"prompt":"a","stpes":3}"#);
         assert!(parsed.unwrap_err().to_string().contains("stpes"));
     }
+}
+
+/// The adapters requests may name, by kind.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterList {
+    /// ControlNets (`controlnets[].model`).
+    pub controlnets: Vec<AdapterCard>,
+    /// T2I-Adapters.
+    pub t2i_adapters: Vec<AdapterCard>,
+    /// IP-Adapters.
+    pub ip_adapters: Vec<AdapterCard>,
+}
+
+/// One adapter.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterCard {
+    /// The name requests use.
+    #[schema(example = "control_v11p_sd15_canny")]
+    pub name: String,
+    /// Where it is on the server (a folder or a `.safetensors` file).
+    pub path: String,
 }
 
 /// The LoRA list.

@@ -53,6 +53,11 @@ pub(super) fn submit(
             },
         )?;
     }
+    for (index, unit) in request.controlnets.iter().enumerate() {
+        state.controlnets.resolve(&unit.model).map_err(|e| {
+            crate::error::ValidationError::new(format!("controlnets[{index}].model"), e.to_string())
+        })?;
+    }
     let format = match (body.output_format.map(OutputFormat::to_codec), accepted) {
         (Some(asked), Some(accepted)) if asked != accepted => {
             return Err(ApiError::invalid_value(

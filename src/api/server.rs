@@ -105,6 +105,7 @@ pub async fn start(
     );
     let state = AppState::new(SharedState {
         loras,
+        controlnets: settings.controlnet_library(),
         settings: settings.clone(),
         registry,
         jobs,
@@ -251,6 +252,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let backend = CandleBackend {
         embeddings: settings.embedding_library()?,
         t2i_adapters: Some(settings.t2i_adapter_library()),
+        controlnets: Some(settings.controlnet_library()),
     };
     let server = start(settings, Arc::new(backend)).await?;
     let trigger = server.shutdown_trigger();

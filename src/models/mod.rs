@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod common;
+pub mod controlnet;
 pub mod loader;
 pub mod single_file;
 pub mod t2i_adapter;

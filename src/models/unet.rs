@@ -309,6 +309,24 @@ impl SpatialTransformer {
         })
     }
 
+    fn from_shape(
+        vb: VarBuilder,
+        channels: usize,
+        shape: &AttentionShape,
+        groups: usize,
+    ) -> Result<Self> {
+        SpatialTransformer::new(
+            vb,
+            channels,
+            shape.heads,
+            shape.layers,
+            shape.context_dim,
+            groups,
+            shape.linear_projection,
+            shape.upcast,
+        )
+    }
+
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let residual = x;
@@ -334,11 +352,100 @@ impl SpatialTransformer {
     }
 }
 
+/// The attention of a block: a `Transformer2DModel` per resnet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionShape {
+    pub heads: usize,
+    /// Transformer blocks per `Transformer2DModel`.
+    pub layers: usize,
+    pub context_dim: usize,
+    pub linear_projection: bool,
+    pub upcast: bool,
+}
+
+/// The shape of one down block (`DownBlock2D`, or `CrossAttnDownBlock2D` with attention).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DownBlockShape {
+    pub input_channels: usize,
+    pub output_channels: usize,
+    /// Resnets (and attentions) in the block.
+    pub layers: usize,
+    pub time_embed_dim: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub attention: Option<AttentionShape>,
+    /// The downsampler's padding; `None` for the last block, which has none.
+    pub downsample_padding: Option<usize>,
+}
+
+/// diffusers' `DownBlock2D` / `CrossAttnDownBlock2D`, shared by the UNet and ControlNet.
 #[derive(Debug, Clone)]
-struct DownBlock {
+pub(crate) struct DownBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     downsampler: Option<Conv2d>,
+}
+
+impl DownBlock {
+    pub(crate) fn new(vb: VarBuilder, shape: &DownBlockShape) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..shape.layers {
+            let resnet_in = if j == 0 { shape.input_channels } else { shape.output_channels };
+            resnets.push(ResnetBlock::new(
+                vb.pp(format!("resnets.{j}")),
+                resnet_in,
+                shape.output_channels,
+                Some(shape.time_embed_dim),
+                shape.groups,
+                shape.eps,
+            )?);
+            if let Some(attention) = &shape.attention {
+                attentions.push(SpatialTransformer::from_shape(
+                    vb.pp(format!("attentions.{j}")),
+                    shape.output_channels,
+                    attention,
+                    shape.groups,
+                )?);
+            }
+        }
+        let downsampler = match shape.downsample_padding {
+            Some(padding) => Some(conv2d(
+                vb.pp("downsamplers.0.conv"),
+                shape.output_channels,
+                shape.output_channels,
+                3,
+                padding,
+                2,
+            )?),
+            None => None,
+        };
+        Ok(DownBlock { resnets, attentions, downsampler })
+    }
+
+    /// Runs the block, pushing every output that becomes a skip connection (one per
+    /// resnet, plus the downsampler's) onto `skips`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(&x, Some(temb))?;
+            if let Some(attention) = self.attentions.get(j) {
+                x = attention.forward(&x, context)?;
+            }
+            skips.push(x.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            x = downsampler.forward(&x)?;
+            skips.push(x.clone());
+        }
+        Ok(x)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -348,11 +455,53 @@ struct UpBlock {
     upsampler: Option<Conv2d>,
 }
 
+/// diffusers' `UNetMidBlock2DCrossAttn` (resnet, attention, resnet) or, without
+/// attention, `UNetMidBlock2D` with no layers (one resnet), as some ControlNets have.
 #[derive(Debug, Clone)]
-struct MidBlock {
+pub(crate) struct MidBlock {
     resnet_in: ResnetBlock,
-    attention: SpatialTransformer,
-    resnet_out: ResnetBlock,
+    attention: Option<SpatialTransformer>,
+    resnet_out: Option<ResnetBlock>,
+}
+
+impl MidBlock {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        time_embed_dim: usize,
+        groups: usize,
+        eps: f64,
+        attention: Option<AttentionShape>,
+    ) -> Result<Self> {
+        let resnet = |name: &str| {
+            ResnetBlock::new(vb.pp(name), channels, channels, Some(time_embed_dim), groups, eps)
+        };
+        let resnet_in = resnet("resnets.0")?;
+        let Some(attention) = attention else {
+            return Ok(MidBlock { resnet_in, attention: None, resnet_out: None });
+        };
+        Ok(MidBlock {
+            resnet_in,
+            attention: Some(SpatialTransformer::from_shape(
+                vb.pp("attentions.0"),
+                channels,
+                &attention,
+                groups,
+            )?),
+            resnet_out: Some(resnet("resnets.1")?),
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut x = self.resnet_in.forward(x, Some(temb))?;
+        if let Some(attention) = &self.attention {
+            x = attention.forward(&x, context)?;
+        }
+        if let Some(resnet) = &self.resnet_out {
+            x = resnet.forward(&x, Some(temb))?;
+        }
+        Ok(x)
+    }
 }
 
 /// The denoising UNet.
@@ -403,80 +552,44 @@ impl UNet {
         for (i, kind) in config.down_block_types.iter().enumerate() {
             let input_channels = output_channels;
             output_channels = channels[i];
-            let vb_block = vb.pp(format!("down_blocks.{i}"));
-            let cross = kind == "CrossAttnDownBlock2D";
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..layers_per_block[i] {
-                let resnet_in = if j == 0 { input_channels } else { output_channels };
-                resnets.push(ResnetBlock::new(
-                    vb_block.pp(format!("resnets.{j}")),
-                    resnet_in,
+            let attention = (kind == "CrossAttnDownBlock2D").then(|| AttentionShape {
+                heads: heads[i],
+                layers: transformer_layers[i],
+                context_dim: context_dims[i],
+                linear_projection: linear,
+                upcast,
+            });
+            down_blocks.push(DownBlock::new(
+                vb.pp(format!("down_blocks.{i}")),
+                &DownBlockShape {
+                    input_channels,
                     output_channels,
-                    Some(time_embed_dim),
+                    layers: layers_per_block[i],
+                    time_embed_dim,
                     groups,
                     eps,
-                )?);
-                if cross {
-                    attentions.push(SpatialTransformer::new(
-                        vb_block.pp(format!("attentions.{j}")),
-                        output_channels,
-                        heads[i],
-                        transformer_layers[i],
-                        context_dims[i],
-                        groups,
-                        linear,
-                        upcast,
-                    )?);
-                }
-            }
-            let downsampler = if i + 1 < blocks {
-                let padding = config.downsample_padding.unwrap_or(1);
-                Some(conv2d(
-                    vb_block.pp("downsamplers.0.conv"),
-                    output_channels,
-                    output_channels,
-                    3,
-                    padding,
-                    2,
-                )?)
-            } else {
-                None
-            };
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+                    attention,
+                    downsample_padding: (i + 1 < blocks)
+                        .then(|| config.downsample_padding.unwrap_or(1)),
+                },
+            )?);
         }
 
         let last = blocks - 1;
-        let mid_channels = channels[last];
-        let vb_mid = vb.pp("mid_block");
-        let mid_block = MidBlock {
-            resnet_in: ResnetBlock::new(
-                vb_mid.pp("resnets.0"),
-                mid_channels,
-                mid_channels,
-                Some(time_embed_dim),
-                groups,
-                eps,
-            )?,
-            attention: SpatialTransformer::new(
-                vb_mid.pp("attentions.0"),
-                mid_channels,
-                heads[last],
-                transformer_layers[last],
-                context_dims[last],
-                groups,
-                linear,
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            channels[last],
+            time_embed_dim,
+            groups,
+            eps,
+            Some(AttentionShape {
+                heads: heads[last],
+                layers: transformer_layers[last],
+                context_dim: context_dims[last],
+                linear_projection: linear,
                 upcast,
-            )?,
-            resnet_out: ResnetBlock::new(
-                vb_mid.pp("resnets.1"),
-                mid_channels,
-                mid_channels,
-                Some(time_embed_dim),
-                groups,
-                eps,
-            )?,
-        };
+            }),
+        )?;
 
         let reversed_channels: Vec<usize> = channels.iter().rev().copied().collect();
         let reversed_heads: Vec<usize> = heads.iter().rev().copied().collect();
@@ -641,9 +754,7 @@ impl UNet {
             }
         }
 
-        x = self.mid_block.resnet_in.forward(&x, Some(&temb))?;
-        x = self.mid_block.attention.forward(&x, context)?;
-        x = self.mid_block.resnet_out.forward(&x, Some(&temb))?;
+        x = self.mid_block.forward(&x, &temb, context)?;
         if let Some(feature) = intrablock.next() {
             if feature.dims() == x.dims() {
                 x = (x + feature)?;

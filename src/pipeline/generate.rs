@@ -13,11 +13,13 @@ use super::image_input::{self, ImageConditioning};
 use super::t2i_adapter::{adapter_features, FeatureContext};
 use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
+use crate::adapters::controlnet::ControlNetLibrary;
 use crate::adapters::lora::targets::{patch_weights, with_overrides, Component, ModuleTable};
 use crate::adapters::lora::{LoraError, LoraLibrary};
 use crate::adapters::t2i::T2IAdapterLibrary;
 use crate::error::{ModelError, PipelineError, ValidationError};
 use crate::models::clip::ClipTextModel;
+use crate::models::controlnet::{ControlNet, ControlScale};
 use crate::models::loader::{self, ModelLayout, NetworkWeights};
 use crate::models::unet::{AddedConditions, UNet, UNetResiduals};
 use crate::models::vae::AutoencoderKl;
@@ -60,6 +62,8 @@ pub struct Pipeline {
     loras: Arc<LoraLibrary>,
     /// Where request T2I-Adapter names resolve (empty: none do).
     t2i_adapters: Arc<T2IAdapterLibrary>,
+    /// Where request ControlNet names resolve (empty: none do).
+    controlnets: Arc<ControlNetLibrary>,
 }
 
 /// The networks one request runs with where its LoRAs change them; `None` = the base.
@@ -130,6 +134,7 @@ impl Pipeline {
             lora_targets,
             loras: Arc::new(LoraLibrary::default()),
             t2i_adapters: Arc::new(T2IAdapterLibrary::default()),
+            controlnets: Arc::new(ControlNetLibrary::default()),
             defaults: defaults_from(name, &loaded.layout),
             layout: loaded.layout,
             prompts,
@@ -157,6 +162,82 @@ impl Pipeline {
     /// The LoRA library requests resolve names in.
     pub fn lora_library(&self) -> &Arc<LoraLibrary> {
         &self.loras
+    }
+
+    /// Lets requests name the ControlNets of `library`.
+    pub fn with_controlnet_library(mut self, library: Arc<ControlNetLibrary>) -> Pipeline {
+        self.controlnets = library;
+        self
+    }
+
+    /// Loads the request's ControlNets (checking that each fits this model) and embeds
+    /// their control images, as diffusers' ControlNet pipelines prepare them: RGB in
+    /// [0, 1], no normalisation.
+    fn prepare_controlnets(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<Vec<PreparedControlNet>, PipelineError> {
+        let unet = self.unet.config();
+        let blocks = unet.block_out_channels.len();
+        let unet_layers = unet.layers_per_block.expand(blocks, "layers_per_block")?;
+        let unet_context = unet.cross_attention_dim.for_block(0);
+        let (width, height) = (request.width as usize, request.height as usize);
+        request
+            .controlnets
+            .iter()
+            .enumerate()
+            .map(|(index, unit)| {
+                let field = format!("controlnets[{index}].model");
+                let model = self
+                    .controlnets
+                    .load(&unit.model, &self.device, self.dtype)
+                    .map_err(|e| ValidationError::new(field.clone(), e.to_string()))?;
+                let config = model.config();
+                let layers = config.layers_per_block.expand(blocks, "layers_per_block").ok();
+                let fits = config.block_out_channels == unet.block_out_channels
+                    && layers.as_ref() == Some(&unet_layers)
+                    && config.context_width() == unet_context
+                    && config.uses_text_time() == unet.uses_text_time()
+                    && config.in_channels == self.vae.config().latent_channels;
+                if !fits {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "ControlNet {:?} was made for another model family or size \
+                             (blocks {:?}, context width {:?}); this model has blocks {:?}, \
+                             context width {:?}",
+                            unit.model,
+                            config.block_out_channels,
+                            config.context_width(),
+                            unet.block_out_channels,
+                            unet_context
+                        ),
+                    )
+                    .into());
+                }
+                if config.conditioning_channels != 3 {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "ControlNet {:?} takes {} conditioning channels; only RGB (3) \
+                             control images are supported",
+                            unit.model, config.conditioning_channels
+                        ),
+                    )
+                    .into());
+                }
+                let pixels = Tensor::from_vec(
+                    unit.image_rgb.iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(),
+                    (height, width, 3),
+                    &self.device,
+                )?
+                .permute((2, 0, 1))?
+                .unsqueeze(0)?
+                .to_dtype(self.dtype)?;
+                let condition = model.embed_condition(&pixels)?;
+                Ok(PreparedControlNet { model, condition, unit: unit.clone() })
+            })
+            .collect()
     }
 
     /// Builds the UNet / text encoders that `request`'s LoRAs change, from the base
@@ -433,11 +514,13 @@ impl Pipeline {
             device: &self.device,
             dtype: self.dtype,
         };
-        let residuals = UNetResiduals {
-            down_intrablock: adapter_features(&request.t2i_adapters, &feature_context)?,
-            ..Default::default()
-        };
+        // T2I-Adapter features are the same at every step; ControlNet residuals are not.
+        let adapter_features = adapter_features(&request.t2i_adapters, &feature_context)?;
 
+        let controlnets = self.prepare_controlnets(request)?;
+        // diffusers' `guess_mode or controlnet.config.global_pool_conditions` (first net).
+        let guess_mode = request.guess_mode
+            || controlnets.first().is_some_and(|c| c.model.config().global_pool_conditions);
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len() - start;
         for (index, &timestep) in timesteps.iter().enumerate().skip(start) {
@@ -447,6 +530,25 @@ impl Pipeline {
             let model_input =
                 if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let mut model_input = sampler.scale_model_input(&model_input, index)?;
+            let mut residuals = if controlnets.is_empty() {
+                UNetResiduals::default()
+            } else {
+                let step = ControlStep {
+                    latents: &latents,
+                    model_input: &model_input,
+                    sampler: sampler.as_ref(),
+                    index,
+                    position: (index - start, total),
+                    timestep,
+                    context: &context,
+                    added: added.as_ref(),
+                    guided,
+                    guess_mode,
+                    images: n,
+                };
+                self.control_residuals(&controlnets, &step)?
+            };
+            residuals.down_intrablock = adapter_features.clone();
             if let Some(extra) = &extra_channels {
                 model_input = Tensor::cat(&[&model_input, extra], 1)?;
             }
@@ -487,6 +589,80 @@ impl Pipeline {
             observer.on_step(0, index + 1 - start, total);
         }
         Ok(latents)
+    }
+
+    /// The summed residuals of the request's ControlNets for one step, as diffusers'
+    /// ControlNet pipelines compute them: each net's scale times its guidance-window keep
+    /// (`1 - (i / steps < start or (i + 1) / steps > end)`, over the steps this run
+    /// takes); in guess mode with guidance the nets see only the prompt's half of the
+    /// batch and add zeros to the unconditional half. Nets whose scale is 0 this step are
+    /// skipped (diffusers adds their zeros).
+    fn control_residuals(
+        &self,
+        controlnets: &[PreparedControlNet],
+        step: &ControlStep<'_>,
+    ) -> Result<UNetResiduals, PipelineError> {
+        let (position, steps) = step.position;
+        let conditional_only = step.guess_mode && step.guided;
+        let n = step.images;
+        let (input, context, added) = if conditional_only {
+            let input = step.sampler.scale_model_input(step.latents, step.index)?;
+            let added = match step.added {
+                Some(added) => Some(AddedConditions {
+                    text_embeds: added.text_embeds.narrow(0, n, n)?,
+                    time_ids: added.time_ids.narrow(0, n, n)?,
+                }),
+                None => None,
+            };
+            (input, step.context.narrow(0, n, n)?, added)
+        } else {
+            (step.model_input.clone(), step.context.clone(), step.added.cloned())
+        };
+        let input = input.to_dtype(self.dtype)?;
+        let mut sum: Option<(Vec<Tensor>, Tensor)> = None;
+        for prepared in controlnets {
+            let unit = &prepared.unit;
+            let outside = (position as f64 / steps as f64) < unit.start
+                || ((position + 1) as f64 / steps as f64) > unit.end;
+            let scale = if outside { 0.0 } else { unit.scale };
+            if scale == 0.0 {
+                continue;
+            }
+            let residuals = prepared.model.forward(
+                &input,
+                step.timestep,
+                &context,
+                added.as_ref(),
+                &prepared.condition,
+                ControlScale { scale, guess_mode: step.guess_mode },
+            )?;
+            let down = residuals.down_block.expect("ControlNets fill down_block; this is a bug");
+            let mid = residuals.mid_block.expect("ControlNets fill mid_block; this is a bug");
+            sum = Some(match sum {
+                None => (down, mid),
+                Some((total_down, total_mid)) => (
+                    total_down
+                        .iter()
+                        .zip(&down)
+                        .map(|(a, b)| a.broadcast_add(b))
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                    total_mid.broadcast_add(&mid)?,
+                ),
+            });
+        }
+        let Some((mut down, mut mid)) = sum else {
+            return Ok(UNetResiduals::default());
+        };
+        if conditional_only {
+            let with_zeros = |t: &Tensor| -> candle_core::Result<Tensor> {
+                // Pooled residuals are [n, C, 1, 1]; widen before pairing with zeros.
+                let t = t.broadcast_as(t.dims())?.contiguous()?;
+                Tensor::cat(&[&t.zeros_like()?, &t], 0)
+            };
+            down = down.iter().map(with_zeros).collect::<candle_core::Result<Vec<_>>>()?;
+            mid = with_zeros(&mid)?;
+        }
+        Ok(UNetResiduals { down_block: Some(down), mid_block: Some(mid), down_intrablock: None })
     }
 
     /// img2img / inpainting start, as diffusers' `StableDiffusionImg2ImgPipeline` and
@@ -746,6 +922,33 @@ impl Pipeline {
             })
             .collect())
     }
+}
+
+/// A request's ControlNet, loaded, with its control image embedded.
+struct PreparedControlNet {
+    model: Arc<ControlNet>,
+    /// The embedded control image, `[1, C, h, w]` (broadcast over the batch).
+    condition: Tensor,
+    unit: crate::pipeline::ControlNetUnit,
+}
+
+/// What the ControlNets of one denoising step see.
+struct ControlStep<'a> {
+    /// The unscaled latents of the `n` images.
+    latents: &'a Tensor,
+    /// The UNet's scaled input (doubled under guidance), before inpainting channels.
+    model_input: &'a Tensor,
+    sampler: &'a dyn Sampler,
+    /// Index into the sampler's timesteps.
+    index: usize,
+    /// (step of this run, steps this run takes), for the guidance windows.
+    position: (usize, usize),
+    timestep: f64,
+    context: &'a Tensor,
+    added: Option<&'a AddedConditions>,
+    guided: bool,
+    guess_mode: bool,
+    images: usize,
 }
 
 /// Where an image-conditioned run starts and what its loop needs besides the latents.

@@ -12,7 +12,10 @@ pub mod text;
 pub mod tokenizer;
 
 pub use generate::{parse_device, probe, LoadOptions, Pipeline};
-pub use request::{GenerationParams, GenerationRequest, Limits, LoraChoice, ModelDefaults};
+pub use request::{
+    ControlNetParams, ControlNetUnit, GenerationParams, GenerationRequest, Limits, LoraChoice,
+    ModelDefaults,
+};
 pub use text::PromptContext;
 
 /// Receives progress from a running generation and can stop it.

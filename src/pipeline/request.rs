@@ -63,6 +63,39 @@ fn full_strength() -> f64 {
     1.0
 }
 
+/// One ControlNet of a request as sent: its name, control image (base64 or data URI;
+/// PNG, JPEG, WebP) and how strongly and when it guides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetParams {
+    /// A ControlNet in the configured directories (folder name or file stem).
+    pub model: String,
+    /// The control image (already preprocessed: edges, depth, pose...).
+    pub image: String,
+    /// diffusers' `controlnet_conditioning_scale`; default 1.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// Fraction of the steps after which it starts guiding (diffusers'
+    /// `control_guidance_start`); default 0.
+    #[serde(default)]
+    pub start: Option<f64>,
+    /// Fraction of the steps after which it stops (`control_guidance_end`); default 1.
+    #[serde(default)]
+    pub end: Option<f64>,
+}
+
+/// One validated ControlNet of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetUnit {
+    /// The name the ControlNet library resolves.
+    pub model: String,
+    /// The control image fitted to the request's size, RGB8 row-major.
+    pub image_rgb: Vec<u8>,
+    pub scale: f64,
+    /// Guidance window as fractions of the steps, `0 <= start < end <= 1`.
+    pub start: f64,
+    pub end: f64,
+}
+
 /// An unvalidated request, as any API dialect or the CLI parsed it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GenerationParams {
@@ -134,6 +167,13 @@ pub struct GenerationParams {
     /// T2I-Adapters with their control images and scales.
     #[serde(default)]
     pub t2i_adapters: Vec<T2IAdapterParams>,
+    /// ControlNets guiding the generation (summed, as diffusers' MultiControlNetModel).
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetParams>,
+    /// diffusers' `guess_mode` for the ControlNets: they see only the prompt's half of
+    /// the guidance batch, with residuals scaled from 0.1 (first skip) to 1 (mid block).
+    #[serde(default)]
+    pub guess_mode: Option<bool>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -191,6 +231,12 @@ pub struct GenerationRequest {
     /// checked against the T2I-Adapter library.
     #[serde(default)]
     pub t2i_adapters: Vec<T2IAdapterChoice>,
+    /// ControlNets, in request order.
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetUnit>,
+    /// diffusers' ControlNet `guess_mode`.
+    #[serde(default)]
+    pub guess_mode: bool,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -210,11 +256,14 @@ impl GenerationParams {
             None => None,
         };
         let adapter_images = t2i_adapter::decode_images(&self.t2i_adapters)?;
+        let control_images = self.decode_control_images()?;
         // Without an explicit size, img2img keeps the init image's size (down to a
-        // multiple of 8), as diffusers' image processor does; so do T2I-Adapter requests
-        // with their first control image (diffusers' adapter pipelines).
+        // multiple of 8), as diffusers' image processor does; ControlNet and T2I-Adapter
+        // requests take their first control image's, as diffusers' ControlNet and adapter
+        // pipelines do.
         let init_size = init_image
             .as_ref()
+            .or(control_images.first())
             .or(adapter_images.first())
             .map(|image| (image.width / 8 * 8, image.height / 8 * 8));
         let width = self.width.or(init_size.map(|s| s.0)).unwrap_or(model.width);
@@ -238,6 +287,7 @@ impl GenerationParams {
         let image = self.image_conditioning(init_image, width, height)?;
         let t2i_adapters =
             t2i_adapter::validate(&self.t2i_adapters, adapter_images, width, height)?;
+        let controlnets = self.controlnet_units(control_images, width, height)?;
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > limits.max_steps {
             return Err(ValidationError::new(
@@ -442,6 +492,8 @@ impl GenerationParams {
             loras,
             image,
             t2i_adapters,
+            controlnets,
+            guess_mode: self.guess_mode.unwrap_or(false),
         })
     }
 
@@ -494,6 +546,92 @@ impl GenerationParams {
             rescale_betas_zero_snr: self.rescale_betas_zero_snr,
             prediction_type,
         })
+    }
+
+    /// Decodes every control image (field `controlnets[i].image`; alpha dropped as
+    /// diffusers does, see [`image_input::decode_control_image`]), checking the count and
+    /// names first so a bad request fails before any decoding.
+    fn decode_control_images(&self) -> Result<Vec<crate::codec::DecodedImage>, ValidationError> {
+        use crate::adapters::controlnet;
+        if self.controlnets.len() > controlnet::MAX_CONTROLNETS_PER_REQUEST {
+            return Err(ValidationError::new(
+                "controlnets",
+                format!(
+                    "at most {} ControlNets per request, got {}",
+                    controlnet::MAX_CONTROLNETS_PER_REQUEST,
+                    self.controlnets.len()
+                ),
+            ));
+        }
+        if self.controlnets.is_empty() && self.guess_mode == Some(true) {
+            return Err(ValidationError::new("guess_mode", "needs at least one ControlNet"));
+        }
+        for (index, unit) in self.controlnets.iter().enumerate() {
+            controlnet::check_name(&unit.model).map_err(|e| {
+                ValidationError::new(format!("controlnets[{index}].model"), e.to_string())
+            })?;
+        }
+        self.controlnets
+            .iter()
+            .enumerate()
+            .map(|(index, unit)| {
+                image_input::decode_control_image(
+                    &format!("controlnets[{index}].image"),
+                    &unit.image,
+                )
+            })
+            .collect()
+    }
+
+    /// Checks each ControlNet's scale and window, and fits its image to the output size
+    /// as diffusers' control image processor does (a plain resize; values stay 0-255).
+    fn controlnet_units(
+        &self,
+        images: Vec<crate::codec::DecodedImage>,
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<ControlNetUnit>, ValidationError> {
+        let limit = crate::adapters::controlnet::MAX_CONTROLNET_SCALE;
+        self.controlnets
+            .iter()
+            .zip(images)
+            .enumerate()
+            .map(|(index, (unit, image))| {
+                let field = |name: &str| format!("controlnets[{index}].{name}");
+                let scale = unit.scale.unwrap_or(1.0);
+                if !scale.is_finite() || !(0.0..=limit).contains(&scale) {
+                    return Err(ValidationError::new(
+                        field("scale"),
+                        format!("must be between 0 and {limit}, got {scale}"),
+                    ));
+                }
+                let start = unit.start.unwrap_or(0.0);
+                let end = unit.end.unwrap_or(1.0);
+                for (name, value) in [("start", start), ("end", end)] {
+                    if !value.is_finite() || !(0.0..=1.0).contains(&value) {
+                        return Err(ValidationError::new(
+                            field(name),
+                            format!(
+                                "must be between 0 and 1 (a fraction of the steps), got {value}"
+                            ),
+                        ));
+                    }
+                }
+                if start >= end {
+                    return Err(ValidationError::new(
+                        field("start"),
+                        format!("must be less than end ({end}), got {start}"),
+                    ));
+                }
+                Ok(ControlNetUnit {
+                    model: unit.model.clone(),
+                    image_rgb: image_input::fit_rgb(image, width, height, ResizeMode::Resize),
+                    scale,
+                    start,
+                    end,
+                })
+            })
+            .collect()
     }
 
     /// Validates the img2img / inpainting fields and fits the images to the output size.
@@ -644,6 +782,17 @@ impl GenerationRequest {
                 ", T2I-Adapter {i}: \"Model: {}, Scale: {}\"",
                 adapter.model, adapter.scale
             ));
+        }
+        for (index, unit) in self.controlnets.iter().enumerate() {
+            // AUTOMATIC1111's sd-webui-controlnet layout, so its PNG Info reads it.
+            text.push_str(&format!(
+                ", ControlNet {index}: \"Module: none, Model: {}, Weight: {}, Guidance Start: {}, \
+                 Guidance End: {}\"",
+                unit.model, unit.scale, unit.start, unit.end
+            ));
+        }
+        if self.guess_mode {
+            text.push_str(", Guess Mode: True");
         }
         text
     }

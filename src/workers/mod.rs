@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::adapters::controlnet::ControlNetLibrary;
 use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::adapters::lora::LoraLibrary;
 use crate::adapters::t2i::T2IAdapterLibrary;
@@ -74,17 +75,23 @@ pub trait ModelBackend: Send + Sync {
 }
 
 /// The real backend: [`probe`] and [`Pipeline::load`]; every loaded pipeline encodes
-/// prompts with `embeddings` and resolves request T2I-Adapters in `t2i_adapters`.
+/// prompts with `embeddings` and resolves request T2I-Adapters in `t2i_adapters` and
+/// ControlNets in `controlnets`.
 #[derive(Debug, Default)]
 pub struct CandleBackend {
     pub embeddings: Option<Arc<EmbeddingLibrary>>,
     pub t2i_adapters: Option<Arc<T2IAdapterLibrary>>,
+    pub controlnets: Option<Arc<ControlNetLibrary>>,
 }
 
 impl CandleBackend {
     fn with_adapters(&self, pipeline: Pipeline) -> Pipeline {
-        match &self.t2i_adapters {
+        let pipeline = match &self.t2i_adapters {
             Some(library) => pipeline.with_t2i_adapter_library(library.clone()),
+            None => pipeline,
+        };
+        match &self.controlnets {
+            Some(library) => pipeline.with_controlnet_library(library.clone()),
             None => pipeline,
         }
     }
@@ -109,8 +116,8 @@ impl ModelBackend for CandleBackend {
         loras: &Arc<LoraLibrary>,
     ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
-        let pipeline = self.with_adapters(Pipeline::load(&spec.name, &spec.path, &options)?);
-        Ok(Arc::new(pipeline.with_lora_library(loras.clone())))
+        let pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
+        Ok(Arc::new(self.with_adapters(pipeline).with_lora_library(loras.clone())))
     }
 }
 

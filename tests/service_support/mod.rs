@@ -147,6 +147,7 @@ impl TestServer {
         let key = settings.api_keys.first().map(|k| k.0.clone()).unwrap_or_default();
         let real = CandleBackend {
             t2i_adapters: Some(settings.t2i_adapter_library()),
+            controlnets: Some(settings.controlnet_library()),
             ..Default::default()
         };
         let backend = Arc::new(DoubledBackend { real, double });
