@@ -36,7 +36,7 @@ use super::{a1111, dto, error, native, openai, playground, system};
         dto::Timings, dto::OutputFormat, dto::JobAccepted, dto::JobStatus, dto::ProgressBody,
         dto::ModelList, dto::ModelCard, dto::SamplerList, dto::SamplerInfo,
         dto::EmbeddingList, dto::EmbeddingCard,
-        dto::LoraList, dto::LoraCard, dto::LoraRequest,
+        dto::LoraList, dto::LoraCard, dto::LoraRequest, dto::IpAdapterRequest,
         dto::ScheduleList, dto::ScheduleInfo,
         dto::HealthResponse, dto::ReadyResponse, dto::WorkerStatus,
         error::ErrorResponse, error::ErrorDetail, crate::jobs::JobState,

@@ -2,7 +2,9 @@
 //! diffusers `config.json`, and the loaders for the layouts users have on disk.
 
 pub mod clip;
+pub mod clip_vision;
 pub mod common;
+pub mod ip_adapter;
 pub mod loader;
 pub mod single_file;
 pub mod unet;

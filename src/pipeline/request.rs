@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::image_input::{self, ImageConditioning, ResizeMode};
+use crate::adapters::ip_adapter::{self, IpAdapterChoice, IpAdapterParams};
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
@@ -118,6 +119,10 @@ pub struct GenerationParams {
     /// Paste the original back outside the mask; default true.
     #[serde(default)]
     pub paste_back: Option<bool>,
+    /// IP-Adapters: reference images that steer the picture through the UNet's
+    /// cross-attention.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterParams>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -168,6 +173,9 @@ pub struct GenerationRequest {
     /// img2img / inpainting input; `None` = text-to-image.
     #[serde(default)]
     pub image: Option<ImageConditioning>,
+    /// IP-Adapters with their decoded reference images.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterChoice>,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -209,6 +217,7 @@ impl GenerationParams {
             }
         }
         let image = self.image_conditioning(init_image, width, height)?;
+        let ip_adapters = ip_adapter::validate(&self.ip_adapters)?;
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > limits.max_steps {
             return Err(ValidationError::new(
@@ -407,6 +416,7 @@ impl GenerationParams {
             },
             loras,
             image,
+            ip_adapters,
         })
     }
 
