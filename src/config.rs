@@ -132,6 +132,11 @@ pub struct Settings {
     /// Memory bound (MiB) of the cache of parsed LoRA files.
     #[serde(default = "default_lora_cache_mb")]
     pub lora_cache_mb: usize,
+    /// Directories of IP-Adapters requests may name (`ip_adapters: [{model, image,
+    /// scale}]`): weights `.safetensors` files with their `image_encoder/` folder beside
+    /// them, named by their path below the directory without the extension.
+    #[serde(default)]
+    pub ip_adapter_dirs: Vec<PathBuf>,
 }
 
 fn default_lora_cache_mb() -> usize {
@@ -228,6 +233,15 @@ pub struct ServeArgs {
     /// Memory bound (MiB) of the parsed-LoRA cache.
     #[arg(long, env = "SDSERVE_LORA_CACHE_MB", value_name = "MIB")]
     pub lora_cache_mb: Option<usize>,
+    /// A directory of IP-Adapters (weights files with `image_encoder/` beside them)
+    /// requests may name (repeatable; adds to the config file's `ip_adapter_dirs`).
+    #[arg(
+        long = "ip-adapter-dir",
+        env = "SDSERVE_IP_ADAPTER_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub ip_adapter_dirs: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -328,6 +342,7 @@ impl Settings {
         if let Some(megabytes) = args.lora_cache_mb {
             self.lora_cache_mb = megabytes;
         }
+        self.ip_adapter_dirs.extend(args.ip_adapter_dirs.iter().cloned());
         Ok(())
     }
 
@@ -362,6 +377,14 @@ impl Settings {
         for dir in &self.lora_dirs {
             if !dir.is_dir() {
                 return Err(invalid("lora_dirs", format!("{} is not a directory", dir.display())));
+            }
+        }
+        for dir in &self.ip_adapter_dirs {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "ip_adapter_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
             }
         }
         if self.devices.is_empty() || self.devices.iter().any(|d| d.trim().is_empty()) {
