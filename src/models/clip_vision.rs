@@ -86,7 +86,7 @@ impl ClipVisionModel {
         let vision = vb.pp("vision_model");
         let embeddings = vision.pp("embeddings");
         let hidden = config.hidden_size;
-        if config.patch_size == 0 || config.image_size % config.patch_size != 0 {
+        if config.patch_size == 0 || !config.image_size.is_multiple_of(config.patch_size) {
             candle_core::bail!(
                 "image_size {} is not a multiple of patch_size {}",
                 config.image_size,
@@ -214,11 +214,16 @@ fn bicubic() -> u32 {
 fn default_rescale() -> f64 {
     1.0 / 255.0
 }
+/// OpenAI CLIP's normalisation, as transformers writes it (`OPENAI_CLIP_MEAN` / `_STD`);
+/// torch rounds the Python floats to f32, so do we.
+const OPENAI_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const OPENAI_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
 fn openai_mean() -> [f32; 3] {
-    [0.481_454_66, 0.457_827_5, 0.408_210_73]
+    OPENAI_MEAN.map(|v| v as f32)
 }
 fn openai_std() -> [f32; 3] {
-    [0.268_629_54, 0.261_302_58, 0.275_777_11]
+    OPENAI_STD.map(|v| v as f32)
 }
 
 impl ClipImageProcessor {
