@@ -81,7 +81,7 @@ fn check_components(family: &str) {
         IpAdapter::load(&adapter_path(family, &refs, "base"), &Device::Cpu, DType::F32).unwrap();
     let pixels = base.pixel_values(std::slice::from_ref(&image)).unwrap();
     check("encoder.pixel_values", &pixels, PIXEL_TOLERANCE);
-    let output = base.encoder.forward(&pixels).unwrap();
+    let output = base.encoder.model.forward(&pixels).unwrap();
     check("encoder.image_embeds", &output.image_embeds, COMPONENT_TOLERANCE);
     check("encoder.penultimate", &output.penultimate_hidden_state, COMPONENT_TOLERANCE);
     let (conditional, unconditional) = base.image_tokens(std::slice::from_ref(&image)).unwrap();

@@ -312,12 +312,43 @@ impl IpAdapterLibrary {
     }
 }
 
+/// A CLIP image encoder with its preprocessing, from an adapter's `image_encoder/`
+/// folder. Adapters in one folder share it (the public repository has one per family).
+#[derive(Debug)]
+pub struct ImageEncoder {
+    pub model: ClipVisionModel,
+    pub processor: ClipImageProcessor,
+}
+
+impl ImageEncoder {
+    /// Loads `folder` (`config.json`, `model.safetensors`, optionally
+    /// `preprocessor_config.json`; without it, what diffusers builds for the encoder's
+    /// `image_size`).
+    pub fn load(folder: &Path, device: &Device, dtype: DType) -> Result<Self, IpAdapterError> {
+        let config_path = folder.join("config.json");
+        let config = ClipVisionConfig::from_json(&read_json(&config_path)?)
+            .map_err(|e| bad_file(&config_path, e))?;
+        let weights_path = folder.join("model.safetensors");
+        let tensors = read_tensors(&weights_path, device)?;
+        let model = ClipVisionModel::new(VarBuilder::from_tensors(tensors, dtype, device), &config)
+            .map_err(|e| bad_file(&weights_path, e))?;
+        let processor_path = folder.join("preprocessor_config.json");
+        let processor: ClipImageProcessor = if processor_path.is_file() {
+            serde_json::from_value(read_json(&processor_path)?)
+                .map_err(|e| bad_file(&processor_path, e))?
+        } else {
+            ClipImageProcessor::for_image_size(config.image_size)
+        };
+        processor.check_supported().map_err(|e| bad_file(&processor_path, e))?;
+        Ok(ImageEncoder { model, processor })
+    }
+}
+
 /// A loaded IP-Adapter: projection and attention weights with their image encoder.
 #[derive(Debug)]
 pub struct IpAdapter {
     pub weights: IpAdapterWeights,
-    pub encoder: ClipVisionModel,
-    pub processor: ClipImageProcessor,
+    pub encoder: Arc<ImageEncoder>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, IpAdapterError> {
@@ -329,32 +360,30 @@ fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>,
     candle_core::safetensors::load(path, device).map_err(|e| bad_file(path, e))
 }
 
+/// The `image_encoder/` folder beside the weights file at `path`.
+fn encoder_folder(path: &Path) -> Result<PathBuf, IpAdapterError> {
+    path.parent()
+        .map(|p| p.join(IMAGE_ENCODER_FOLDER))
+        .ok_or_else(|| bad_file(path, "no parent folder"))
+}
+
 impl IpAdapter {
     /// Loads the weights file at `path` and the image encoder beside it.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<IpAdapter, IpAdapterError> {
-        let folder = path
-            .parent()
-            .map(|p| p.join(IMAGE_ENCODER_FOLDER))
-            .ok_or_else(|| bad_file(path, "no parent folder"))?;
-        let config_path = folder.join("config.json");
-        let config = ClipVisionConfig::from_json(&read_json(&config_path)?)
-            .map_err(|e| bad_file(&config_path, e))?;
-        let weights_path = folder.join("model.safetensors");
-        let encoder_tensors = read_tensors(&weights_path, device)?;
-        let encoder =
-            ClipVisionModel::new(VarBuilder::from_tensors(encoder_tensors, dtype, device), &config)
-                .map_err(|e| bad_file(&weights_path, e))?;
-        let processor_path = folder.join("preprocessor_config.json");
-        let processor = if processor_path.is_file() {
-            serde_json::from_value(read_json(&processor_path)?)
-                .map_err(|e| bad_file(&processor_path, e))?
-        } else {
-            ClipImageProcessor::for_image_size(config.image_size)
-        };
-        let processor: ClipImageProcessor = processor;
-        processor.check_supported().map_err(|e| bad_file(&processor_path, e))?;
+        let encoder = Arc::new(ImageEncoder::load(&encoder_folder(path)?, device, dtype)?);
+        IpAdapter::load_with_encoder(path, encoder, device, dtype)
+    }
+
+    /// Loads the weights file at `path` for an already loaded `encoder`.
+    pub fn load_with_encoder(
+        path: &Path,
+        encoder: Arc<ImageEncoder>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<IpAdapter, IpAdapterError> {
         let tensors = read_tensors(path, device)?;
         let builder = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+        let config = encoder.model.config();
         let weights = IpAdapterWeights::from_tensors(
             &tensors,
             builder,
@@ -362,21 +391,22 @@ impl IpAdapter {
             config.hidden_size,
         )
         .map_err(|e| bad_file(path, e))?;
-        Ok(IpAdapter { weights, encoder, processor })
+        Ok(IpAdapter { weights, encoder })
     }
 
     /// The encoder's input for `images`: `[images, 3, H, W]`.
     pub fn pixel_values(&self, images: &[ReferenceImage]) -> candle_core::Result<Tensor> {
-        let (height, width) = self.processor.output_size();
+        let processor = &self.encoder.processor;
+        let (height, width) = processor.output_size();
         let mut values = Vec::with_capacity(images.len() * 3 * height * width);
         for image in images {
-            values.extend(self.processor.preprocess(
+            values.extend(processor.preprocess(
                 &image.rgb,
                 image.width as usize,
                 image.height as usize,
             ));
         }
-        Tensor::from_vec(values, (images.len(), 3, height, width), self.encoder.device())
+        Tensor::from_vec(values, (images.len(), 3, height, width), self.encoder.model.device())
     }
 
     /// The image tokens of `images` and of the unconditional half, each `[1, images ×
@@ -387,12 +417,13 @@ impl IpAdapter {
     pub fn image_tokens(&self, images: &[ReferenceImage]) -> candle_core::Result<(Tensor, Tensor)> {
         let pixels = self.pixel_values(images)?;
         let projection = &self.weights.projection;
+        let encoder = &self.encoder.model;
         let (conditional, unconditional) = if projection.reads_hidden_states() {
-            let hidden = self.encoder.forward(&pixels)?.penultimate_hidden_state;
-            let zero = self.encoder.forward(&pixels.zeros_like()?)?.penultimate_hidden_state;
+            let hidden = encoder.forward(&pixels)?.penultimate_hidden_state;
+            let zero = encoder.forward(&pixels.zeros_like()?)?.penultimate_hidden_state;
             (projection.forward(&hidden)?, projection.forward(&zero)?)
         } else {
-            let embeds = self.encoder.forward(&pixels)?.image_embeds;
+            let embeds = encoder.forward(&pixels)?.image_embeds;
             (projection.forward(&embeds)?, projection.forward(&embeds.zeros_like()?)?)
         };
         Ok((join_images(&conditional)?, join_images(&unconditional)?))
@@ -401,15 +432,53 @@ impl IpAdapter {
 
 type Stamp = (Option<SystemTime>, u64);
 
-/// Loaded adapters kept per pipeline (they live on its device), least recently used
-/// first; a changed file is reloaded.
-#[derive(Debug, Default)]
-pub struct IpAdapterCache {
-    entries: Mutex<Vec<(PathBuf, Stamp, Arc<IpAdapter>)>>,
+fn stamp(path: &Path) -> Result<Stamp, IpAdapterError> {
+    let metadata = std::fs::metadata(path).map_err(|e| bad_file(path, e))?;
+    Ok((metadata.modified().ok(), metadata.len()))
 }
 
-/// How many loaded adapters a pipeline keeps.
-const CACHED_ADAPTERS: usize = 4;
+/// A small least-recently-used list keyed by path and file stamp.
+#[derive(Debug)]
+struct Recent<T> {
+    entries: Vec<(PathBuf, Stamp, Arc<T>)>,
+    capacity: usize,
+}
+
+impl<T> Recent<T> {
+    fn get(&mut self, path: &Path, stamp: Stamp) -> Option<Arc<T>> {
+        let index = self.entries.iter().position(|(p, s, _)| p == path && *s == stamp)?;
+        let entry = self.entries.remove(index);
+        let value = entry.2.clone();
+        self.entries.push(entry);
+        Some(value)
+    }
+
+    fn insert(&mut self, path: &Path, stamp: Stamp, value: Arc<T>) {
+        self.entries.retain(|(p, _, _)| p != path);
+        if self.entries.len() >= self.capacity {
+            self.entries.remove(0);
+        }
+        self.entries.push((path.to_path_buf(), stamp, value));
+    }
+}
+
+/// Loaded adapters and image encoders kept per pipeline (they live on its device):
+/// the last 4 adapters and the last 2 encoders; adapters of one folder share its
+/// encoder, and a changed file is reloaded.
+#[derive(Debug)]
+pub struct IpAdapterCache {
+    adapters: Mutex<Recent<IpAdapter>>,
+    encoders: Mutex<Recent<ImageEncoder>>,
+}
+
+impl Default for IpAdapterCache {
+    fn default() -> Self {
+        IpAdapterCache {
+            adapters: Mutex::new(Recent { entries: Vec::new(), capacity: 4 }),
+            encoders: Mutex::new(Recent { entries: Vec::new(), capacity: 2 }),
+        }
+    }
+}
 
 impl IpAdapterCache {
     /// The adapter at `path`, loaded onto `device` in `dtype` unless cached.
@@ -419,25 +488,29 @@ impl IpAdapterCache {
         device: &Device,
         dtype: DType,
     ) -> Result<Arc<IpAdapter>, IpAdapterError> {
-        let metadata = std::fs::metadata(path).map_err(|e| bad_file(path, e))?;
-        let stamp = (metadata.modified().ok(), metadata.len());
-        {
-            let mut entries =
-                self.entries.lock().expect("IP-Adapter cache poisoned; this is a bug");
-            if let Some(index) = entries.iter().position(|(p, s, _)| p == path && *s == stamp) {
-                let entry = entries.remove(index);
-                let adapter = entry.2.clone();
-                entries.push(entry);
-                return Ok(adapter);
+        const POISONED: &str = "IP-Adapter cache poisoned; this is a bug";
+        let adapter_stamp = stamp(path)?;
+        if let Some(adapter) = self.adapters.lock().expect(POISONED).get(path, adapter_stamp) {
+            return Ok(adapter);
+        }
+        let folder = encoder_folder(path)?;
+        let encoder_weights = folder.join("model.safetensors");
+        let encoder_stamp = stamp(&encoder_weights)?;
+        let cached = self.encoders.lock().expect(POISONED).get(&folder, encoder_stamp);
+        let encoder = match cached {
+            Some(encoder) => encoder,
+            None => {
+                let encoder = Arc::new(ImageEncoder::load(&folder, device, dtype)?);
+                self.encoders.lock().expect(POISONED).insert(
+                    &folder,
+                    encoder_stamp,
+                    encoder.clone(),
+                );
+                encoder
             }
-        }
-        let adapter = Arc::new(IpAdapter::load(path, device, dtype)?);
-        let mut entries = self.entries.lock().expect("IP-Adapter cache poisoned; this is a bug");
-        entries.retain(|(p, _, _)| p != path);
-        if entries.len() >= CACHED_ADAPTERS {
-            entries.remove(0);
-        }
-        entries.push((path.to_path_buf(), stamp, adapter.clone()));
+        };
+        let adapter = Arc::new(IpAdapter::load_with_encoder(path, encoder, device, dtype)?);
+        self.adapters.lock().expect(POISONED).insert(path, adapter_stamp, adapter.clone());
         Ok(adapter)
     }
 }
