@@ -241,3 +241,57 @@ fn an_adapter_for_another_model_is_refused_naming_the_field() {
         other => panic!("expected a validation error, got {other}"),
     }
 }
+
+/// f16 runs (encoder, projections, the decoupled attention) and stays near the f32
+/// reference: not a parity claim (half precision rounds every activation), the bound only
+/// catches broken dtype handling.
+#[test]
+fn half_precision_adapters_stay_close_to_f32() {
+    let (dtype, bound) = (DType::F16, 0.05f32);
+    let refs = references("sd1");
+    let image = reference_image(refs.meta["images"]["a"].as_str().unwrap());
+    for kind in ["base", "plus"] {
+        let adapter =
+            IpAdapter::load(&adapter_path("sd1", &refs, kind), &Device::Cpu, dtype).unwrap();
+        let (tokens, _) = adapter.image_tokens(std::slice::from_ref(&image)).unwrap();
+        assert_eq!(tokens.dtype(), dtype);
+        let diff = max_abs_diff(&tokens, &refs.tensors[&format!("{kind}.tokens")]);
+        println!("{dtype:?} {kind} tokens: max |Δ| = {diff}");
+        assert!(diff < bound, "{kind}: {diff}");
+    }
+    let options = LoadOptions { device: Device::Cpu, dtype };
+    let pipeline = Pipeline::load("fixture", &fixtures().join("sd1"), &options).unwrap();
+    let case = &refs.meta["cases"]["plus_euler_scale_0_5"];
+    let params = GenerationParams {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: Some(case["negative_prompt"].as_str().unwrap().into()),
+        steps: Some(case["steps"].as_u64().unwrap() as u32),
+        sampler: Some("euler".into()),
+        seed: case["seed"].as_i64(),
+        ip_adapters: vec![IpAdapterParams {
+            model: "plus".into(),
+            image: Some(base64_encode(
+                &std::fs::read(fixtures().join("images/ip_ref_a.png")).unwrap(),
+            )),
+            images: Vec::new(),
+            scale: case["scale"].as_f64(),
+        }],
+        ..Default::default()
+    };
+    let mut request = params.validate(pipeline.defaults(), &Default::default()).unwrap();
+    request.ip_adapters[0].path = Some(adapter_path("sd1", &refs, "plus"));
+    let latents = pipeline.denoise(&request, &mut NoObserver).unwrap();
+    let diff = max_abs_diff(&latents, &refs.tensors["pipeline.plus_euler_scale_0_5.latents"]);
+    // The same request without the adapter, f16 against f32: what half precision costs
+    // the plain UNet over these steps. The adapter may not make that much worse.
+    let f32_pipeline =
+        Pipeline::load("fixture", &fixtures().join("sd1"), &LoadOptions::default()).unwrap();
+    let mut plain = request.clone();
+    plain.ip_adapters.clear();
+    let plain_diff = max_abs_diff(
+        &pipeline.denoise(&plain, &mut NoObserver).unwrap(),
+        &f32_pipeline.denoise(&plain, &mut NoObserver).unwrap(),
+    );
+    println!("{dtype:?} pipeline latents: max |Δ| = {diff} (without the adapter {plain_diff})");
+    assert!(diff < 2.0 * plain_diff + 0.05, "{diff} against {plain_diff} without the adapter");
+}
