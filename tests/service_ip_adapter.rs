@@ -83,6 +83,17 @@ async fn ip_adapters_steer_the_image_by_name() {
     ])))
     .await;
     assert_ne!(both, base);
+
+    // The OpenAI dialect takes the same extension field.
+    let openai = json!({"prompt": "a red cube", "steps": 2, "size": "64x64", "seed": 7,
+        "sampler": "euler", "ip_adapters": [{"model": "sd1/ip-adapter_sd1", "image": image_a}]});
+    let response = server.post_json("/v1/images/generations", &openai).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(body["data"][0]["b64_json"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().to_rgb8().into_raw(), base);
     server.stop().await;
 }
 
