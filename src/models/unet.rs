@@ -266,7 +266,9 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(
+    /// Self-attention, cross-attention to `context` (and to `extras`' keys/values for
+    /// this block's layer), feed-forward; each residual.
+    fn forward_with_extras(
         &self,
         x: &Tensor,
         context: &Tensor,
@@ -336,7 +338,12 @@ impl SpatialTransformer {
         })
     }
 
-    fn forward(
+    #[allow(dead_code)] // kept for models that reuse the block without extras (ControlNet)
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with_extras(x, context, None)
+    }
+
+    fn forward_with_extras(
         &self,
         x: &Tensor,
         context: &Tensor,
@@ -353,7 +360,7 @@ impl SpatialTransformer {
             Projection::Linear(linear) => linear.forward(&to_tokens(h)?)?,
         };
         for block in &self.blocks {
-            h = block.forward(&h, context, extras)?;
+            h = block.forward_with_extras(&h, context, extras)?;
         }
         let to_image = |t: Tensor| -> Result<Tensor> {
             t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous()
@@ -692,7 +699,7 @@ impl UNet {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 x = resnet.forward(&x, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(&x, context, extras)?;
+                    x = attention.forward_with_extras(&x, context, extras)?;
                 }
                 if let (true, Some(feature)) = (j == last, inside) {
                     x = x.broadcast_add(feature)?;
@@ -713,7 +720,7 @@ impl UNet {
         }
 
         x = self.mid_block.resnet_in.forward(&x, Some(&temb))?;
-        x = self.mid_block.attention.forward(&x, context, extras)?;
+        x = self.mid_block.attention.forward_with_extras(&x, context, extras)?;
         x = self.mid_block.resnet_out.forward(&x, Some(&temb))?;
         if let Some(feature) = intrablock.next() {
             if feature.dims() == x.dims() {
@@ -742,7 +749,7 @@ impl UNet {
                 let skip = skips.pop().expect("skip connections match the blocks; this is a bug");
                 x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(&x, context, extras)?;
+                    x = attention.forward_with_extras(&x, context, extras)?;
                 }
             }
             if let Some(upsampler) = &block.upsampler {
