@@ -9,6 +9,7 @@ use candle_core::DType;
 use clap::Args;
 
 use crate::adapters::embeddings::EmbeddingLibrary;
+use crate::adapters::ip_adapter::{IpAdapterLibrary, IpAdapterParams};
 use crate::codec::{encode_image, ImageFormat};
 use crate::pipeline::{GenerationParams, LoadOptions, Pipeline, PromptContext, StepObserver};
 
@@ -138,6 +139,16 @@ pub struct GenerateArgs {
     /// ControlNet guess mode (diffusers' `guess_mode`).
     #[arg(long)]
     pub guess_mode: bool,
+    /// A directory of IP-Adapters (weights `.safetensors` files with `image_encoder/`
+    /// beside them) that --ip-adapter names resolve in. Repeatable.
+    #[arg(long = "ip-adapter-dir", value_name = "DIR")]
+    pub ip_adapter_dirs: Vec<PathBuf>,
+    /// An IP-Adapter with its reference image and scale (default 1):
+    /// `--ip-adapter ip-adapter_sd15:face.png:0.6` (repeatable). NAME is a name in an
+    /// --ip-adapter-dir or a weights file path; several images are separated by commas
+    /// (`NAME:a.png,b.png`).
+    #[arg(long = "ip-adapter", value_name = "NAME:IMAGE[:SCALE]", value_parser = parse_ip_adapter_arg)]
+    pub ip_adapters: Vec<IpAdapterArg>,
 }
 
 /// One `--controlnet` flag.
@@ -172,6 +183,57 @@ fn parse_controlnet_arg(text: &str) -> Result<ControlNetArg, String> {
         scale,
         window,
     })
+}
+
+/// One `--ip-adapter NAME:IMAGE[,IMAGE...][:SCALE]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpAdapterArg {
+    pub name: String,
+    pub images: Vec<PathBuf>,
+    pub scale: Option<f64>,
+}
+
+/// Parses `NAME:IMAGE[,IMAGE...][:SCALE]`; a last part that is not a number belongs to
+/// the image paths.
+fn parse_ip_adapter_arg(text: &str) -> Result<IpAdapterArg, String> {
+    let (name, rest) =
+        text.split_once(':').ok_or_else(|| format!("expected NAME:IMAGE[:SCALE], got {text:?}"))?;
+    let (images, scale) = match rest.rsplit_once(':') {
+        Some((images, scale)) if scale.trim().parse::<f64>().is_ok() => {
+            (images, scale.trim().parse::<f64>().ok())
+        }
+        _ => (rest, None),
+    };
+    let images: Vec<PathBuf> =
+        images.split(',').filter(|p| !p.is_empty()).map(PathBuf::from).collect();
+    if name.is_empty() || images.is_empty() {
+        return Err(format!("expected NAME:IMAGE[:SCALE], got {text:?}"));
+    }
+    Ok(IpAdapterArg { name: name.to_string(), images, scale })
+}
+
+/// The request's IP-Adapters from the command line, and the library their names resolve
+/// in (the directories, plus NAMEs given as weights file paths).
+fn ip_adapter_params(
+    args: &GenerateArgs,
+) -> anyhow::Result<(Vec<IpAdapterParams>, IpAdapterLibrary)> {
+    let mut library = IpAdapterLibrary::new(args.ip_adapter_dirs.clone());
+    let mut params = Vec::new();
+    for adapter in &args.ip_adapters {
+        let as_file = Path::new(&adapter.name);
+        let model = if library.resolve(&adapter.name).is_err() && as_file.is_file() {
+            library.add_file(as_file).context("--ip-adapter")?
+        } else {
+            adapter.name.clone()
+        };
+        let images = adapter
+            .images
+            .iter()
+            .map(|path| Ok(image_file("ip-adapter", &Some(path.clone()))?.unwrap_or_default()))
+            .collect::<anyhow::Result<Vec<String>>>()?;
+        params.push(IpAdapterParams { model, image: None, images, scale: adapter.scale });
+    }
+    Ok((params, library))
 }
 
 /// Reads an image file given on the command line as base64 for the request.
@@ -308,6 +370,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         let name = library.add_file(path).context("--lora")?;
         loras.push(crate::pipeline::LoraChoice { name, weight: *weight });
     }
+    let (ip_adapters, ip_adapter_library) = ip_adapter_params(args)?;
     let controlnet_library = crate::adapters::controlnet::ControlNetLibrary::new(
         args.controlnet_dirs.clone(),
         args.controlnets.len(),
@@ -318,7 +381,8 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         .with_t2i_adapter_library(Arc::new(crate::adapters::t2i::T2IAdapterLibrary::new(
             args.t2i_adapter_dirs.clone(),
         )))
-        .with_controlnet_library(Arc::new(controlnet_library));
+        .with_controlnet_library(Arc::new(controlnet_library))
+        .with_ip_adapter_library(Arc::new(ip_adapter_library));
     let t2i_adapters = args
         .t2i_adapters
         .iter()
@@ -385,6 +449,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         t2i_adapters,
         controlnets,
         guess_mode: args.guess_mode.then_some(true),
+        ip_adapters,
         ..Default::default()
     };
     let limits = crate::pipeline::Limits { max_n: 64, max_steps: 1000, ..Default::default() };
@@ -544,5 +609,18 @@ mod tests {
         for bad in ["canny", ":edges.png", "canny:e.png:1:0.5"] {
             assert!(parse_controlnet_arg(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ip_adapter_arguments_parse_name_images_and_scale() {
+        let parsed = parse_ip_adapter_arg("models/ip-adapter_sd15:face.png:0.6").unwrap();
+        assert_eq!(parsed.name, "models/ip-adapter_sd15");
+        assert_eq!(parsed.images, [PathBuf::from("face.png")]);
+        assert_eq!(parsed.scale, Some(0.6));
+        let parsed = parse_ip_adapter_arg("plus:a.png,b.png").unwrap();
+        assert_eq!(parsed.images, [PathBuf::from("a.png"), PathBuf::from("b.png")]);
+        assert_eq!(parsed.scale, None);
+        assert!(parse_ip_adapter_arg("no-image").is_err());
+        assert!(parse_ip_adapter_arg(":a.png").is_err());
     }
 }

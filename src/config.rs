@@ -142,6 +142,11 @@ pub struct Settings {
     /// requests may name.
     #[serde(default)]
     pub controlnet_dirs: Vec<PathBuf>,
+    /// Directories of IP-Adapters requests may name (`ip_adapters: [{model, image,
+    /// scale}]`): weights `.safetensors` files with their `image_encoder/` folder beside
+    /// them, named by their path below the directory without the extension.
+    #[serde(default)]
+    pub ip_adapter_dirs: Vec<PathBuf>,
 }
 
 fn default_lora_cache_mb() -> usize {
@@ -257,6 +262,15 @@ pub struct ServeArgs {
         value_name = "DIR"
     )]
     pub controlnet_dirs: Vec<PathBuf>,
+    /// A directory of IP-Adapters (weights files with `image_encoder/` beside them)
+    /// requests may name (repeatable; adds to the config file's `ip_adapter_dirs`).
+    #[arg(
+        long = "ip-adapter-dir",
+        env = "SDSERVE_IP_ADAPTER_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub ip_adapter_dirs: Vec<PathBuf>,
 }
 
 impl Settings {
@@ -359,6 +373,7 @@ impl Settings {
         }
         self.t2i_adapter_dirs.extend(args.t2i_adapter_dirs.iter().cloned());
         self.controlnet_dirs.extend(args.controlnet_dirs.iter().cloned());
+        self.ip_adapter_dirs.extend(args.ip_adapter_dirs.iter().cloned());
         Ok(())
     }
 
@@ -406,6 +421,14 @@ impl Settings {
             if !dir.is_dir() {
                 return Err(invalid(
                     "controlnet_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
+        for dir in &self.ip_adapter_dirs {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "ip_adapter_dirs",
                     format!("{} is not a directory", dir.display()),
                 ));
             }

@@ -93,6 +93,24 @@ pub struct ControlNetRequest {
     pub end: Option<f64>,
 }
 
+/// One IP-Adapter to apply: a reference image (or several) that steers the picture.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpAdapterRequest {
+    /// Name of an IP-Adapter weights file in a configured `ip_adapter_dirs` directory,
+    /// without `.safetensors` (its CLIP image encoder sits beside it in `image_encoder/`).
+    #[schema(example = "ip-adapter_sd15")]
+    pub model: String,
+    /// The reference image: base64 or a data URI (PNG, JPEG, WebP).
+    pub image: Option<String>,
+    /// Several reference images instead of `image` (at most 8): their image tokens are
+    /// attended to together, as diffusers does with a list of images for one adapter.
+    pub images: Option<Vec<String>>,
+    /// Strength of the image prompt, -1 to 5 (1 = as trained, 0 = off).
+    #[schema(default = 1.0, minimum = -1, maximum = 5)]
+    pub scale: Option<f64>,
+}
+
 /// A text-to-image request. Every field but `prompt` is optional; unknown fields are
 /// refused (422) so that a typo never silently does nothing.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -217,6 +235,9 @@ pub struct GenerateRequest {
     /// skip connection to 1× at the mid block; a guidance scale of 3-5 suits it.
     #[schema(default = false)]
     pub guess_mode: Option<bool>,
+    /// IP-Adapters (at most 4): reference images that steer the picture.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterRequest>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -290,6 +311,16 @@ impl GenerateRequest {
                 })
                 .collect(),
             guess_mode: self.guess_mode,
+            ip_adapters: self
+                .ip_adapters
+                .iter()
+                .map(|a| crate::adapters::ip_adapter::IpAdapterParams {
+                    model: a.model.clone(),
+                    image: a.image.clone(),
+                    images: a.images.clone().unwrap_or_default(),
+                    scale: a.scale,
+                })
+                .collect(),
         }
     }
 }

@@ -37,7 +37,7 @@ use super::{a1111, dto, error, native, openai, playground, system};
         dto::ModelList, dto::ModelCard, dto::SamplerList, dto::SamplerInfo,
         dto::EmbeddingList, dto::EmbeddingCard,
         dto::LoraList, dto::LoraCard, dto::LoraRequest, dto::T2IAdapterRequest,
-        dto::ControlNetRequest, dto::AdapterList, dto::AdapterCard,
+        dto::ControlNetRequest, dto::AdapterList, dto::AdapterCard, dto::IpAdapterRequest,
         dto::ScheduleList, dto::ScheduleInfo,
         dto::HealthResponse, dto::ReadyResponse, dto::WorkerStatus,
         error::ErrorResponse, error::ErrorDetail, crate::jobs::JobState,

@@ -205,9 +205,14 @@ pub async fn list_loras(State(state): State<AppState>) -> Json<LoraList> {
 pub async fn list_adapters(State(state): State<AppState>) -> Json<AdapterList> {
     let controlnets = state.controlnets.clone();
     let t2i_dirs = state.settings.t2i_adapter_dirs.clone();
+    let ip_dirs = state.settings.ip_adapter_dirs.clone();
     // Listing walks directories: keep it off the async runtime's threads.
-    let (controlnets, t2i_adapters) = tokio::task::spawn_blocking(move || {
-        (controlnets.list(), crate::adapters::t2i::discover(&t2i_dirs))
+    let (controlnets, t2i_adapters, ip_adapters) = tokio::task::spawn_blocking(move || {
+        (
+            controlnets.list(),
+            crate::adapters::t2i::discover(&t2i_dirs),
+            crate::adapters::ip_adapter::discover(&ip_dirs),
+        )
     })
     .await
     .unwrap_or_default();
@@ -222,7 +227,7 @@ pub async fn list_adapters(State(state): State<AppState>) -> Json<AdapterList> {
     Json(AdapterList {
         controlnets: controlnets.into_iter().map(card).collect(),
         t2i_adapters: t2i_adapters.into_iter().map(named).collect(),
-        ip_adapters: Vec::new(),
+        ip_adapters: ip_adapters.into_iter().map(named).collect(),
     })
 }
 

@@ -124,6 +124,50 @@ impl Attention {
         let attended = scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
         self.to_out.forward(&merge_heads(&attended)?)
     }
+
+    /// The width of the queries' projection (heads × head_dim), which extra keys and
+    /// values must match.
+    pub fn query_width(&self) -> usize {
+        self.to_q.weight().dim(0).expect("a linear weight is 2-D; this is a bug")
+    }
+
+    /// [`Attention::forward`] that also attends, with the same queries, to each of
+    /// `extras` and adds those results, scaled, before the output projection.
+    pub fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        extras: &[ExtraKeyValues],
+    ) -> Result<Tensor> {
+        if extras.is_empty() {
+            return self.forward(x, context);
+        }
+        let context = context.unwrap_or(x);
+        let query = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let key = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let value = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let attended = scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
+        let mut attended = merge_heads(&attended)?;
+        for extra in extras {
+            let key = split_heads(&extra.key.to_dtype(x.dtype())?, self.heads)?;
+            let value = split_heads(&extra.value.to_dtype(x.dtype())?, self.heads)?;
+            let extra_attended =
+                scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
+            attended = (attended + (merge_heads(&extra_attended)? * extra.scale)?)?;
+        }
+        self.to_out.forward(&attended)
+    }
+}
+
+/// Keys and values a cross-attention layer attends to beside its context, the result
+/// added `scale`-weighted to the context's attention output before the output projection:
+/// IP-Adapter's decoupled cross-attention (diffusers' `IPAdapterAttnProcessor2_0`).
+/// `key` and `value` are `[batch, tokens, heads × head_dim]`, already projected.
+#[derive(Debug, Clone)]
+pub struct ExtraKeyValues {
+    pub key: Tensor,
+    pub value: Tensor,
+    pub scale: f64,
 }
 
 /// A 3×3 (or other) convolution loaded from `vb` with the given padding and stride.

@@ -2,8 +2,10 @@
 //! diffusers `config.json`, and the loaders for the layouts users have on disk.
 
 pub mod clip;
+pub mod clip_vision;
 pub mod common;
 pub mod controlnet;
+pub mod ip_adapter;
 pub mod loader;
 pub mod single_file;
 pub mod t2i_adapter;

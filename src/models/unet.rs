@@ -6,6 +6,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+pub use super::common::ExtraKeyValues;
 use super::common::{conv2d, timestep_embedding, Attention, PerBlock, ResnetBlock, TimestepMlp};
 
 /// The fields of a diffusers `UNet2DConditionModel` config that shape the network.
@@ -185,6 +186,21 @@ impl UNetResiduals {
     }
 }
 
+/// Extra keys and values for the cross-attention layers (IP-Adapter image tokens):
+/// `layers[i]` serves the i-th cross-attention layer in diffusers' processor order (down
+/// blocks, up blocks, then the mid block; see [`UNet::cross_attention_widths`]), one
+/// entry per adapter. Layers without an entry attend to the text only.
+#[derive(Debug, Clone, Default)]
+pub struct CrossAttentionExtras {
+    pub layers: Vec<Vec<ExtraKeyValues>>,
+}
+
+impl CrossAttentionExtras {
+    fn for_layer(&self, index: usize) -> &[ExtraKeyValues] {
+        self.layers.get(index).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
 #[derive(Debug, Clone)]
 struct FeedForward {
     project_in: Linear,
@@ -218,6 +234,8 @@ struct TransformerBlock {
     attn2: Attention,
     norm3: LayerNorm,
     ff: FeedForward,
+    /// Position of `attn2` in diffusers' processor order (set by the UNet).
+    cross_index: usize,
 }
 
 impl TransformerBlock {
@@ -244,12 +262,23 @@ impl TransformerBlock {
             )?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
+            cross_index: 0,
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Self-attention, cross-attention to `context` (and to `extras`' keys/values for
+    /// this block's layer), feed-forward; each residual.
+    fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        extras: Option<&CrossAttentionExtras>,
+    ) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let extra = extras.map(|e| e.for_layer(self.cross_index)).unwrap_or(&[]);
+        let cross =
+            self.attn2.forward_with_extras(&self.norm2.forward(&x)?, Some(context), extra)?;
+        let x = (cross + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
     }
 }
@@ -328,6 +357,15 @@ impl SpatialTransformer {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with_extras(x, context, None)
+    }
+
+    fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        extras: Option<&CrossAttentionExtras>,
+    ) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let residual = x;
         let h = self.norm.forward(x)?;
@@ -339,7 +377,7 @@ impl SpatialTransformer {
             Projection::Linear(linear) => linear.forward(&to_tokens(h)?)?,
         };
         for block in &self.blocks {
-            h = block.forward(&h, context)?;
+            h = block.forward_with_extras(&h, context, extras)?;
         }
         let to_image = |t: Tensor| -> Result<Tensor> {
             t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous()
@@ -493,9 +531,20 @@ impl MidBlock {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with_extras(x, temb, context, None)
+    }
+
+    /// [`MidBlock::forward`] whose cross-attention also attends to `extras`.
+    fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        extras: Option<&CrossAttentionExtras>,
+    ) -> Result<Tensor> {
         let mut x = self.resnet_in.forward(x, Some(temb))?;
         if let Some(attention) = &self.attention {
-            x = attention.forward(&x, context)?;
+            x = attention.forward_with_extras(&x, context, extras)?;
         }
         if let Some(resnet) = &self.resnet_out {
             x = resnet.forward(&x, Some(temb))?;
@@ -647,7 +696,7 @@ impl UNet {
             up_blocks.push(UpBlock { resnets, attentions, upsampler });
         }
 
-        Ok(UNet {
+        let mut unet = UNet {
             conv_in,
             time_embedding,
             add_embedding,
@@ -657,7 +706,32 @@ impl UNet {
             conv_norm_out: candle_nn::group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(vb.pp("conv_out"), channels[0], config.out_channels, 3, 1, 1)?,
             config: config.clone(),
-        })
+        };
+        for (index, block) in unet.transformer_blocks_in_processor_order().into_iter().enumerate() {
+            block.cross_index = index;
+        }
+        Ok(unet)
+    }
+
+    /// Every transformer block in diffusers' attention-processor order: down blocks, up
+    /// blocks, then the mid block (the order `UNet2DConditionModel` registers them in,
+    /// which numbers IP-Adapter layers).
+    fn transformer_blocks_in_processor_order(&mut self) -> Vec<&mut TransformerBlock> {
+        let down = self.down_blocks.iter_mut().flat_map(|b| b.attentions.iter_mut());
+        let up = self.up_blocks.iter_mut().flat_map(|b| b.attentions.iter_mut());
+        let mid = self.mid_block.attention.iter_mut();
+        down.chain(up).chain(mid).flat_map(|t| t.blocks.iter_mut()).collect()
+    }
+
+    /// The channel width of every cross-attention layer, in diffusers' processor order
+    /// (what [`CrossAttentionExtras::layers`] is indexed by).
+    pub fn cross_attention_widths(&self) -> Vec<usize> {
+        let width = |t: &SpatialTransformer| -> Vec<usize> {
+            t.blocks.iter().map(|b| b.attn2.query_width()).collect()
+        };
+        let down = self.down_blocks.iter().flat_map(|b| b.attentions.iter());
+        let up = self.up_blocks.iter().flat_map(|b| b.attentions.iter());
+        down.chain(up).chain(self.mid_block.attention.iter()).flat_map(width).collect()
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -685,6 +759,20 @@ impl UNet {
         context: &Tensor,
         added: Option<&AddedConditions>,
         residuals: &UNetResiduals,
+    ) -> Result<Tensor> {
+        self.forward_with_adapters(sample, timestep, context, added, residuals, None)
+    }
+
+    /// [`UNet::forward_with_residuals`] whose cross-attention layers also attend to
+    /// `extras` (IP-Adapter image tokens).
+    pub fn forward_with_adapters(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+        residuals: &UNetResiduals,
+        extras: Option<&CrossAttentionExtras>,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let dtype = sample.dtype();
@@ -734,7 +822,7 @@ impl UNet {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 x = resnet.forward(&x, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(&x, context)?;
+                    x = attention.forward_with_extras(&x, context, extras)?;
                 }
                 if let (true, Some(feature)) = (j == last, inside) {
                     x = x.broadcast_add(feature)?;
@@ -754,7 +842,7 @@ impl UNet {
             }
         }
 
-        x = self.mid_block.forward(&x, &temb, context)?;
+        x = self.mid_block.forward_with_extras(&x, &temb, context, extras)?;
         if let Some(feature) = intrablock.next() {
             if feature.dims() == x.dims() {
                 x = (x + feature)?;
@@ -782,7 +870,7 @@ impl UNet {
                 let skip = skips.pop().expect("skip connections match the blocks; this is a bug");
                 x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(&x, context)?;
+                    x = attention.forward_with_extras(&x, context, extras)?;
                 }
             }
             if let Some(upsampler) = &block.upsampler {

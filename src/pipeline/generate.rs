@@ -14,6 +14,7 @@ use super::t2i_adapter::{adapter_features, FeatureContext};
 use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
 use crate::adapters::controlnet::ControlNetLibrary;
+use crate::adapters::ip_adapter::{IpAdapterCache, IpAdapterLibrary};
 use crate::adapters::lora::targets::{patch_weights, with_overrides, Component, ModuleTable};
 use crate::adapters::lora::{LoraError, LoraLibrary};
 use crate::adapters::t2i::T2IAdapterLibrary;
@@ -21,7 +22,9 @@ use crate::error::{ModelError, PipelineError, ValidationError};
 use crate::models::clip::ClipTextModel;
 use crate::models::controlnet::{ControlNet, ControlScale};
 use crate::models::loader::{self, ModelLayout, NetworkWeights};
-use crate::models::unet::{AddedConditions, UNet, UNetResiduals};
+use crate::models::unet::{
+    AddedConditions, CrossAttentionExtras, ExtraKeyValues, UNet, UNetResiduals,
+};
 use crate::models::vae::AutoencoderKl;
 use crate::models::ModelFamily;
 use crate::samplers::{Sampler, SchedulerConfig, TorchGenerator};
@@ -64,6 +67,10 @@ pub struct Pipeline {
     t2i_adapters: Arc<T2IAdapterLibrary>,
     /// Where request ControlNet names resolve (empty: none do).
     controlnets: Arc<ControlNetLibrary>,
+    /// Where IP-Adapter names the server or CLI did not resolve resolve (empty: none do).
+    ip_adapter_library: Arc<IpAdapterLibrary>,
+    /// IP-Adapters loaded onto this pipeline's device.
+    ip_adapter_cache: IpAdapterCache,
 }
 
 /// The networks one request runs with where its LoRAs change them; `None` = the base.
@@ -135,6 +142,8 @@ impl Pipeline {
             loras: Arc::new(LoraLibrary::default()),
             t2i_adapters: Arc::new(T2IAdapterLibrary::default()),
             controlnets: Arc::new(ControlNetLibrary::default()),
+            ip_adapter_library: Arc::default(),
+            ip_adapter_cache: IpAdapterCache::default(),
             defaults: defaults_from(name, &loaded.layout),
             layout: loaded.layout,
             prompts,
@@ -157,6 +166,78 @@ impl Pipeline {
     pub fn with_t2i_adapter_library(mut self, library: Arc<T2IAdapterLibrary>) -> Pipeline {
         self.t2i_adapters = library;
         self
+    }
+
+    /// Lets requests name the IP-Adapters of `library` (names the server or CLI already
+    /// resolved to a path need no library).
+    pub fn with_ip_adapter_library(mut self, library: Arc<IpAdapterLibrary>) -> Pipeline {
+        self.ip_adapter_library = library;
+        self
+    }
+
+    /// The image tokens of the request's IP-Adapters, projected to keys and values for
+    /// every cross-attention layer of `unet`, laid out like the guidance batch
+    /// (`[unconditional × n, conditional × n]`, as diffusers'
+    /// `prepare_ip_adapter_image_embeds`). `None` without adapters.
+    fn ip_adapter_extras(
+        &self,
+        request: &GenerationRequest,
+        unet: &UNet,
+        n: usize,
+        guided: bool,
+    ) -> Result<Option<CrossAttentionExtras>, PipelineError> {
+        if request.ip_adapters.is_empty() {
+            return Ok(None);
+        }
+        let widths = unet.cross_attention_widths();
+        let context_width = unet.config().cross_attention_dim.for_block(0).unwrap_or(0);
+        let mut layers: Vec<Vec<ExtraKeyValues>> = vec![Vec::new(); widths.len()];
+        for (index, choice) in request.ip_adapters.iter().enumerate() {
+            let field = format!("ip_adapters[{index}].model");
+            let invalid = |message: String| -> PipelineError {
+                ValidationError::new(field.clone(), message).into()
+            };
+            let path = match &choice.path {
+                Some(path) => path.clone(),
+                None => self
+                    .ip_adapter_library
+                    .resolve(&choice.model)
+                    .map_err(|e| invalid(e.to_string()))?,
+            };
+            let adapter = self
+                .ip_adapter_cache
+                .load(&path, &self.device, self.dtype)
+                .map_err(|e| invalid(e.to_string()))?;
+            let adapter_widths = adapter.weights.layer_widths();
+            if adapter_widths != widths || adapter.weights.cross_attention_dim != context_width {
+                return Err(invalid(format!(
+                    "IP-Adapter {:?} does not fit this model: it has {} attention layers of \
+                     widths {adapter_widths:?} for {}-wide context, the model {} of widths \
+                     {widths:?} for {context_width}-wide context (an adapter for another \
+                     model family?)",
+                    choice.model,
+                    adapter_widths.len(),
+                    adapter.weights.cross_attention_dim,
+                    widths.len()
+                )));
+            }
+            // diffusers skips an adapter whose scale is 0; the load above still checks it.
+            if choice.scale == 0.0 {
+                continue;
+            }
+            let (conditional, unconditional) = adapter.image_tokens(&choice.images)?;
+            let conditional = conditional.repeat((n, 1, 1))?;
+            let tokens = if guided {
+                Tensor::cat(&[unconditional.repeat((n, 1, 1))?, conditional], 0)?
+            } else {
+                conditional
+            };
+            for (layer, (key, value)) in layers.iter_mut().zip(adapter.weights.key_values(&tokens)?)
+            {
+                layer.push(ExtraKeyValues { key, value, scale: choice.scale });
+            }
+        }
+        Ok(Some(CrossAttentionExtras { layers }))
     }
 
     /// The LoRA library requests resolve names in.
@@ -453,6 +534,8 @@ impl Pipeline {
             None
         };
 
+        let ip_extras = self.ip_adapter_extras(request, unet, n, guided)?;
+
         let latent_channels = self.vae.config().latent_channels;
         let in_channels = self.unet.config().in_channels;
         let masked = request.image.as_ref().is_some_and(|image| image.mask.is_some());
@@ -553,12 +636,13 @@ impl Pipeline {
                 model_input = Tensor::cat(&[&model_input, extra], 1)?;
             }
             let prediction = unet
-                .forward_with_residuals(
+                .forward_with_adapters(
                     &model_input.to_dtype(self.dtype)?,
                     timestep,
                     &context,
                     added.as_ref(),
                     &residuals,
+                    ip_extras.as_ref(),
                 )?
                 .to_dtype(DType::F32)?;
             let guided_prediction = if guided {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::image_input::{self, ImageConditioning, ResizeMode};
 use super::t2i_adapter::{self, T2IAdapterChoice, T2IAdapterParams};
+use crate::adapters::ip_adapter::{self, IpAdapterChoice, IpAdapterParams};
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
@@ -174,6 +175,10 @@ pub struct GenerationParams {
     /// the guidance batch, with residuals scaled from 0.1 (first skip) to 1 (mid block).
     #[serde(default)]
     pub guess_mode: Option<bool>,
+    /// IP-Adapters: reference images that steer the picture through the UNet's
+    /// cross-attention.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterParams>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -237,6 +242,9 @@ pub struct GenerationRequest {
     /// diffusers' ControlNet `guess_mode`.
     #[serde(default)]
     pub guess_mode: bool,
+    /// IP-Adapters with their decoded reference images.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterChoice>,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -288,6 +296,7 @@ impl GenerationParams {
         let t2i_adapters =
             t2i_adapter::validate(&self.t2i_adapters, adapter_images, width, height)?;
         let controlnets = self.controlnet_units(control_images, width, height)?;
+        let ip_adapters = ip_adapter::validate(&self.ip_adapters)?;
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > limits.max_steps {
             return Err(ValidationError::new(
@@ -494,6 +503,7 @@ impl GenerationParams {
             t2i_adapters,
             controlnets,
             guess_mode: self.guess_mode.unwrap_or(false),
+            ip_adapters,
         })
     }
 
