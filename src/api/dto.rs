@@ -149,6 +149,10 @@ pub struct GenerateRequest {
     /// unmasked pixels survive the lossy VAE round trip.
     #[schema(default = true)]
     pub paste_back: Option<bool>,
+    /// VAE tiling: `auto` (tile images of at least the server's `vae_tiling_auto_pixels`),
+    /// `on` or `off`. Tiling bounds the VAE's memory; seams are blended.
+    #[schema(default = "auto", example = "auto")]
+    pub vae_tiling: Option<String>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -198,6 +202,7 @@ impl GenerateRequest {
             inpaint_full_res: self.inpaint_full_res,
             inpaint_full_res_padding: self.inpaint_full_res_padding,
             paste_back: self.paste_back,
+            vae_tiling: self.vae_tiling.clone(),
         }
     }
 }

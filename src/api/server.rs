@@ -88,6 +88,8 @@ pub async fn start(
         job_timeout: Duration::from_secs(settings.job_timeout_secs),
         retention: Duration::from_secs(settings.result_retention_secs),
         worker_slots: settings.worker_slots(),
+        max_batch: settings.max_batch,
+        batch_wait: Duration::from_millis(settings.batch_wait_ms),
     };
     let jobs = Arc::new(JobManager::new(job_settings, metrics));
     let listener = TcpListener::bind(settings.bind)
@@ -248,7 +250,12 @@ pub async fn shutdown_signal() {
 /// Runs the service with the real models until ctrl-c or SIGTERM, then shuts down
 /// gracefully. A second ctrl-c exits at once.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let backend = CandleBackend { embeddings: settings.embedding_library()? };
+    let backend = CandleBackend {
+        embeddings: settings.embedding_library()?,
+        memory: crate::pipeline::MemorySettings {
+            vae_tiling_auto_pixels: settings.vae_tiling_auto_pixels,
+        },
+    };
     let server = start(settings, Arc::new(backend)).await?;
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {

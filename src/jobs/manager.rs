@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use super::{JobId, JobQueue, JobState, Metrics};
 use crate::codec::ImageFormat;
-use crate::pipeline::GenerationRequest;
+use crate::pipeline::{BatchKey, GenerationRequest};
 
 /// How many ids of expired jobs are remembered (to answer 410 rather than 404).
 const REMEMBERED_EXPIRED_IDS: usize = 100_000;
@@ -33,6 +33,10 @@ pub struct JobSettings {
     pub retention: Duration,
     /// Worker slots over all devices (for the Retry-After estimate).
     pub worker_slots: usize,
+    /// Compatible jobs a worker takes as one batch (see [`JobManager::next_batch`]).
+    pub max_batch: usize,
+    /// How long a worker holding a batchable job waits for compatible ones.
+    pub batch_wait: Duration,
 }
 
 /// How a job's images are encoded.
@@ -356,7 +360,13 @@ impl JobManager {
             Self::announce_positions(&inner);
         }
         drop(inner);
-        self.work_available.notify_one();
+        // A worker filling a batch waits on the same condition: wake them all so an
+        // idle worker still sees a job the filling one does not take.
+        if self.settings.max_batch > 1 {
+            self.work_available.notify_all();
+        } else {
+            self.work_available.notify_one();
+        }
         Ok(snapshot)
     }
 
@@ -425,8 +435,29 @@ impl JobManager {
         }
     }
 
-    /// Blocks until jobs are waiting, then claims up to `max` of them (marks them running).
-    /// None when the worker should exit: shutdown and nothing left to drain, or aborted.
+    /// Takes from the queue up to `wanted` waiting jobs whose batch key is `key`, front
+    /// first (a compatible job may so run before incompatible ones ahead of it).
+    fn take_compatible(inner: &mut Inner, key: &BatchKey, wanted: usize) -> Vec<JobId> {
+        let ids: Vec<JobId> = inner
+            .queue
+            .iter()
+            .filter(|id| {
+                inner.jobs.get(*id).is_some_and(|r| r.request.batch_key().as_ref() == Some(key))
+            })
+            .take(wanted)
+            .cloned()
+            .collect();
+        for id in &ids {
+            inner.queue.remove(id);
+        }
+        ids
+    }
+
+    /// Blocks until jobs are waiting, then claims the first one and up to `max - 1` more
+    /// with the same [`GenerationRequest::batch_key`] (marks them running); a job without
+    /// a key runs alone. With `batch_wait` set, a worker holding a batchable job waits that
+    /// long for compatible jobs to fill the batch. None when the worker should exit:
+    /// shutdown and nothing left to drain, or aborted.
     pub fn next_batch(&self, max: usize) -> Option<Vec<ClaimedJob>> {
         let mut inner = self.lock();
         loop {
@@ -434,11 +465,42 @@ impl JobManager {
                 return None;
             }
             self.prune(&mut inner, false);
-            let ids = inner.queue.pop_batch(max.max(1));
+            let mut ids = inner.queue.pop_batch(1);
+            let key = ids.first().and_then(|id| inner.jobs[id].request.batch_key());
+            if let (Some(key), true) = (&key, max > 1) {
+                ids.extend(Self::take_compatible(&mut inner, key, max - 1));
+                let wait_until = Instant::now() + self.settings.batch_wait;
+                while ids.len() < max && !inner.stop_workers {
+                    let now = Instant::now();
+                    if now >= wait_until {
+                        break;
+                    }
+                    inner = self
+                        .work_available
+                        .wait_timeout(inner, wait_until - now)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                    let wanted = max - ids.len();
+                    ids.extend(Self::take_compatible(&mut inner, key, wanted));
+                }
+                if inner.stop_workers {
+                    // Aborted while filling: these jobs were out of the queue's drain.
+                    for id in &ids {
+                        if inner.jobs.get(id).is_some_and(|r| r.state == JobState::Queued) {
+                            self.fail_unstarted(&mut inner, id, JobErrorKind::ShuttingDown);
+                        }
+                    }
+                    return None;
+                }
+            }
             if !ids.is_empty() {
                 let now = Instant::now();
                 let mut batch = Vec::with_capacity(ids.len());
                 for id in ids {
+                    // Cancelled (or failed by shutdown) while the batch was filling.
+                    if inner.jobs.get(&id).is_none_or(|r| r.state != JobState::Queued) {
+                        continue;
+                    }
                     if inner.jobs[&id].deadline <= now {
                         self.fail_unstarted(&mut inner, &id, JobErrorKind::Timeout);
                         continue;
@@ -679,6 +741,8 @@ mod tests {
             job_timeout: timeout,
             retention,
             worker_slots: 1,
+            max_batch: 1,
+            batch_wait: Duration::ZERO,
         };
         JobManager::new(settings, Arc::new(Metrics::default()))
     }

@@ -7,6 +7,7 @@ pub mod loader;
 pub mod single_file;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 
 /// The model families sdserve runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::image_input::{self, ImageConditioning, ResizeMode};
+use super::memory::VaeTiling;
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
@@ -118,6 +119,9 @@ pub struct GenerationParams {
     /// Paste the original back outside the mask; default true.
     #[serde(default)]
     pub paste_back: Option<bool>,
+    /// VAE tiling: `auto` (default), `on` or `off`.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -168,6 +172,9 @@ pub struct GenerationRequest {
     /// img2img / inpainting input; `None` = text-to-image.
     #[serde(default)]
     pub image: Option<ImageConditioning>,
+    /// Whether the VAE works in tiles.
+    #[serde(default)]
+    pub vae_tiling: VaeTiling,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -382,6 +389,15 @@ impl GenerationParams {
                 ));
             }
         }
+        let vae_tiling = match self.vae_tiling.as_deref() {
+            None | Some("") => VaeTiling::default(),
+            Some(name) => VaeTiling::from_name(name).ok_or_else(|| {
+                ValidationError::new(
+                    "vae_tiling",
+                    format!("unknown VAE tiling mode {name:?}; valid modes: auto, on, off"),
+                )
+            })?,
+        };
         Ok(GenerationRequest {
             model: model.name.clone(),
             prompt,
@@ -407,6 +423,7 @@ impl GenerationParams {
             },
             loras,
             image,
+            vae_tiling,
         })
     }
 
