@@ -212,6 +212,10 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::load(&name, &args.model, &options)
         .with_context(|| format!("--model {}", args.model.display()))?
         .with_lora_library(Arc::new(library));
+    pipeline.set_memory_settings(crate::pipeline::MemorySettings {
+        vae_tiling_auto_pixels: args.vae_tiling_auto_pixels,
+        vae_tile_pixels: None,
+    });
     if !args.embeddings_dirs.is_empty() {
         let library = EmbeddingLibrary::new(&args.embeddings_dirs).context("--embeddings-dir")?;
         pipeline.set_prompt_context(PromptContext::with_embeddings(Arc::new(library)));
@@ -298,6 +302,9 @@ pub struct BenchArgs {
     /// Time only one VAE decode per size (no warm-up) and report its peak memory.
     #[arg(long)]
     pub decode_only: bool,
+    /// VAE tile side in pixels (default: the VAE config's sample_size, as diffusers).
+    #[arg(long, value_name = "PIXELS")]
+    pub vae_tile_pixels: Option<usize>,
     /// Instead of the parts: push this many small jobs through the service's job queue
     /// and worker (no HTTP) and report images per second.
     #[arg(long, value_name = "N")]
@@ -358,8 +365,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     let device = crate::pipeline::parse_device(&args.device).context("--device")?;
     let options = LoadOptions { device, dtype: args.dtype };
     let loading = Instant::now();
-    let pipeline = Pipeline::load("bench", &args.model, &options)
+    let mut pipeline = Pipeline::load("bench", &args.model, &options)
         .with_context(|| format!("--model {}", args.model.display()))?;
+    pipeline.set_memory_settings(crate::pipeline::MemorySettings {
+        vae_tile_pixels: args.vae_tile_pixels,
+        ..Default::default()
+    });
     println!(
         "model {} ({}), dtype {:?}, device {}, threads {}, loaded in {:.1} s",
         args.model.display(),

@@ -254,6 +254,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         embeddings: settings.embedding_library()?,
         memory: crate::pipeline::MemorySettings {
             vae_tiling_auto_pixels: settings.vae_tiling_auto_pixels,
+            vae_tile_pixels: None,
         },
     };
     let server = start(settings, Arc::new(backend)).await?;

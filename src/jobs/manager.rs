@@ -901,6 +901,58 @@ mod tests {
         assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Queued);
     }
 
+    fn batching_manager(max_batch: usize, batch_wait: Duration) -> JobManager {
+        let settings = JobSettings {
+            queue_capacity: 16,
+            job_timeout: LONG,
+            retention: LONG,
+            worker_slots: 1,
+            max_batch,
+            batch_wait,
+        };
+        JobManager::new(settings, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn compatible_jobs_are_claimed_together_and_others_wait_their_turn() {
+        let jobs = batching_manager(3, Duration::ZERO);
+        let a = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let other_steps = jobs.submit(request(3, 1), PNG, 0).unwrap();
+        let b = jobs.submit(request(2, 2), PNG, 0).unwrap();
+        let mut with_lora = request(2, 1);
+        with_lora.loras.push(crate::pipeline::LoraChoice { name: "x".into(), weight: 1.0 });
+        let lora = jobs.submit(with_lora, PNG, 0).unwrap();
+        let c = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let d = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let ids = |batch: Vec<ClaimedJob>| batch.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![a.id, b.id, c.id], "max_batch caps it");
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![other_steps.id]);
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![lora.id], "LoRA jobs run alone");
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![d.id]);
+    }
+
+    #[test]
+    fn a_filling_batch_waits_for_compatible_arrivals_and_skips_cancelled_ones() {
+        let jobs = Arc::new(batching_manager(4, Duration::from_millis(300)));
+        let first = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let submitter = {
+            let jobs = jobs.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let second = jobs.submit(request(2, 1), PNG, 0).unwrap();
+                let third = jobs.submit(request(2, 1), PNG, 0).unwrap();
+                (second.id, third.id)
+            })
+        };
+        let started = Instant::now();
+        let batch = jobs.next_batch(4).unwrap();
+        let (second, _third) = submitter.join().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250), "it waited for more");
+        assert_eq!(batch[0].id, first.id);
+        assert!(batch.iter().any(|j| j.id == second), "a job arriving in the wait joins");
+        assert!(batch.iter().all(|j| jobs.get(&j.id).unwrap().state == JobState::Running));
+    }
+
     #[test]
     fn waiting_subscribers_learn_their_new_position() {
         let jobs = manager(4, LONG, LONG);

@@ -235,7 +235,7 @@ impl ResnetBlock {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
         if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = projection.forward(&candle_nn::ops::silu(temb)?)?;
+            let t = linear_per_row(projection, &candle_nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
         let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
@@ -294,6 +294,21 @@ impl TimestepMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&candle_nn::ops::silu(&self.linear_1.forward(x)?)?)
+        let hidden = candle_nn::ops::silu(&linear_per_row(&self.linear_1, x)?)?;
+        linear_per_row(&self.linear_2, &hidden)
     }
+}
+
+/// `linear` applied to each row of a `[rows, features]` input on its own. For a few rows
+/// (the batch of a time embedding), gemm's accumulation order depends on the row count,
+/// so one product over all rows would make a row's result depend on its batch; row by
+/// row it does not, and requests batched together get exactly what they get alone.
+pub fn linear_per_row(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    if x.rank() != 2 || rows <= 1 {
+        return linear.forward(x);
+    }
+    let outputs =
+        (0..rows).map(|row| linear.forward(&x.narrow(0, row, 1)?)).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outputs, 0)
 }

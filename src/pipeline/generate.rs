@@ -159,8 +159,15 @@ impl Pipeline {
     /// The tile layout a `width × height` request's VAE passes use under `mode`; `None`
     /// when they run untiled.
     pub fn vae_tile_layout(&self, mode: VaeTiling, width: u32, height: u32) -> Option<TileLayout> {
-        mode.applies(width, height, &self.memory)
-            .then(|| TileLayout::from_config(self.vae.config()))
+        mode.applies(width, height, &self.memory).then(|| {
+            let mut layout = TileLayout::from_config(self.vae.config());
+            if let Some(pixels) = self.memory.vae_tile_pixels {
+                let scale = (layout.sample_tile / layout.latent_tile).max(1);
+                layout.latent_tile = (pixels / scale).max(1);
+                layout.sample_tile = layout.latent_tile * scale;
+            }
+            layout
+        })
     }
 
     /// The LoRA library requests resolve names in.

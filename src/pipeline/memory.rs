@@ -54,11 +54,17 @@ pub const DEFAULT_VAE_TILING_AUTO_PIXELS: u64 = 1024 * 1024;
 pub struct MemorySettings {
     /// `vae_tiling: "auto"` tiles images of at least this many pixels.
     pub vae_tiling_auto_pixels: u64,
+    /// Tile side in pixels (a multiple of 8 × the VAE's downscale); `None`: the VAE
+    /// config's `sample_size`, as diffusers.
+    pub vae_tile_pixels: Option<usize>,
 }
 
 impl Default for MemorySettings {
     fn default() -> Self {
-        MemorySettings { vae_tiling_auto_pixels: DEFAULT_VAE_TILING_AUTO_PIXELS }
+        MemorySettings {
+            vae_tiling_auto_pixels: DEFAULT_VAE_TILING_AUTO_PIXELS,
+            vae_tile_pixels: None,
+        }
     }
 }
 
@@ -68,7 +74,7 @@ mod tests {
 
     #[test]
     fn auto_tiles_from_the_threshold_on() {
-        let settings = MemorySettings { vae_tiling_auto_pixels: 512 * 512 };
+        let settings = MemorySettings { vae_tiling_auto_pixels: 512 * 512, vae_tile_pixels: None };
         assert!(!VaeTiling::Auto.applies(512, 504, &settings));
         assert!(VaeTiling::Auto.applies(512, 512, &settings));
         assert!(VaeTiling::On.applies(64, 64, &settings));

@@ -360,7 +360,7 @@ impl Worker {
             Ok(results) => {
                 for (job, result) in batch.iter().zip(results) {
                     let outcome = self.outcome(job, Ok(result));
-                    tracing::info!(id = %job.id, "batched job done");
+                    let _job = tracing::info_span!("job", id = %job.id).entered();
                     Self::log_outcome(&outcome);
                     self.jobs.finish(&job.id, outcome);
                 }
