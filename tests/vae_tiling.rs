@@ -106,7 +106,8 @@ fn tiled_and_untiled_decodes_of_a_texture_agree_without_visible_seams() {
 
     // Seams: where tiles meet (every 96 pixels: 128-pixel tiles minus the 32-pixel
     // blend), the tiled image must not step more than the untiled one does there, nor
-    // more than it steps on average anywhere (columns, then rows).
+    // much more than it steps one texture period (32 pixels) to either side, away from
+    // the border (columns, then rows).
     let border_every =
         layout.sample_tile - (layout.sample_tile as f64 * layout.overlap_factor) as usize;
     let tiled_rows = tiled.transpose(2, 3).unwrap();
@@ -114,15 +115,15 @@ fn tiled_and_untiled_decodes_of_a_texture_agree_without_visible_seams() {
     for (direction, tiled, untiled) in
         [("column", &tiled, &untiled), ("row", &tiled_rows, &untiled_rows)]
     {
-        let typical = (1..side).map(|x| column_step(tiled, x)).sum::<f32>() / (side - 1) as f32;
         for x in (border_every..side).step_by(border_every) {
+            let typical = (column_step(tiled, x - 32) + column_step(tiled, x + 32)) / 2.0;
             let (tiled_step, untiled_step) = (column_step(tiled, x), column_step(untiled, x));
             println!(
                 "{direction} {x}: mean step tiled {tiled_step:.2}/255, untiled \
-                 {untiled_step:.2}/255, tiled anywhere {typical:.2}/255"
+                 {untiled_step:.2}/255, tiled a period away {typical:.2}/255"
             );
             assert!(
-                tiled_step <= typical * 1.5,
+                tiled_step <= typical * 1.5 + SEAM_TOLERANCE,
                 "seam at {direction} {x}: steps {tiled_step:.2}/255, typically {typical:.2}/255"
             );
             assert!(
