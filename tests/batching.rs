@@ -129,3 +129,64 @@ fn only_requests_that_can_share_a_unet_batch_share_a_key() {
     with_lora.loras.push(sdserve::pipeline::LoraChoice { name: "style".into(), weight: 1.0 });
     assert_eq!(with_lora.batch_key(), None, "LoRAs change the UNet: such jobs run alone");
 }
+
+#[test]
+fn the_service_worker_batches_queued_jobs_and_each_gets_its_own_images() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use sdserve::codec::ImageFormat;
+    use sdserve::config::ModelSpec;
+    use sdserve::jobs::{JobManager, JobSettings, JobState, Metrics, OutputOptions};
+    use sdserve::workers::{encode_output, CandleBackend, WorkerPool};
+
+    let pipeline = Pipeline::load("sd1", &fixture("sd1"), &LoadOptions::default()).unwrap();
+    let settings = JobSettings {
+        queue_capacity: 8,
+        job_timeout: Duration::from_secs(600),
+        retention: Duration::from_secs(600),
+        worker_slots: 1,
+        max_batch: 4,
+        batch_wait: Duration::from_millis(200),
+    };
+    let jobs = Arc::new(JobManager::new(settings, Arc::new(Metrics::default())));
+    let output = OutputOptions { format: ImageFormat::Png, quality: 90 };
+    let requests = [
+        request(&pipeline, "a red cube", "", 5, 1),
+        request(&pipeline, "a blue sphere", "dark", 6, 2),
+        request(&pipeline, "a cat", "", 7, 1),
+    ];
+    // Queued before the worker has loaded its model, so it finds them all waiting.
+    let ids: Vec<_> =
+        requests.iter().map(|r| jobs.submit(r.clone(), output, 0).unwrap().id).collect();
+    let spec = ModelSpec { name: "sd1".into(), path: fixture("sd1"), dtype: Default::default() };
+    let pool = WorkerPool::spawn(
+        &["cpu".to_string()],
+        1,
+        &[spec],
+        Arc::new(CandleBackend::default()),
+        jobs.clone(),
+    );
+    let started = std::time::Instant::now();
+    while !jobs.is_idle() {
+        assert!(started.elapsed() < Duration::from_secs(300), "jobs did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (id, request) in ids.iter().zip(&requests) {
+        let job = jobs.get(id).unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+        let expected =
+            encode_output(request, output, &pipeline.generate(request, &mut NoObserver).unwrap())
+                .unwrap();
+        let got = &job.result.as_ref().unwrap().images;
+        assert_eq!(got.len(), expected.len());
+        for (got, expected) in got.iter().zip(&expected) {
+            assert_eq!(
+                got.bytes, expected.bytes,
+                "a batched job's image differs from its lone run"
+            );
+        }
+    }
+    jobs.stop_accepting();
+    pool.join();
+}

@@ -266,6 +266,8 @@ struct Inner {
     expired: HashSet<JobId>,
     expired_order: VecDeque<JobId>,
     running: usize,
+    /// Jobs taken out of the queue by a worker still filling its batch (not yet running).
+    held: usize,
     accepting: bool,
     stop_workers: bool,
     last_prune: Instant,
@@ -289,6 +291,7 @@ impl JobManager {
             expired: HashSet::new(),
             expired_order: VecDeque::new(),
             running: 0,
+            held: 0,
             accepting: true,
             stop_workers: false,
             last_prune: Instant::now(),
@@ -469,6 +472,7 @@ impl JobManager {
             let key = ids.first().and_then(|id| inner.jobs[id].request.batch_key());
             if let (Some(key), true) = (&key, max > 1) {
                 ids.extend(Self::take_compatible(&mut inner, key, max - 1));
+                inner.held += ids.len();
                 let wait_until = Instant::now() + self.settings.batch_wait;
                 while ids.len() < max && !inner.stop_workers {
                     let now = Instant::now();
@@ -481,8 +485,11 @@ impl JobManager {
                         .unwrap_or_else(|poisoned| poisoned.into_inner())
                         .0;
                     let wanted = max - ids.len();
-                    ids.extend(Self::take_compatible(&mut inner, key, wanted));
+                    let more = Self::take_compatible(&mut inner, key, wanted);
+                    inner.held += more.len();
+                    ids.extend(more);
                 }
+                inner.held -= ids.len();
                 if inner.stop_workers {
                     // Aborted while filling: these jobs were out of the queue's drain.
                     for id in &ids {
@@ -725,7 +732,7 @@ impl JobManager {
     /// Nothing waits and nothing runs.
     pub fn is_idle(&self) -> bool {
         let inner = self.lock();
-        inner.queue.is_empty() && inner.running == 0
+        inner.queue.is_empty() && inner.running == 0 && inner.held == 0
     }
 }
 
