@@ -939,7 +939,7 @@ mod tests {
     }
 
     #[test]
-    fn a_filling_batch_waits_for_compatible_arrivals_and_skips_cancelled_ones() {
+    fn a_filling_batch_waits_for_compatible_arrivals() {
         let jobs = Arc::new(batching_manager(4, Duration::from_millis(300)));
         let first = jobs.submit(request(2, 1), PNG, 0).unwrap();
         let submitter = {
