@@ -149,6 +149,12 @@ pub struct GenerateArgs {
     /// (`NAME:a.png,b.png`).
     #[arg(long = "ip-adapter", value_name = "NAME:IMAGE[:SCALE]", value_parser = parse_ip_adapter_arg)]
     pub ip_adapters: Vec<IpAdapterArg>,
+    /// VAE tiling: auto (tiles images of at least --vae-tiling-auto-pixels), on or off.
+    #[arg(long, value_name = "auto|on|off")]
+    pub vae_tiling: Option<String>,
+    /// The pixel count from which `--vae-tiling auto` tiles.
+    #[arg(long, default_value_t = crate::pipeline::memory::DEFAULT_VAE_TILING_AUTO_PIXELS)]
+    pub vae_tiling_auto_pixels: u64,
 }
 
 /// One `--controlnet` flag.
@@ -383,6 +389,10 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         )))
         .with_controlnet_library(Arc::new(controlnet_library))
         .with_ip_adapter_library(Arc::new(ip_adapter_library));
+    pipeline.set_memory_settings(crate::pipeline::MemorySettings {
+        vae_tiling_auto_pixels: args.vae_tiling_auto_pixels,
+        vae_tile_pixels: None,
+    });
     let t2i_adapters = args
         .t2i_adapters
         .iter()
@@ -450,6 +460,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         controlnets,
         guess_mode: args.guess_mode.then_some(true),
         ip_adapters,
+        vae_tiling: args.vae_tiling.clone(),
         ..Default::default()
     };
     let limits = crate::pipeline::Limits { max_n: 64, max_steps: 1000, ..Default::default() };
@@ -494,6 +505,25 @@ pub struct BenchArgs {
     /// Steps of the timed whole request (with guidance).
     #[arg(long, default_value_t = 20)]
     pub request_steps: u32,
+    /// VAE tiling of the timed decodes: auto, on or off.
+    #[arg(long, default_value = "auto", value_name = "auto|on|off")]
+    pub vae_tiling: String,
+    /// Time only one VAE decode per size (no warm-up) and report its peak memory.
+    #[arg(long)]
+    pub decode_only: bool,
+    /// VAE tile side in pixels (default: the VAE config's sample_size, as diffusers).
+    #[arg(long, value_name = "PIXELS")]
+    pub vae_tile_pixels: Option<usize>,
+    /// Instead of the parts: push this many small jobs through the service's job queue
+    /// and worker (no HTTP) and report images per second.
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// With --jobs: the worker's max_batch (see `serve --max-batch`).
+    #[arg(long, default_value_t = 1)]
+    pub max_batch: usize,
+    /// With --jobs: steps of each job.
+    #[arg(long, default_value_t = 4)]
+    pub job_steps: u32,
 }
 
 /// Median, min and max of `repeats` timed runs of `run`, after one warm-up run.
@@ -520,13 +550,36 @@ pub fn peak_memory_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Resident memory of this process now (Linux), in MiB.
+fn resident_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Resets the peak-resident-memory mark to the current use (Linux `clear_refs` 5), so
+/// that [`peak_memory_mib`] measures from here; false where unsupported.
+fn reset_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Runs `sdserve bench`, printing one line per timed part.
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(jobs) = args.jobs {
+        return crate::bench_service::run(args, jobs);
+    }
+    let vae_tiling = crate::pipeline::VaeTiling::from_name(&args.vae_tiling)
+        .ok_or_else(|| anyhow::anyhow!("--vae-tiling: use auto, on or off"))?;
     let device = crate::pipeline::parse_device(&args.device).context("--device")?;
     let options = LoadOptions { device, dtype: args.dtype };
     let loading = Instant::now();
-    let pipeline = Pipeline::load("bench", &args.model, &options)
+    let mut pipeline = Pipeline::load("bench", &args.model, &options)
         .with_context(|| format!("--model {}", args.model.display()))?;
+    pipeline.set_memory_settings(crate::pipeline::MemorySettings {
+        vae_tile_pixels: args.vae_tile_pixels,
+        ..Default::default()
+    });
     println!(
         "model {} ({}), dtype {:?}, device {}, threads {}, loaded in {:.1} s",
         args.model.display(),
@@ -547,11 +600,31 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             steps: Some(steps),
             seed: Some(0),
             sampler: Some("euler".into()),
+            vae_tiling: Some(vae_tiling.id().into()),
             ..Default::default()
         }
         .validate(pipeline.defaults(), &crate::pipeline::Limits::default())
         .map_err(|e| anyhow::anyhow!("--size: {}", e.message))
     };
+    if args.decode_only {
+        for &size in &args.sizes {
+            let one = request(size, 1)?;
+            let tiled = pipeline.vae_tile_layout(one.vae_tiling, size, size).is_some();
+            let before = resident_memory_mib().unwrap_or(0.0);
+            let reset = reset_peak_memory();
+            let started = Instant::now();
+            pipeline.bench_vae_decode(&one)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let peak = peak_memory_mib().unwrap_or(0.0);
+            println!(
+                "vae decode {size}x{size} tiled={tiled}: {seconds:.1} s, resident before \
+                 {before:.0} MiB, peak {peak:.0} MiB{}, decode added {:.0} MiB",
+                if reset { "" } else { " (whole process: peak reset unsupported)" },
+                peak - before
+            );
+        }
+        return Ok(());
+    }
     let text = request(512, 1)?;
     report(
         "text encoder (prompt)",

@@ -147,10 +147,27 @@ pub struct Settings {
     /// them, named by their path below the directory without the extension.
     #[serde(default)]
     pub ip_adapter_dirs: Vec<PathBuf>,
+    /// Compatible queued jobs a worker runs as one batch (1: one job at a time).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long (ms) a worker holding a batchable job waits for compatible ones.
+    #[serde(default)]
+    pub batch_wait_ms: u64,
+    /// `vae_tiling: "auto"` tiles the VAE for images of at least this many pixels.
+    #[serde(default = "default_vae_tiling_auto_pixels")]
+    pub vae_tiling_auto_pixels: u64,
 }
 
 fn default_lora_cache_mb() -> usize {
     512
+}
+
+fn default_max_batch() -> usize {
+    1
+}
+
+fn default_vae_tiling_auto_pixels() -> u64 {
+    crate::pipeline::memory::DEFAULT_VAE_TILING_AUTO_PIXELS
 }
 
 /// Flags of `sdserve serve`; each overrides the configuration file.
@@ -271,6 +288,16 @@ pub struct ServeArgs {
         value_name = "DIR"
     )]
     pub ip_adapter_dirs: Vec<PathBuf>,
+    /// Compatible queued jobs (same model, size, steps, sampler, guidance) a worker runs
+    /// as one batch; 1 runs one job at a time.
+    #[arg(long, env = "SDSERVE_MAX_BATCH", value_name = "N")]
+    pub max_batch: Option<usize>,
+    /// Milliseconds a worker waits for compatible jobs to fill a batch.
+    #[arg(long, env = "SDSERVE_BATCH_WAIT_MS", value_name = "MS")]
+    pub batch_wait_ms: Option<u64>,
+    /// `vae_tiling: "auto"` tiles the VAE for images of at least this many pixels.
+    #[arg(long, env = "SDSERVE_VAE_TILING_AUTO_PIXELS", value_name = "PIXELS")]
+    pub vae_tiling_auto_pixels: Option<u64>,
 }
 
 impl Settings {
@@ -374,6 +401,15 @@ impl Settings {
         self.t2i_adapter_dirs.extend(args.t2i_adapter_dirs.iter().cloned());
         self.controlnet_dirs.extend(args.controlnet_dirs.iter().cloned());
         self.ip_adapter_dirs.extend(args.ip_adapter_dirs.iter().cloned());
+        if let Some(max_batch) = args.max_batch {
+            self.max_batch = max_batch;
+        }
+        if let Some(wait) = args.batch_wait_ms {
+            self.batch_wait_ms = wait;
+        }
+        if let Some(pixels) = args.vae_tiling_auto_pixels {
+            self.vae_tiling_auto_pixels = pixels;
+        }
         Ok(())
     }
 
@@ -441,6 +477,12 @@ impl Settings {
         }
         if self.queue_capacity == 0 {
             return Err(invalid("queue_capacity", "must be at least 1"));
+        }
+        if !(1..=64).contains(&self.max_batch) {
+            return Err(invalid("max_batch", "must be between 1 and 64"));
+        }
+        if self.batch_wait_ms > 60_000 {
+            return Err(invalid("batch_wait_ms", "must be at most 60000 (one minute)"));
         }
         if self.job_timeout_secs == 0 {
             return Err(invalid("job_timeout_secs", "must be at least 1"));

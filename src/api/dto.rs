@@ -238,6 +238,10 @@ pub struct GenerateRequest {
     /// IP-Adapters (at most 4): reference images that steer the picture.
     #[serde(default)]
     pub ip_adapters: Vec<IpAdapterRequest>,
+    /// VAE tiling: `auto` (tile images of at least the server's `vae_tiling_auto_pixels`),
+    /// `on` or `off`. Tiling bounds the VAE's memory; seams are blended.
+    #[schema(default = "auto", example = "auto")]
+    pub vae_tiling: Option<String>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -321,6 +325,7 @@ impl GenerateRequest {
                     scale: a.scale,
                 })
                 .collect(),
+            vae_tiling: self.vae_tiling.clone(),
         }
     }
 }

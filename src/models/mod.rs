@@ -11,6 +11,7 @@ pub mod single_file;
 pub mod t2i_adapter;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 
 /// The model families sdserve runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

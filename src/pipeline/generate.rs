@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::image_input::{self, ImageConditioning};
+use super::memory::{MemorySettings, VaeTiling};
 use super::t2i_adapter::{adapter_features, FeatureContext};
 use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
@@ -26,8 +27,12 @@ use crate::models::unet::{
     AddedConditions, CrossAttentionExtras, ExtraKeyValues, UNet, UNetResiduals,
 };
 use crate::models::vae::AutoencoderKl;
+use crate::models::vae_tiling::{self, TileLayout};
 use crate::models::ModelFamily;
 use crate::samplers::{Sampler, SchedulerConfig, TorchGenerator};
+
+mod batch;
+pub use batch::BatchKey;
 
 /// Where and in which precision a model runs.
 #[derive(Debug, Clone)]
@@ -71,6 +76,8 @@ pub struct Pipeline {
     ip_adapter_library: Arc<IpAdapterLibrary>,
     /// IP-Adapters loaded onto this pipeline's device.
     ip_adapter_cache: IpAdapterCache,
+    /// When `vae_tiling: auto` tiles.
+    memory: MemorySettings,
 }
 
 /// The networks one request runs with where its LoRAs change them; `None` = the base.
@@ -153,6 +160,7 @@ impl Pipeline {
             device: options.device.clone(),
             dtype: options.dtype,
             prompt_context: PromptContext::default(),
+            memory: MemorySettings::default(),
         })
     }
 
@@ -238,6 +246,25 @@ impl Pipeline {
             }
         }
         Ok(Some(CrossAttentionExtras { layers }))
+    }
+
+    /// Sets the deployment's memory settings (when `vae_tiling: auto` tiles).
+    pub fn set_memory_settings(&mut self, memory: MemorySettings) {
+        self.memory = memory;
+    }
+
+    /// The tile layout a `width × height` request's VAE passes use under `mode`; `None`
+    /// when they run untiled.
+    pub fn vae_tile_layout(&self, mode: VaeTiling, width: u32, height: u32) -> Option<TileLayout> {
+        mode.applies(width, height, &self.memory).then(|| {
+            let mut layout = TileLayout::from_config(self.vae.config());
+            if let Some(pixels) = self.memory.vae_tile_pixels {
+                let scale = (layout.sample_tile / layout.latent_tile).max(1);
+                layout.latent_tile = (pixels / scale).max(1);
+                layout.sample_tile = layout.latent_tile * scale;
+            }
+            layout
+        })
     }
 
     /// The LoRA library requests resolve names in.
@@ -788,7 +815,12 @@ impl Pipeline {
         // 9-channel models at full strength start from pure noise: diffusers skips the
         // encoder sample (and its draw) there.
         let encode_init = !(inpainting_unet && full_strength);
-        let init = if encode_init { Some(self.encode_distribution(&pixels)?) } else { None };
+        let tiling = self.vae_tile_layout(request.vae_tiling, request.width, request.height);
+        let init = if encode_init {
+            Some(self.encode_distribution(&pixels, tiling.as_ref())?)
+        } else {
+            None
+        };
         let latent_shape = (1, self.vae.config().latent_channels, height / 8, width / 8);
         let mut image_latents = Vec::new();
         let mut noises = Vec::new();
@@ -830,7 +862,7 @@ impl Pipeline {
         )?;
         let masked_pixels = pixels.broadcast_mul(&keep)?;
         if inpainting_unet {
-            let masked = self.encode_distribution(&masked_pixels)?;
+            let masked = self.encode_distribution(&masked_pixels, tiling.as_ref())?;
             let masked_latents = generators
                 .iter_mut()
                 .map(|g| masked.sample(g, self.vae.config()))
@@ -858,9 +890,15 @@ impl Pipeline {
         })
     }
 
-    /// The VAE's latent distribution of images in [-1, 1] (`[1, 3, H, W]`), in f32.
-    fn encode_distribution(&self, pixels: &Tensor) -> Result<EncodedImage, PipelineError> {
-        let distribution = self.vae.encode(&pixels.to_dtype(self.vae_dtype())?)?;
+    /// The VAE's latent distribution of images in [-1, 1] (`[1, 3, H, W]`), in f32, tiled
+    /// when `tiling` is given.
+    fn encode_distribution(
+        &self,
+        pixels: &Tensor,
+        tiling: Option<&TileLayout>,
+    ) -> Result<EncodedImage, PipelineError> {
+        let pixels = pixels.to_dtype(self.vae_dtype())?;
+        let distribution = vae_tiling::encode(&self.vae, &pixels, tiling)?;
         let mean = distribution.mean.to_dtype(DType::F32)?;
         let std = (distribution.logvar.to_dtype(DType::F32)? * 0.5)?.exp()?;
         Ok(EncodedImage { mean, std })
@@ -869,12 +907,23 @@ impl Pipeline {
     /// Decodes final latents to 8-bit RGB images (row-major, one `Vec` per image), as
     /// diffusers' image processor does: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
     pub fn decode_latents_to_rgb(&self, latents: &Tensor) -> Result<Vec<Vec<u8>>, PipelineError> {
+        self.decode_latents_to_rgb_tiled(latents, None)
+    }
+
+    /// [`Pipeline::decode_latents_to_rgb`], one image at a time (VAE slicing) and tiled
+    /// when `tiling` is given.
+    pub fn decode_latents_to_rgb_tiled(
+        &self,
+        latents: &Tensor,
+        tiling: Option<&TileLayout>,
+    ) -> Result<Vec<Vec<u8>>, PipelineError> {
         let vae_dtype = self.vae_dtype();
         let mut scaled = (latents / self.vae.config().scaling_factor)?;
         if let Some(shift) = self.vae.config().shift_factor {
             scaled = (scaled + shift)?;
         }
-        let decoded = self.vae.decode(&scaled.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?;
+        let decoded = vae_tiling::decode(&self.vae, &scaled.to_dtype(vae_dtype)?, tiling)?
+            .to_dtype(DType::F32)?;
         let images = ((decoded * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
         let images = (images * 255.0)?.permute((0, 2, 3, 1))?.to_device(&Device::Cpu)?;
         let count = images.dim(0)?;
@@ -947,18 +996,21 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Benchmark hook: one VAE decode at the request's size.
+    /// Benchmark hook: one VAE decode at the request's size (tiled as the request's
+    /// `vae_tiling` says).
     pub fn bench_vae_decode(
         &self,
         request: &GenerationRequest,
     ) -> Result<Vec<Vec<u8>>, PipelineError> {
+        let tiling = self.vae_tile_layout(request.vae_tiling, request.width, request.height);
         let shape = (
             1,
             self.vae.config().latent_channels,
             request.height as usize / 8,
             request.width as usize / 8,
         );
-        self.decode_latents_to_rgb(&Tensor::zeros(shape, DType::F32, &self.device)?)
+        let latents = Tensor::zeros(shape, DType::F32, &self.device)?;
+        self.decode_latents_to_rgb_tiled(&latents, tiling.as_ref())
     }
 
     fn vae_dtype(&self) -> DType {
@@ -975,7 +1027,18 @@ impl Pipeline {
         latents: &Tensor,
         request: &GenerationRequest,
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
-        let mut pixels = self.decode_latents_to_rgb(latents)?;
+        let tiling = self.vae_tile_layout(request.vae_tiling, request.width, request.height);
+        let pixels = self.decode_latents_to_rgb_tiled(latents, tiling.as_ref())?;
+        Ok(self.images_from_rgb(pixels, request))
+    }
+
+    /// A request's decoded RGB images as [`GeneratedImage`]s, pasted back into the
+    /// original where the request's inpainting asks for it.
+    fn images_from_rgb(
+        &self,
+        mut pixels: Vec<Vec<u8>>,
+        request: &GenerationRequest,
+    ) -> Vec<GeneratedImage> {
         if let Some(image) = &request.image {
             if let Some(full) = &image.full_res {
                 // "Inpaint only masked": the region goes back into the whole image.
@@ -994,7 +1057,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(pixels
+        pixels
             .into_iter()
             .enumerate()
             .map(|(index, rgb)| GeneratedImage {
@@ -1004,7 +1067,7 @@ impl Pipeline {
                 height: request.height,
                 rgb,
             })
-            .collect())
+            .collect()
     }
 }
 

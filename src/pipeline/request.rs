@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::image_input::{self, ImageConditioning, ResizeMode};
+use super::memory::VaeTiling;
 use super::t2i_adapter::{self, T2IAdapterChoice, T2IAdapterParams};
 use crate::adapters::ip_adapter::{self, IpAdapterChoice, IpAdapterParams};
 use crate::adapters::lora;
@@ -179,6 +180,9 @@ pub struct GenerationParams {
     /// cross-attention.
     #[serde(default)]
     pub ip_adapters: Vec<IpAdapterParams>,
+    /// VAE tiling: `auto` (default), `on` or `off`.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -245,6 +249,9 @@ pub struct GenerationRequest {
     /// IP-Adapters with their decoded reference images.
     #[serde(default)]
     pub ip_adapters: Vec<IpAdapterChoice>,
+    /// Whether the VAE works in tiles.
+    #[serde(default)]
+    pub vae_tiling: VaeTiling,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -474,6 +481,15 @@ impl GenerationParams {
                 ));
             }
         }
+        let vae_tiling = match self.vae_tiling.as_deref() {
+            None | Some("") => VaeTiling::default(),
+            Some(name) => VaeTiling::from_name(name).ok_or_else(|| {
+                ValidationError::new(
+                    "vae_tiling",
+                    format!("unknown VAE tiling mode {name:?}; valid modes: auto, on, off"),
+                )
+            })?,
+        };
         Ok(GenerationRequest {
             model: model.name.clone(),
             prompt,
@@ -504,6 +520,7 @@ impl GenerationParams {
             controlnets,
             guess_mode: self.guess_mode.unwrap_or(false),
             ip_adapters,
+            vae_tiling,
         })
     }
 

@@ -7,7 +7,7 @@ use candle_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// What the model predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     #[default]
@@ -41,7 +41,7 @@ impl PredictionType {
 }
 
 /// How inference timesteps are spread over the training timesteps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
     #[default]
@@ -74,7 +74,7 @@ impl TimestepSpacing {
 /// Per-request replacements for settings of the model's scheduler config (`None` keeps
 /// the model's value). Applied to the config before a sampler is built, so every sampler
 /// whose diffusers class reads the setting sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct SchedulerOverrides {
     pub timestep_spacing: Option<TimestepSpacing>,
     /// diffusers' `rescale_betas_zero_snr` (Lin et al. 2023).
