@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::adapters::controlnet::ControlNetLibrary;
 use crate::adapters::embeddings::EmbeddingLibrary;
+use crate::adapters::t2i::T2IAdapterLibrary;
 
 use crate::codec::ImageFormat;
 use crate::pipeline::Limits;
@@ -132,10 +134,40 @@ pub struct Settings {
     /// Memory bound (MiB) of the cache of parsed LoRA files.
     #[serde(default = "default_lora_cache_mb")]
     pub lora_cache_mb: usize,
+    /// Directories whose T2I-Adapters (diffusers folders, `.safetensors` files) requests
+    /// may name.
+    #[serde(default)]
+    pub t2i_adapter_dirs: Vec<PathBuf>,
+    /// Directories whose ControlNets (diffusers folders or `.safetensors` files)
+    /// requests may name.
+    #[serde(default)]
+    pub controlnet_dirs: Vec<PathBuf>,
+    /// Directories of IP-Adapters requests may name (`ip_adapters: [{model, image,
+    /// scale}]`): weights `.safetensors` files with their `image_encoder/` folder beside
+    /// them, named by their path below the directory without the extension.
+    #[serde(default)]
+    pub ip_adapter_dirs: Vec<PathBuf>,
+    /// Compatible queued jobs a worker runs as one batch (1: one job at a time).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long (ms) a worker holding a batchable job waits for compatible ones.
+    #[serde(default)]
+    pub batch_wait_ms: u64,
+    /// `vae_tiling: "auto"` tiles the VAE for images of at least this many pixels.
+    #[serde(default = "default_vae_tiling_auto_pixels")]
+    pub vae_tiling_auto_pixels: u64,
 }
 
 fn default_lora_cache_mb() -> usize {
     512
+}
+
+fn default_max_batch() -> usize {
+    1
+}
+
+fn default_vae_tiling_auto_pixels() -> u64 {
+    crate::pipeline::memory::DEFAULT_VAE_TILING_AUTO_PIXELS
 }
 
 /// Flags of `sdserve serve`; each overrides the configuration file.
@@ -228,6 +260,44 @@ pub struct ServeArgs {
     /// Memory bound (MiB) of the parsed-LoRA cache.
     #[arg(long, env = "SDSERVE_LORA_CACHE_MB", value_name = "MIB")]
     pub lora_cache_mb: Option<usize>,
+    /// A directory of T2I-Adapters (diffusers folders or .safetensors files) requests may
+    /// name (repeatable; adds to the config file's `t2i_adapter_dirs`).
+    #[arg(
+        long = "t2i-adapter-dir",
+        env = "SDSERVE_T2I_ADAPTER_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub t2i_adapter_dirs: Vec<PathBuf>,
+    /// A directory of ControlNets requests may name: diffusers folders (by folder name)
+    /// or `.safetensors` files (by stem). Repeatable; adds to the config file's
+    /// `controlnet_dirs`.
+    #[arg(
+        long = "controlnet-dir",
+        env = "SDSERVE_CONTROLNET_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub controlnet_dirs: Vec<PathBuf>,
+    /// A directory of IP-Adapters (weights files with `image_encoder/` beside them)
+    /// requests may name (repeatable; adds to the config file's `ip_adapter_dirs`).
+    #[arg(
+        long = "ip-adapter-dir",
+        env = "SDSERVE_IP_ADAPTER_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub ip_adapter_dirs: Vec<PathBuf>,
+    /// Compatible queued jobs (same model, size, steps, sampler, guidance) a worker runs
+    /// as one batch; 1 runs one job at a time.
+    #[arg(long, env = "SDSERVE_MAX_BATCH", value_name = "N")]
+    pub max_batch: Option<usize>,
+    /// Milliseconds a worker waits for compatible jobs to fill a batch.
+    #[arg(long, env = "SDSERVE_BATCH_WAIT_MS", value_name = "MS")]
+    pub batch_wait_ms: Option<u64>,
+    /// `vae_tiling: "auto"` tiles the VAE for images of at least this many pixels.
+    #[arg(long, env = "SDSERVE_VAE_TILING_AUTO_PIXELS", value_name = "PIXELS")]
+    pub vae_tiling_auto_pixels: Option<u64>,
 }
 
 impl Settings {
@@ -328,6 +398,18 @@ impl Settings {
         if let Some(megabytes) = args.lora_cache_mb {
             self.lora_cache_mb = megabytes;
         }
+        self.t2i_adapter_dirs.extend(args.t2i_adapter_dirs.iter().cloned());
+        self.controlnet_dirs.extend(args.controlnet_dirs.iter().cloned());
+        self.ip_adapter_dirs.extend(args.ip_adapter_dirs.iter().cloned());
+        if let Some(max_batch) = args.max_batch {
+            self.max_batch = max_batch;
+        }
+        if let Some(wait) = args.batch_wait_ms {
+            self.batch_wait_ms = wait;
+        }
+        if let Some(pixels) = args.vae_tiling_auto_pixels {
+            self.vae_tiling_auto_pixels = pixels;
+        }
         Ok(())
     }
 
@@ -364,6 +446,29 @@ impl Settings {
                 return Err(invalid("lora_dirs", format!("{} is not a directory", dir.display())));
             }
         }
+        for dir in &mut self.t2i_adapter_dirs {
+            *dir = resolve_model_path(dir);
+            if !dir.is_dir() {
+                let message = format!("{} is not a directory", dir.display());
+                return Err(invalid("t2i_adapter_dirs", message));
+            }
+        }
+        for dir in &self.controlnet_dirs {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "controlnet_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
+        for dir in &self.ip_adapter_dirs {
+            if !dir.is_dir() {
+                return Err(invalid(
+                    "ip_adapter_dirs",
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
+        }
         if self.devices.is_empty() || self.devices.iter().any(|d| d.trim().is_empty()) {
             return Err(invalid("devices", "list at least one device, e.g. [\"cpu\"]"));
         }
@@ -372,6 +477,12 @@ impl Settings {
         }
         if self.queue_capacity == 0 {
             return Err(invalid("queue_capacity", "must be at least 1"));
+        }
+        if !(1..=64).contains(&self.max_batch) {
+            return Err(invalid("max_batch", "must be between 1 and 64"));
+        }
+        if self.batch_wait_ms > 60_000 {
+            return Err(invalid("batch_wait_ms", "must be at most 60000 (one minute)"));
         }
         if self.job_timeout_secs == 0 {
             return Err(invalid("job_timeout_secs", "must be at least 1"));
@@ -417,6 +528,14 @@ impl Settings {
         Ok(())
     }
 
+    /// The ControlNet library of `controlnet_dirs` (empty when none are configured).
+    pub fn controlnet_library(&self) -> Arc<ControlNetLibrary> {
+        Arc::new(ControlNetLibrary::new(
+            self.controlnet_dirs.clone(),
+            crate::adapters::controlnet::DEFAULT_CACHED_CONTROLNETS,
+        ))
+    }
+
     /// The embedding library of `embeddings_dirs`; `None` when none are configured.
     pub fn embedding_library(&self) -> Result<Option<Arc<EmbeddingLibrary>>, ConfigError> {
         if self.embeddings_dirs.is_empty() {
@@ -425,6 +544,11 @@ impl Settings {
         EmbeddingLibrary::new(&self.embeddings_dirs)
             .map(|library| Some(Arc::new(library)))
             .map_err(|e| invalid("embeddings_dirs", e.to_string()))
+    }
+
+    /// The T2I-Adapter library of `t2i_adapter_dirs` (empty when none are configured).
+    pub fn t2i_adapter_library(&self) -> Arc<T2IAdapterLibrary> {
+        Arc::new(T2IAdapterLibrary::new(self.t2i_adapter_dirs.clone()))
     }
 
     /// The request limits the pipeline validates against.
@@ -558,6 +682,21 @@ mod tests {
                 Err(ConfigError::Invalid { key: got, .. }) => assert_eq!(got, key),
                 other => panic!("expected an error for {key}, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn t2i_adapter_dirs_come_from_flags_and_must_exist() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/t2i_adapters");
+        let args = ServeArgs { t2i_adapter_dirs: vec![fixtures.clone()], ..Default::default() };
+        let settings = Settings::load(&args).unwrap();
+        assert_eq!(settings.t2i_adapter_dirs, vec![fixtures]);
+        assert_eq!(settings.t2i_adapter_library().list().len(), 3);
+        let args =
+            ServeArgs { t2i_adapter_dirs: vec!["/no/such/dir".into()], ..Default::default() };
+        match Settings::load(&args) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "t2i_adapter_dirs"),
+            other => panic!("expected an error for t2i_adapter_dirs, got {other:?}"),
         }
     }
 

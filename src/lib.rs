@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod bench_service;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -1,4 +1,4 @@
-//! The `sdserve` command line: serve | generate | bench | print-openapi; thin.
+//! The `sdserve` command line: serve | generate | bench | print-openapi | samplers; thin.
 
 use std::process::ExitCode;
 
@@ -23,6 +23,8 @@ enum Command {
     Bench(sdserve::cli::BenchArgs),
     /// Print the OpenAPI document (YAML).
     PrintOpenapi,
+    /// List the samplers: ids, A1111 names, schedules and aliases.
+    Samplers,
 }
 
 fn main() -> ExitCode {
@@ -32,6 +34,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => report(sdserve::cli::bench(&args)),
         Command::PrintOpenapi => {
             print!("{}", sdserve::api::openapi::openapi_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Samplers => {
+            print!("{}", sdserve::cli::sampler_table());
             ExitCode::SUCCESS
         }
     }

@@ -3,7 +3,9 @@
 //! diffusers' final latents (max |Δ| ≤ 1e-3) and image (max |Δ| ≤ 2/255 on RGB8).
 //! References: tests/fixtures/reference/img2img_<family>.{json,safetensors}, made by
 //! tools/make_img2img_refs.py (StableDiffusion(XL)Img2ImgPipeline and the 4-channel
-//! StableDiffusion(XL)InpaintPipeline). diffusers' inpainting output is not pasted back, so
+//! StableDiffusion(XL)InpaintPipeline), and img2img_samplers3_sd1.* (UniPC, PLMS, DDPM,
+//! DPM++ 3M SDE, DPM++ SDE with s_noise 0; inpainting with UniPC and PLMS), made by
+//! tools/make_sampler3_refs.py. diffusers' inpainting output is not pasted back, so
 //! inpainting cases run with `paste_back` off and `mask_blur` 0: the comparison covers the
 //! latent blending and the decoded image before paste-back.
 
@@ -32,13 +34,18 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn check_family(family: &str) {
+    check_references(&format!("img2img_{family}"), family);
+}
+
+/// Runs the cases of tests/fixtures/reference/`{stem}`.{json,safetensors} on the `family`
+/// fixture model.
+fn check_references(stem: &str, family: &str) {
     let meta: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join(format!("reference/img2img_{family}.json")))
-            .unwrap(),
+        &std::fs::read_to_string(fixtures().join(format!("reference/{stem}.json"))).unwrap(),
     )
     .unwrap();
     let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
-        fixtures().join(format!("reference/img2img_{family}.safetensors")),
+        fixtures().join(format!("reference/{stem}.safetensors")),
         &Device::Cpu,
     )
     .unwrap();
@@ -58,6 +65,7 @@ fn check_family(family: &str) {
             seed: case["seed"].as_i64(),
             init_image: Some(init.clone()),
             strength: case["strength"].as_f64(),
+            s_noise: case.get("s_noise").and_then(Value::as_f64),
             mask_image: inpaint.then(|| mask.clone()),
             mask_blur: Some(0),
             paste_back: Some(false),
@@ -85,6 +93,13 @@ fn check_family(family: &str) {
 #[test]
 fn sd1_img2img_and_inpainting_match_diffusers() {
     check_family("sd1");
+}
+
+/// Samplers whose `add_noise` came later: UniPC, PLMS (diffusers counts its warm-up from
+/// the first step run), DDPM, DPM++ 3M SDE and DPM++ SDE (s_noise 0).
+#[test]
+fn sd1_img2img_with_later_samplers_matches_diffusers() {
+    check_references("img2img_samplers3_sd1", "sd1");
 }
 
 #[test]

@@ -2,8 +2,12 @@
 //! sd2v fixtures, diffusers' pipeline with the scheduler swapped (seed 42), 4 and 20 steps;
 //! final latents within 1e-3 and the RGB8 image within 2/255. References, one set per
 //! batch of samplers: tests/fixtures/reference/samplers_<family>.{json,safetensors} (made
-//! by tools/make_schedule_refs.py) and samplers2_<family>.* (unipc, pndm, ddpm; made by
-//! tools/make_sampler2_refs.py).
+//! by tools/make_schedule_refs.py), samplers2_<family>.* (unipc, pndm, ddpm; made by
+//! tools/make_sampler2_refs.py), samplers3_<family>.* (dpmpp_3m_sde; dpmpp_sde with
+//! s_noise 0, its deterministic part; dpmpp_2s_a against k-diffusion's sampler over the same
+//! pipeline's components; made by tools/make_sampler3_refs.py) and samplers4_<family>.* (deis, lcm,
+//! tcd, and sd1 runs with per-request scheduler overrides; made by
+//! tools/make_sampler4_refs.py).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +48,11 @@ fn check_family(set: &str, family: &str) {
             sampler: Some(case["sampler"].as_str().unwrap().to_string()),
             schedule: Some(case["schedule"].as_str().unwrap().to_string()),
             seed: case["seed"].as_i64(),
+            eta: case["eta"].as_f64(),
+            timestep_spacing: case["timestep_spacing"].as_str().map(str::to_string),
+            rescale_betas_zero_snr: case["rescale_betas_zero_snr"].as_bool(),
+            prediction_type: case["prediction_type"].as_str().map(str::to_string),
+            s_noise: case.get("s_noise").and_then(Value::as_f64),
             ..Default::default()
         }
         .validate(pipeline.defaults(), &Default::default())
@@ -68,7 +77,14 @@ fn check_family(set: &str, family: &str) {
         println!(
             "{family}/{name}: latents max |Δ| = {latent_diff:e}, image max |Δ| = {image_diff}/255"
         );
-        if latent_diff.is_nan() || latent_diff > LATENT_TOLERANCE || image_diff > IMAGE_TOLERANCE {
+        // A case may state a larger latent tolerance with its reason (`tolerance_note`):
+        // an ill-conditioned run where diffusers' own float32 result is that sensitive.
+        let latent_tolerance =
+            case.get("latent_tolerance").and_then(Value::as_f64).map_or(LATENT_TOLERANCE, |t| {
+                assert!(case["tolerance_note"].is_string(), "{name}: tolerance without a reason");
+                t as f32
+            });
+        if latent_diff.is_nan() || latent_diff > latent_tolerance || image_diff > IMAGE_TOLERANCE {
             failures.push(format!("{name}: latents {latent_diff}, image {image_diff}"));
         }
     }
@@ -93,4 +109,48 @@ fn sd1_second_batch_samplers_match_diffusers() {
 #[test]
 fn sd2v_second_batch_samplers_match_diffusers() {
     check_family("samplers2", "sd2v");
+}
+
+#[test]
+fn sd1_third_batch_samplers_match_references() {
+    check_family("samplers3", "sd1");
+}
+
+#[test]
+fn sd2v_third_batch_samplers_match_references() {
+    check_family("samplers3", "sd2v");
+}
+
+#[test]
+fn sd1_fourth_batch_samplers_and_overrides_match_diffusers() {
+    check_family("samplers4", "sd1");
+}
+
+#[test]
+fn sd2v_fourth_batch_samplers_match_diffusers() {
+    check_family("samplers4", "sd2v");
+}
+
+/// LCM asked for more steps than its distillation schedule has (50) fails as a request
+/// error naming the sampler, not as an internal error.
+#[test]
+fn lcm_beyond_its_schedule_is_a_request_error() {
+    let pipeline =
+        Pipeline::load("fixture", &fixtures().join("sd1"), &LoadOptions::default()).unwrap();
+    let request = GenerationParams {
+        prompt: "x".into(),
+        steps: Some(60),
+        sampler: Some("lcm".into()),
+        seed: Some(1),
+        ..Default::default()
+    }
+    .validate(pipeline.defaults(), &Default::default())
+    .unwrap();
+    match pipeline.denoise(&request, &mut NoObserver) {
+        Err(sdserve::error::PipelineError::Invalid(error)) => {
+            assert_eq!(error.field, "sampler");
+            assert!(error.message.contains("original_inference_steps (50)"), "{error}");
+        }
+        other => panic!("expected a validation error, got {:?}", other.map(|_| ())),
+    }
 }

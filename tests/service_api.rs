@@ -87,6 +87,10 @@ async fn listing_and_operational_endpoints() {
     let ids: Vec<&str> =
         samplers["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"euler_a"), "{samplers}");
+    for id in ["dpmpp_sde", "dpmpp_2s_a", "dpmpp_3m_sde", "deis", "lcm", "tcd"] {
+        assert!(ids.contains(&id), "{id}: {samplers}");
+    }
+    assert_eq!(ids.len(), sdserve::samplers::SamplerKind::ALL.len());
     assert!(
         samplers["data"][0]["display_name"].is_string()
             && samplers["data"][0]["aliases"].is_array()
@@ -135,14 +139,18 @@ async fn every_error_case_has_its_status_and_body() {
         (json!({"steps": "many"}), "steps"),
         (json!({"output_format": "gif"}), "output_format"),
         (json!({"sampler": "warp_drive"}), "sampler"),
+        (json!({"timestep_spacing": "sideways"}), "timestep_spacing"),
+        (json!({"prediction_type": "flow"}), "prediction_type"),
+        (json!({"rescale_betas_zero_snr": "yes"}), "rescale_betas_zero_snr"),
     ] {
         let mut body = tiny_request("x");
         body.as_object_mut().unwrap().extend(patch.as_object().unwrap().clone());
         let error = error_body(server.post_json("/v1/jobs", &body).await, 422).await;
         assert_eq!(error["param"], param, "{error}");
         if param == "sampler" {
+            let message = error["message"].as_str().unwrap();
             assert!(
-                error["message"].as_str().unwrap().contains("euler_a"),
+                ["euler_a", "lcm"].iter().all(|id| message.contains(id)),
                 "lists valid samplers: {error}"
             );
         }

@@ -338,6 +338,35 @@ async fn a1111_listings_options_and_img2img() {
     server.stop().await;
 }
 
+/// img2img runs int(steps × strength) steps; A1111's progress counts those, not `steps`.
+#[tokio::test]
+async fn a1111_progress_counts_the_steps_img2img_runs() {
+    let server =
+        TestServer::start(test_settings(), Double::SlowSteps(Duration::from_millis(100))).await;
+    let init = base64::engine::general_purpose::STANDARD.encode(native_image(&server, "x").await);
+    let mut request = a1111_request("slow");
+    request["steps"] = json!(40);
+    request["denoising_strength"] = json!(0.3);
+    request["init_images"] = json!([init]);
+    let client = server.client.clone();
+    let url = server.url("/sdapi/v1/img2img");
+    let pending = tokio::spawn(async move { client.post(url).json(&request).send().await });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let progress = loop {
+        let progress: Value = server.get("/sdapi/v1/progress").await.json().await.unwrap();
+        if progress["state"]["sampling_step"].as_u64() >= Some(1) {
+            break progress;
+        }
+        assert!(Instant::now() < deadline, "no progress: {progress}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(progress["state"]["sampling_steps"], 12, "{progress}");
+    assert_eq!(server.post_json("/sdapi/v1/interrupt", &json!({})).await.status(), 200);
+    let response = pending.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a1111_progress_follows_a_job_and_interrupt_stops_it() {
     let server =

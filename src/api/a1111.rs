@@ -650,7 +650,13 @@ pub async fn progress(State(state): State<AppState>) -> Json<ProgressResponse> {
         textinfo: None,
     };
     if let Some(job) = running {
-        let per_image = job.request.steps as usize;
+        // The steps that run (img2img runs int(steps × strength)); once the pipeline
+        // reports, its own count.
+        let images = (job.request.n as usize).max(1);
+        let per_image = match &job.progress {
+            Some(progress) if progress.steps >= images => progress.steps / images,
+            _ => job.request.denoising_steps(),
+        };
         response.state.job = job.id.to_string();
         response.state.sampling_steps = per_image;
         if let Some(progress) = &job.progress {

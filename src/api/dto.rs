@@ -52,6 +52,65 @@ pub struct LoraRequest {
     pub weight: Option<f64>,
 }
 
+/// One T2I-Adapter to condition a request on.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct T2IAdapterRequest {
+    /// Name of an adapter in a configured T2I-Adapter directory: a diffusers folder (its
+    /// name) or a `.safetensors` file (its stem).
+    #[schema(example = "t2iadapter_canny_sd15v2")]
+    pub model: String,
+    /// Control image: base64 or a data URI (PNG, JPEG, WebP), stretched to the output
+    /// size; converted to grayscale for one-channel adapters. Without `width`/`height`
+    /// the output takes the first control image's size (down to a multiple of 8).
+    pub image: String,
+    /// Multiplies the adapter's features (0-10).
+    #[schema(default = 1.0, minimum = 0, maximum = 10)]
+    pub scale: Option<f64>,
+}
+
+/// One ControlNet guiding a request.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetRequest {
+    /// A ControlNet in a configured ControlNet directory: folder name or `.safetensors`
+    /// file stem (`GET /v1/adapters`).
+    #[schema(example = "control_v11p_sd15_canny")]
+    pub model: String,
+    /// The control image (edges, depth, pose... already preprocessed: the server runs no
+    /// detector): base64 or a data URI (PNG, JPEG, WebP). Resized to the output size;
+    /// without `width`/`height` (and `init_image`) the output takes the first control
+    /// image's size.
+    pub image: String,
+    /// Conditioning scale, 0-5 (diffusers' `controlnet_conditioning_scale`).
+    #[schema(default = 1.0, minimum = 0, maximum = 5)]
+    pub scale: Option<f64>,
+    /// Fraction of the steps after which it starts guiding (`control_guidance_start`).
+    #[schema(default = 0.0, minimum = 0, maximum = 1)]
+    pub start: Option<f64>,
+    /// Fraction of the steps after which it stops guiding (`control_guidance_end`).
+    #[schema(default = 1.0, minimum = 0, maximum = 1)]
+    pub end: Option<f64>,
+}
+
+/// One IP-Adapter to apply: a reference image (or several) that steers the picture.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpAdapterRequest {
+    /// Name of an IP-Adapter weights file in a configured `ip_adapter_dirs` directory,
+    /// without `.safetensors` (its CLIP image encoder sits beside it in `image_encoder/`).
+    #[schema(example = "ip-adapter_sd15")]
+    pub model: String,
+    /// The reference image: base64 or a data URI (PNG, JPEG, WebP).
+    pub image: Option<String>,
+    /// Several reference images instead of `image` (at most 8): their image tokens are
+    /// attended to together, as diffusers does with a list of images for one adapter.
+    pub images: Option<Vec<String>>,
+    /// Strength of the image prompt, -1 to 5 (1 = as trained, 0 = off).
+    #[schema(default = 1.0, minimum = -1, maximum = 5)]
+    pub scale: Option<f64>,
+}
+
 /// A text-to-image request. Every field but `prompt` is optional; unknown fields are
 /// refused (422) so that a typo never silently does nothing.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
@@ -88,13 +147,28 @@ pub struct GenerateRequest {
     /// the one a legacy A1111 sampler name implies ("DPM++ 2M Karras").
     #[schema(default = "default", example = "karras")]
     pub schedule: Option<String>,
-    /// DDIM's eta (0-1; 0 = deterministic). Only for `ddim`.
-    #[schema(default = 0.0, minimum = 0, maximum = 1)]
+    /// DDIM's eta (0-1; 0 = deterministic; default 0), or TCD's gamma (default 0.3).
+    /// Only for `ddim` and `tcd`.
+    #[schema(minimum = 0, maximum = 1)]
     pub eta: Option<f64>,
     /// Scale of the noise ancestral / SDE samplers add (0-2). Only for samplers that add
-    /// noise (`euler_a`, `dpm2_a`, `dpmpp_2m_sde`).
+    /// noise (`euler_a`, `dpm2_a`, `dpmpp_2m_sde`, `dpmpp_sde`, `dpmpp_2s_a`,
+    /// `dpmpp_3m_sde`; `s_noise: true` in `GET /v1/samplers`).
     #[schema(default = 1.0, minimum = 0, maximum = 2)]
     pub s_noise: Option<f64>,
+    /// Replaces the model scheduler's timestep spacing for this request: `leading`,
+    /// `trailing` or `linspace` (diffusers' `timestep_spacing`); the model's own when
+    /// absent. Not for `lcm` / `tcd`, which use their distillation schedule.
+    #[schema(example = "trailing")]
+    pub timestep_spacing: Option<String>,
+    /// Replaces the model scheduler's `rescale_betas_zero_snr`: rescale the noise schedule
+    /// to zero terminal SNR (Lin et al. 2023; use with `trailing` spacing, as diffusers
+    /// recommends, and a v-prediction model). The model's own setting when absent.
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Replaces the model's prediction type: `epsilon`, `v_prediction` or `sample`; for
+    /// checkpoints whose config does not say what they predict.
+    #[schema(example = "v_prediction")]
+    pub prediction_type: Option<String>,
     /// Seed of the first image (image i uses seed + i); absent or -1: random (reported).
     #[schema(default = -1, example = 42)]
     pub seed: Option<i64>,
@@ -149,6 +223,25 @@ pub struct GenerateRequest {
     /// unmasked pixels survive the lossy VAE round trip.
     #[schema(default = true)]
     pub paste_back: Option<bool>,
+    /// T2I-Adapters (at most 4): each adds its features, times its scale, to the UNet's
+    /// down blocks; several are summed (diffusers' MultiAdapter).
+    #[serde(default)]
+    pub t2i_adapters: Vec<T2IAdapterRequest>,
+    /// ControlNets guiding the image (at most 4; their residuals add up).
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetRequest>,
+    /// ControlNet guess mode (diffusers' `guess_mode`): the ControlNets see only the
+    /// prompt half of the guidance batch and their residuals grow from 0.1× at the first
+    /// skip connection to 1× at the mid block; a guidance scale of 3-5 suits it.
+    #[schema(default = false)]
+    pub guess_mode: Option<bool>,
+    /// IP-Adapters (at most 4): reference images that steer the picture.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterRequest>,
+    /// VAE tiling: `auto` (tile images of at least the server's `vae_tiling_auto_pixels`),
+    /// `on` or `off`. Tiling bounds the VAE's memory; seams are blended.
+    #[schema(default = "auto", example = "auto")]
+    pub vae_tiling: Option<String>,
     /// Output format; the server's default (`output.format`) when absent.
     pub output_format: Option<OutputFormat>,
     /// JPEG/WebP quality 1-100; the server's default (`output.quality`) when absent.
@@ -174,6 +267,9 @@ impl GenerateRequest {
             schedule: self.schedule.clone(),
             eta: self.eta,
             s_noise: self.s_noise,
+            timestep_spacing: self.timestep_spacing.clone(),
+            rescale_betas_zero_snr: self.rescale_betas_zero_snr,
+            prediction_type: self.prediction_type.clone(),
             seed: self.seed,
             n: self.n,
             clip_skip: self.clip_skip,
@@ -198,6 +294,38 @@ impl GenerateRequest {
             inpaint_full_res: self.inpaint_full_res,
             inpaint_full_res_padding: self.inpaint_full_res_padding,
             paste_back: self.paste_back,
+            t2i_adapters: self
+                .t2i_adapters
+                .iter()
+                .map(|a| crate::pipeline::t2i_adapter::T2IAdapterParams {
+                    model: a.model.clone(),
+                    image: a.image.clone(),
+                    scale: a.scale,
+                })
+                .collect(),
+            controlnets: self
+                .controlnets
+                .iter()
+                .map(|c| crate::pipeline::ControlNetParams {
+                    model: c.model.clone(),
+                    image: c.image.clone(),
+                    scale: c.scale,
+                    start: c.start,
+                    end: c.end,
+                })
+                .collect(),
+            guess_mode: self.guess_mode,
+            ip_adapters: self
+                .ip_adapters
+                .iter()
+                .map(|a| crate::adapters::ip_adapter::IpAdapterParams {
+                    model: a.model.clone(),
+                    image: a.image.clone(),
+                    images: a.images.clone().unwrap_or_default(),
+                    scale: a.scale,
+                })
+                .collect(),
+            vae_tiling: self.vae_tiling.clone(),
         }
     }
 }
@@ -570,6 +698,27 @@ mod tests {
             serde_json::from_str(r#"{"prompt":"a","stpes":3}"#);
         assert!(parsed.unwrap_err().to_string().contains("stpes"));
     }
+}
+
+/// The adapters requests may name, by kind.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterList {
+    /// ControlNets (`controlnets[].model`).
+    pub controlnets: Vec<AdapterCard>,
+    /// T2I-Adapters.
+    pub t2i_adapters: Vec<AdapterCard>,
+    /// IP-Adapters.
+    pub ip_adapters: Vec<AdapterCard>,
+}
+
+/// One adapter.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterCard {
+    /// The name requests use.
+    #[schema(example = "control_v11p_sd15_canny")]
+    pub name: String,
+    /// Where it is on the server (a folder or a `.safetensors` file).
+    pub path: String,
 }
 
 /// The LoRA list.

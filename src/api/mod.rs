@@ -79,6 +79,9 @@ pub struct SharedState {
     pub embeddings: Option<Arc<EmbeddingLibrary>>,
     /// The LoRAs requests may name (`lora_dirs`).
     pub loras: Arc<crate::adapters::lora::LoraLibrary>,
+    /// The ControlNets requests may name (`controlnet_dirs`); names are checked here,
+    /// the workers load them.
+    pub controlnets: Arc<crate::adapters::controlnet::ControlNetLibrary>,
 }
 
 /// Cheap to clone handle on the shared state.
@@ -144,6 +147,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/samplers", get(system::list_samplers))
         .route("/v1/embeddings", get(system::list_embeddings))
         .route("/v1/loras", get(system::list_loras))
+        .route("/v1/adapters", get(system::list_adapters))
         .route("/v1/schedules", get(system::list_schedules))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))

@@ -36,12 +36,42 @@ pub(super) fn submit(
         return Err(ApiError::invalid_value("prompt", "prompt: is required (it may be empty)"));
     }
     let model = state.registry.resolve(body.model.as_deref())?;
-    let request = body.to_params().validate(&model.defaults, &state.settings.request_limits())?;
+    let mut request =
+        body.to_params().validate(&model.defaults, &state.settings.request_limits())?;
     for lora in &request.loras {
         state
             .loras
             .resolve(&lora.name)
             .map_err(|e| crate::error::ValidationError::new("loras", e.to_string()))?;
+    }
+    for (i, adapter) in request.t2i_adapters.iter().enumerate() {
+        crate::adapters::t2i::resolve(&state.settings.t2i_adapter_dirs, &adapter.model).map_err(
+            |e| {
+                crate::error::ValidationError::new(
+                    format!("t2i_adapters[{i}].model"),
+                    e.to_string(),
+                )
+            },
+        )?;
+    }
+    for (index, unit) in request.controlnets.iter().enumerate() {
+        state.controlnets.resolve(&unit.model).map_err(|e| {
+            crate::error::ValidationError::new(format!("controlnets[{index}].model"), e.to_string())
+        })?;
+    }
+    if !request.ip_adapters.is_empty() {
+        let library = crate::adapters::ip_adapter::IpAdapterLibrary::new(
+            state.settings.ip_adapter_dirs.clone(),
+        );
+        for (index, choice) in request.ip_adapters.iter_mut().enumerate() {
+            let path = library.resolve(&choice.model).map_err(|e| {
+                crate::error::ValidationError::new(
+                    format!("ip_adapters[{index}].model"),
+                    e.to_string(),
+                )
+            })?;
+            choice.path = Some(path);
+        }
     }
     let format = match (body.output_format.map(OutputFormat::to_codec), accepted) {
         (Some(asked), Some(accepted)) if asked != accepted => {

@@ -85,6 +85,8 @@ pub struct ImageGenerationRequest {
     pub clip_skip: Option<u32>,
     /// Extension: LoRAs to apply (`GET /v1/loras`), as in the native API.
     pub loras: Option<Vec<super::dto::LoraRequest>>,
+    /// Extension: IP-Adapters (reference images), as in the native API.
+    pub ip_adapters: Option<Vec<super::dto::IpAdapterRequest>>,
 }
 
 /// One image of an OpenAI-style response.
@@ -202,6 +204,7 @@ impl ImageGenerationRequest {
             output_format: self.output_format,
             output_quality,
             loras: self.loras.clone().unwrap_or_default(),
+            ip_adapters: self.ip_adapters.clone().unwrap_or_default(),
             ..Default::default()
         })
     }
@@ -255,7 +258,8 @@ fn images_response(job: &JobSnapshot, format: ResponseFormat, base_url: &str) ->
 /// A thin translation into `POST /v1/generate`: the same validation, queue and workers.
 /// `quality`, `style`, `moderation` and `user` are accepted and have no effect;
 /// `output_compression` maps to JPEG quality `100 - compression`. Extensions:
-/// `negative_prompt`, `steps`, `guidance_scale`, `seed`, `sampler`, `clip_skip`, `loras`.
+/// `negative_prompt`, `steps`, `guidance_scale`, `seed`, `sampler`, `clip_skip`, `loras`,
+/// `ip_adapters`.
 #[utoipa::path(
     post, path = "/v1/images/generations", tag = "openai",
     request_body = ImageGenerationRequest,

@@ -88,6 +88,8 @@ pub async fn start(
         job_timeout: Duration::from_secs(settings.job_timeout_secs),
         retention: Duration::from_secs(settings.result_retention_secs),
         worker_slots: settings.worker_slots(),
+        max_batch: settings.max_batch,
+        batch_wait: Duration::from_millis(settings.batch_wait_ms),
     };
     let jobs = Arc::new(JobManager::new(job_settings, metrics));
     let listener = TcpListener::bind(settings.bind)
@@ -105,6 +107,7 @@ pub async fn start(
     );
     let state = AppState::new(SharedState {
         loras,
+        controlnets: settings.controlnet_library(),
         settings: settings.clone(),
         registry,
         jobs,
@@ -248,7 +251,15 @@ pub async fn shutdown_signal() {
 /// Runs the service with the real models until ctrl-c or SIGTERM, then shuts down
 /// gracefully. A second ctrl-c exits at once.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let backend = CandleBackend { embeddings: settings.embedding_library()? };
+    let backend = CandleBackend {
+        embeddings: settings.embedding_library()?,
+        t2i_adapters: Some(settings.t2i_adapter_library()),
+        controlnets: Some(settings.controlnet_library()),
+        memory: crate::pipeline::MemorySettings {
+            vae_tiling_auto_pixels: settings.vae_tiling_auto_pixels,
+            vae_tile_pixels: None,
+        },
+    };
     let server = start(settings, Arc::new(backend)).await?;
     let trigger = server.shutdown_trigger();
     tokio::spawn(async move {

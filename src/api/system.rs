@@ -9,8 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use super::dto::{
-    EmbeddingCard, EmbeddingList, HealthResponse, LoraCard, LoraList, ModelCard, ModelList,
-    ReadyResponse, SamplerInfo, SamplerList, ScheduleInfo, ScheduleList, WorkerStatus,
+    AdapterCard, AdapterList, EmbeddingCard, EmbeddingList, HealthResponse, LoraCard, LoraList,
+    ModelCard, ModelList, ReadyResponse, SamplerInfo, SamplerList, ScheduleInfo, ScheduleList,
+    WorkerStatus,
 };
 use super::error::ErrorResponse;
 use super::AppState;
@@ -192,6 +193,42 @@ pub async fn list_loras(State(state): State<AppState>) -> Json<LoraList> {
         .map(|info| LoraCard { name: info.name, metadata: info.metadata })
         .collect();
     Json(LoraList { object: "list".into(), data })
+}
+
+/// The adapters requests may name besides LoRAs: ControlNets (`controlnet_dirs`),
+/// T2I-Adapters and IP-Adapters.
+#[utoipa::path(get, path = "/v1/adapters", tag = "models",
+    responses(
+        (status = 200, description = "Adapters by kind", body = AdapterList),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+    ))]
+pub async fn list_adapters(State(state): State<AppState>) -> Json<AdapterList> {
+    let controlnets = state.controlnets.clone();
+    let t2i_dirs = state.settings.t2i_adapter_dirs.clone();
+    let ip_dirs = state.settings.ip_adapter_dirs.clone();
+    // Listing walks directories: keep it off the async runtime's threads.
+    let (controlnets, t2i_adapters, ip_adapters) = tokio::task::spawn_blocking(move || {
+        (
+            controlnets.list(),
+            crate::adapters::t2i::discover(&t2i_dirs),
+            crate::adapters::ip_adapter::discover(&ip_dirs),
+        )
+    })
+    .await
+    .unwrap_or_default();
+    let card = |entry: crate::adapters::controlnet::AdapterEntry| AdapterCard {
+        name: entry.name,
+        path: entry.path.display().to_string(),
+    };
+    let named = |(name, path): (String, std::path::PathBuf)| AdapterCard {
+        name,
+        path: path.display().to_string(),
+    };
+    Json(AdapterList {
+        controlnets: controlnets.into_iter().map(card).collect(),
+        t2i_adapters: t2i_adapters.into_iter().map(named).collect(),
+        ip_adapters: ip_adapters.into_iter().map(named).collect(),
+    })
 }
 
 /// The noise schedules requests may name.

@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use super::{JobId, JobQueue, JobState, Metrics};
 use crate::codec::ImageFormat;
-use crate::pipeline::GenerationRequest;
+use crate::pipeline::{BatchKey, GenerationRequest};
 
 /// How many ids of expired jobs are remembered (to answer 410 rather than 404).
 const REMEMBERED_EXPIRED_IDS: usize = 100_000;
@@ -33,6 +33,10 @@ pub struct JobSettings {
     pub retention: Duration,
     /// Worker slots over all devices (for the Retry-After estimate).
     pub worker_slots: usize,
+    /// Compatible jobs a worker takes as one batch (see [`JobManager::next_batch`]).
+    pub max_batch: usize,
+    /// How long a worker holding a batchable job waits for compatible ones.
+    pub batch_wait: Duration,
 }
 
 /// How a job's images are encoded.
@@ -262,6 +266,8 @@ struct Inner {
     expired: HashSet<JobId>,
     expired_order: VecDeque<JobId>,
     running: usize,
+    /// Jobs taken out of the queue by a worker still filling its batch (not yet running).
+    held: usize,
     accepting: bool,
     stop_workers: bool,
     last_prune: Instant,
@@ -285,6 +291,7 @@ impl JobManager {
             expired: HashSet::new(),
             expired_order: VecDeque::new(),
             running: 0,
+            held: 0,
             accepting: true,
             stop_workers: false,
             last_prune: Instant::now(),
@@ -326,7 +333,7 @@ impl JobManager {
         }
         let now = Instant::now();
         let images = request.n.max(1) as usize;
-        let steps_per_image = request.steps as usize;
+        let steps_per_image = request.denoising_steps();
         let record = JobRecord {
             id: id.clone(),
             request: Arc::new(request),
@@ -356,7 +363,13 @@ impl JobManager {
             Self::announce_positions(&inner);
         }
         drop(inner);
-        self.work_available.notify_one();
+        // A worker filling a batch waits on the same condition: wake them all so an
+        // idle worker still sees a job the filling one does not take.
+        if self.settings.max_batch > 1 {
+            self.work_available.notify_all();
+        } else {
+            self.work_available.notify_one();
+        }
         Ok(snapshot)
     }
 
@@ -425,8 +438,29 @@ impl JobManager {
         }
     }
 
-    /// Blocks until jobs are waiting, then claims up to `max` of them (marks them running).
-    /// None when the worker should exit: shutdown and nothing left to drain, or aborted.
+    /// Takes from the queue up to `wanted` waiting jobs whose batch key is `key`, front
+    /// first (a compatible job may so run before incompatible ones ahead of it).
+    fn take_compatible(inner: &mut Inner, key: &BatchKey, wanted: usize) -> Vec<JobId> {
+        let ids: Vec<JobId> = inner
+            .queue
+            .iter()
+            .filter(|id| {
+                inner.jobs.get(*id).is_some_and(|r| r.request.batch_key().as_ref() == Some(key))
+            })
+            .take(wanted)
+            .cloned()
+            .collect();
+        for id in &ids {
+            inner.queue.remove(id);
+        }
+        ids
+    }
+
+    /// Blocks until jobs are waiting, then claims the first one and up to `max - 1` more
+    /// with the same [`GenerationRequest::batch_key`] (marks them running); a job without
+    /// a key runs alone. With `batch_wait` set, a worker holding a batchable job waits that
+    /// long for compatible jobs to fill the batch. None when the worker should exit:
+    /// shutdown and nothing left to drain, or aborted.
     pub fn next_batch(&self, max: usize) -> Option<Vec<ClaimedJob>> {
         let mut inner = self.lock();
         loop {
@@ -434,11 +468,46 @@ impl JobManager {
                 return None;
             }
             self.prune(&mut inner, false);
-            let ids = inner.queue.pop_batch(max.max(1));
+            let mut ids = inner.queue.pop_batch(1);
+            let key = ids.first().and_then(|id| inner.jobs[id].request.batch_key());
+            if let (Some(key), true) = (&key, max > 1) {
+                ids.extend(Self::take_compatible(&mut inner, key, max - 1));
+                inner.held += ids.len();
+                let wait_until = Instant::now() + self.settings.batch_wait;
+                while ids.len() < max && !inner.stop_workers {
+                    let now = Instant::now();
+                    if now >= wait_until {
+                        break;
+                    }
+                    inner = self
+                        .work_available
+                        .wait_timeout(inner, wait_until - now)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0;
+                    let wanted = max - ids.len();
+                    let more = Self::take_compatible(&mut inner, key, wanted);
+                    inner.held += more.len();
+                    ids.extend(more);
+                }
+                inner.held -= ids.len();
+                if inner.stop_workers {
+                    // Aborted while filling: these jobs were out of the queue's drain.
+                    for id in &ids {
+                        if inner.jobs.get(id).is_some_and(|r| r.state == JobState::Queued) {
+                            self.fail_unstarted(&mut inner, id, JobErrorKind::ShuttingDown);
+                        }
+                    }
+                    return None;
+                }
+            }
             if !ids.is_empty() {
                 let now = Instant::now();
                 let mut batch = Vec::with_capacity(ids.len());
                 for id in ids {
+                    // Cancelled (or failed by shutdown) while the batch was filling.
+                    if inner.jobs.get(&id).is_none_or(|r| r.state != JobState::Queued) {
+                        continue;
+                    }
                     if inner.jobs[&id].deadline <= now {
                         self.fail_unstarted(&mut inner, &id, JobErrorKind::Timeout);
                         continue;
@@ -663,7 +732,7 @@ impl JobManager {
     /// Nothing waits and nothing runs.
     pub fn is_idle(&self) -> bool {
         let inner = self.lock();
-        inner.queue.is_empty() && inner.running == 0
+        inner.queue.is_empty() && inner.running == 0 && inner.held == 0
     }
 }
 
@@ -679,6 +748,8 @@ mod tests {
             job_timeout: timeout,
             retention,
             worker_slots: 1,
+            max_batch: 1,
+            batch_wait: Duration::ZERO,
         };
         JobManager::new(settings, Arc::new(Metrics::default()))
     }
@@ -835,6 +906,58 @@ mod tests {
         // Finishing a job that never ran is a worker bug; the record must stay queued.
         jobs.finish(&job.id, JobOutcome::Succeeded(vec![image(0)]));
         assert_eq!(jobs.get(&job.id).unwrap().state, JobState::Queued);
+    }
+
+    fn batching_manager(max_batch: usize, batch_wait: Duration) -> JobManager {
+        let settings = JobSettings {
+            queue_capacity: 16,
+            job_timeout: LONG,
+            retention: LONG,
+            worker_slots: 1,
+            max_batch,
+            batch_wait,
+        };
+        JobManager::new(settings, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn compatible_jobs_are_claimed_together_and_others_wait_their_turn() {
+        let jobs = batching_manager(3, Duration::ZERO);
+        let a = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let other_steps = jobs.submit(request(3, 1), PNG, 0).unwrap();
+        let b = jobs.submit(request(2, 2), PNG, 0).unwrap();
+        let mut with_lora = request(2, 1);
+        with_lora.loras.push(crate::pipeline::LoraChoice { name: "x".into(), weight: 1.0 });
+        let lora = jobs.submit(with_lora, PNG, 0).unwrap();
+        let c = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let d = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let ids = |batch: Vec<ClaimedJob>| batch.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![a.id, b.id, c.id], "max_batch caps it");
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![other_steps.id]);
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![lora.id], "LoRA jobs run alone");
+        assert_eq!(ids(jobs.next_batch(3).unwrap()), vec![d.id]);
+    }
+
+    #[test]
+    fn a_filling_batch_waits_for_compatible_arrivals() {
+        let jobs = Arc::new(batching_manager(4, Duration::from_millis(300)));
+        let first = jobs.submit(request(2, 1), PNG, 0).unwrap();
+        let submitter = {
+            let jobs = jobs.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let second = jobs.submit(request(2, 1), PNG, 0).unwrap();
+                let third = jobs.submit(request(2, 1), PNG, 0).unwrap();
+                (second.id, third.id)
+            })
+        };
+        let started = Instant::now();
+        let batch = jobs.next_batch(4).unwrap();
+        let (second, _third) = submitter.join().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(250), "it waited for more");
+        assert_eq!(batch[0].id, first.id);
+        assert!(batch.iter().any(|j| j.id == second), "a job arriving in the wait joins");
+        assert!(batch.iter().all(|j| jobs.get(&j.id).unwrap().state == JobState::Running));
     }
 
     #[test]

@@ -61,8 +61,9 @@ impl Activation {
     }
 }
 
+/// One pre-norm transformer layer of a CLIP encoder (text or vision).
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -77,37 +78,48 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
-        let hidden = config.hidden_size;
+        EncoderLayer::with_dims(
+            vb,
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_attention_heads,
+            config.layer_norm_eps,
+            config.hidden_act,
+        )
+    }
+
+    /// A layer of `hidden` width, `intermediate` MLP width and `heads` heads.
+    pub(crate) fn with_dims(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        heads: usize,
+        layer_norm_eps: f64,
+        activation: Activation,
+    ) -> Result<Self> {
         let attention = vb.pp("self_attn");
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(
-                hidden,
-                config.layer_norm_eps,
-                vb.pp("layer_norm1"),
-            )?,
+            layer_norm1: candle_nn::layer_norm(hidden, layer_norm_eps, vb.pp("layer_norm1"))?,
             q_proj: candle_nn::linear(hidden, hidden, attention.pp("q_proj"))?,
             k_proj: candle_nn::linear(hidden, hidden, attention.pp("k_proj"))?,
             v_proj: candle_nn::linear(hidden, hidden, attention.pp("v_proj"))?,
             out_proj: candle_nn::linear(hidden, hidden, attention.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(
-                hidden,
-                config.layer_norm_eps,
-                vb.pp("layer_norm2"),
-            )?,
-            fc1: candle_nn::linear(hidden, config.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(config.intermediate_size, hidden, vb.pp("mlp.fc2"))?,
-            heads: config.num_attention_heads,
-            activation: config.hidden_act,
+            layer_norm2: candle_nn::layer_norm(hidden, layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(hidden, intermediate, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(intermediate, hidden, vb.pp("mlp.fc2"))?,
+            heads,
+            activation,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
+    /// `mask` is added to the attention scores (the text encoder's causal mask; none
+    /// for the vision encoder).
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let normed = self.layer_norm1.forward(x)?;
         let query = split_heads(&self.q_proj.forward(&normed)?, self.heads)?;
         let key = split_heads(&self.k_proj.forward(&normed)?, self.heads)?;
         let value = split_heads(&self.v_proj.forward(&normed)?, self.heads)?;
-        let attended =
-            scaled_dot_product_attention(&query, &key, &value, Some(causal_mask), false)?;
+        let attended = scaled_dot_product_attention(&query, &key, &value, mask, false)?;
         let x = (x + self.out_proj.forward(&merge_heads(&attended)?)?)?;
         let normed = self.layer_norm2.forward(&x)?;
         let mlp = self.fc2.forward(&self.activation.apply(&self.fc1.forward(&normed)?)?)?;
@@ -242,7 +254,7 @@ impl ClipTextModel {
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
             hidden_states.push(x.clone());
         }
         let last_hidden_state = self.final_layer_norm.forward(&x)?;

@@ -37,10 +37,61 @@ impl PerBlock {
     }
 }
 
+/// Score matrices (all batches and heads, f32) larger than this many bytes are computed
+/// in query chunks ("attention slicing", as diffusers' `enable_attention_slicing`): each
+/// query row's softmax needs only its own scores, so chunks give the same result with a
+/// fraction of the memory (e.g. the VAE's mid-block at 1024² untiled: 1 GiB → 256 MiB).
+pub const ATTENTION_SLICE_BYTES: usize = 256 << 20;
+
 /// Scaled dot-product attention over `[batch, heads, tokens, head_dim]` tensors, as two
 /// batched matmuls around a fused softmax. With `upcast`, scores are computed in f32
-/// (diffusers' `upcast_attention`, which matters for f16/bf16 weights).
+/// (diffusers' `upcast_attention`, which matters for f16/bf16 weights). Sliced by query
+/// rows when the scores would exceed [`ATTENTION_SLICE_BYTES`].
 pub fn scaled_dot_product_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+) -> Result<Tensor> {
+    let tokens = query.dim(D::Minus2)?;
+    let keys = key.dim(D::Minus2)?;
+    let leading = query.elem_count() / (tokens * query.dim(D::Minus1)?).max(1);
+    let score_bytes = leading * tokens * keys * 4;
+    if score_bytes > ATTENTION_SLICE_BYTES && tokens > 1 {
+        let rows = (ATTENTION_SLICE_BYTES / (leading * keys * 4)).clamp(1, tokens);
+        return sliced_attention(query, key, value, mask, upcast, rows);
+    }
+    attention_block(query, key, value, mask, upcast)
+}
+
+/// [`scaled_dot_product_attention`] computed `rows` query rows at a time.
+pub fn sliced_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    mask: Option<&Tensor>,
+    upcast: bool,
+    rows: usize,
+) -> Result<Tensor> {
+    let tokens = query.dim(D::Minus2)?;
+    let mut chunks = Vec::with_capacity(tokens.div_ceil(rows.max(1)));
+    for start in (0..tokens).step_by(rows.max(1)) {
+        let length = rows.min(tokens - start);
+        let query_rows = query.narrow(D::Minus2, start, length)?;
+        // A mask broadcast over the query rows stays whole; a per-row one is cut too.
+        let mask_rows = match mask {
+            Some(mask) if mask.rank() >= 2 && mask.dim(D::Minus2)? == tokens => {
+                Some(mask.narrow(D::Minus2, start, length)?)
+            }
+            other => other.cloned(),
+        };
+        chunks.push(attention_block(&query_rows, key, value, mask_rows.as_ref(), upcast)?);
+    }
+    Tensor::cat(&chunks, query.rank() - 2)
+}
+
+fn attention_block(
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,
@@ -126,6 +177,50 @@ impl Attention {
         let attended = scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
         self.to_out.forward(&merge_heads(&attended)?)
     }
+
+    /// The width of the queries' projection (heads × head_dim), which extra keys and
+    /// values must match.
+    pub fn query_width(&self) -> usize {
+        self.to_q.weight().dim(0).expect("a linear weight is 2-D; this is a bug")
+    }
+
+    /// [`Attention::forward`] that also attends, with the same queries, to each of
+    /// `extras` and adds those results, scaled, before the output projection.
+    pub fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        extras: &[ExtraKeyValues],
+    ) -> Result<Tensor> {
+        if extras.is_empty() {
+            return self.forward(x, context);
+        }
+        let context = context.unwrap_or(x);
+        let query = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let key = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let value = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let attended = scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
+        let mut attended = merge_heads(&attended)?;
+        for extra in extras {
+            let key = split_heads(&extra.key.to_dtype(x.dtype())?, self.heads)?;
+            let value = split_heads(&extra.value.to_dtype(x.dtype())?, self.heads)?;
+            let extra_attended =
+                scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
+            attended = (attended + (merge_heads(&extra_attended)? * extra.scale)?)?;
+        }
+        self.to_out.forward(&attended)
+    }
+}
+
+/// Keys and values a cross-attention layer attends to beside its context, the result
+/// added `scale`-weighted to the context's attention output before the output projection:
+/// IP-Adapter's decoupled cross-attention (diffusers' `IPAdapterAttnProcessor2_0`).
+/// `key` and `value` are `[batch, tokens, heads × head_dim]`, already projected.
+#[derive(Debug, Clone)]
+pub struct ExtraKeyValues {
+    pub key: Tensor,
+    pub value: Tensor,
+    pub scale: f64,
 }
 
 /// diffusers' `ResnetBlock2D` (default time-embedding mode: added after conv1).
@@ -173,7 +268,7 @@ impl ResnetBlock {
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(projection), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = projection.forward(&candle_nn::ops::silu(temb)?)?;
+            let t = linear_per_row(projection, &candle_nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
@@ -232,6 +327,21 @@ impl TimestepMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&candle_nn::ops::silu(&self.linear_1.forward(x)?)?)
+        let hidden = candle_nn::ops::silu(&linear_per_row(&self.linear_1, x)?)?;
+        linear_per_row(&self.linear_2, &hidden)
     }
+}
+
+/// `linear` applied to each row of a `[rows, features]` input on its own. For a few rows
+/// (the batch of a time embedding), gemm's accumulation order depends on the row count,
+/// so one product over all rows would make a row's result depend on its batch; row by
+/// row it does not, and requests batched together get exactly what they get alone.
+pub fn linear_per_row(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    if x.rank() != 2 || rows <= 1 {
+        return linear.forward(x);
+    }
+    let outputs =
+        (0..rows).map(|row| linear.forward(&x.narrow(0, row, 1)?)).collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outputs, 0)
 }

@@ -469,3 +469,35 @@ pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<LoadedModel, M
         }
     }
 }
+
+/// Loads a ControlNet from a diffusers folder (`config.json` +
+/// `diffusion_pytorch_model[.fp16].safetensors`) or a single `.safetensors` file in the
+/// original `control_model.*` layout (see [`single_file::load_controlnet`]).
+pub fn load_controlnet(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<super::controlnet::ControlNet, ModelError> {
+    use super::controlnet::{ControlNet, ControlNetConfig};
+    if is_pickle(path) {
+        return Err(ModelError::PickleRefused(path.to_path_buf()));
+    }
+    if !path.exists() {
+        return Err(ModelError::NotFound(path.to_path_buf()));
+    }
+    let (config_value, config_path, vb) = if path.is_dir() {
+        let config_path = path.join("config.json");
+        let value: Value = read_json(&config_path)?;
+        let files = component_weights(path, "diffusion_pytorch_model", dtype)?;
+        (value, config_path, mmap_var_builder(&files, dtype, device)?)
+    } else {
+        let (value, tensors) = single_file::load_controlnet(path, device, dtype)?;
+        let config_path = single_file::sidecar_path(path);
+        (value, config_path, VarBuilder::from_tensors(tensors, dtype, device))
+    };
+    let config: ControlNetConfig = parse_config(&config_value, &config_path, "controlnet")?;
+    config
+        .check_supported()
+        .map_err(|reason| ModelError::BadConfig { path: config_path.clone(), reason })?;
+    ControlNet::new(vb, &config).map_err(weights_error("controlnet"))
+}

@@ -1,13 +1,18 @@
-//! The networks (CLIP text encoders, UNet, VAE), configured from each component's
+//! The networks (CLIP text encoders, UNet, VAE, T2I-Adapter), configured from each component's
 //! diffusers `config.json`, and the loaders for the layouts users have on disk.
 
 pub mod clip;
+pub mod clip_vision;
 pub mod common;
+pub mod controlnet;
+pub mod ip_adapter;
 pub mod layers;
 pub mod loader;
 pub mod single_file;
+pub mod t2i_adapter;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiling;
 
 /// The model families sdserve runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -6,6 +6,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+pub use super::common::ExtraKeyValues;
 use super::common::{
     conv2d, group_norm, timestep_embedding, Attention, Conv2d, GroupNorm, PerBlock, ResnetBlock,
     TimestepMlp,
@@ -188,6 +189,21 @@ impl UNetResiduals {
     }
 }
 
+/// Extra keys and values for the cross-attention layers (IP-Adapter image tokens):
+/// `layers[i]` serves the i-th cross-attention layer in diffusers' processor order (down
+/// blocks, up blocks, then the mid block; see [`UNet::cross_attention_widths`]), one
+/// entry per adapter. Layers without an entry attend to the text only.
+#[derive(Debug, Clone, Default)]
+pub struct CrossAttentionExtras {
+    pub layers: Vec<Vec<ExtraKeyValues>>,
+}
+
+impl CrossAttentionExtras {
+    fn for_layer(&self, index: usize) -> &[ExtraKeyValues] {
+        self.layers.get(index).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
 #[derive(Debug, Clone)]
 struct FeedForward {
     project_in: Linear,
@@ -221,6 +237,8 @@ struct TransformerBlock {
     attn2: Attention,
     norm3: LayerNorm,
     ff: FeedForward,
+    /// Position of `attn2` in diffusers' processor order (set by the UNet).
+    cross_index: usize,
 }
 
 impl TransformerBlock {
@@ -247,12 +265,23 @@ impl TransformerBlock {
             )?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
+            cross_index: 0,
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Self-attention, cross-attention to `context` (and to `extras`' keys/values for
+    /// this block's layer), feed-forward; each residual.
+    fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        extras: Option<&CrossAttentionExtras>,
+    ) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let extra = extras.map(|e| e.for_layer(self.cross_index)).unwrap_or(&[]);
+        let cross =
+            self.attn2.forward_with_extras(&self.norm2.forward(&x)?, Some(context), extra)?;
+        let x = (cross + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
     }
 }
@@ -312,7 +341,34 @@ impl SpatialTransformer {
         })
     }
 
+    fn from_shape(
+        vb: VarBuilder,
+        channels: usize,
+        shape: &AttentionShape,
+        groups: usize,
+    ) -> Result<Self> {
+        SpatialTransformer::new(
+            vb,
+            channels,
+            shape.heads,
+            shape.layers,
+            shape.context_dim,
+            groups,
+            shape.linear_projection,
+            shape.upcast,
+        )
+    }
+
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with_extras(x, context, None)
+    }
+
+    fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        extras: Option<&CrossAttentionExtras>,
+    ) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let residual = x;
         let h = self.norm.forward(x)?;
@@ -324,7 +380,7 @@ impl SpatialTransformer {
             Projection::Linear(linear) => linear.forward(&to_tokens(h)?)?,
         };
         for block in &self.blocks {
-            h = block.forward(&h, context)?;
+            h = block.forward_with_extras(&h, context, extras)?;
         }
         let to_image = |t: Tensor| -> Result<Tensor> {
             t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous()
@@ -337,11 +393,100 @@ impl SpatialTransformer {
     }
 }
 
+/// The attention of a block: a `Transformer2DModel` per resnet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionShape {
+    pub heads: usize,
+    /// Transformer blocks per `Transformer2DModel`.
+    pub layers: usize,
+    pub context_dim: usize,
+    pub linear_projection: bool,
+    pub upcast: bool,
+}
+
+/// The shape of one down block (`DownBlock2D`, or `CrossAttnDownBlock2D` with attention).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DownBlockShape {
+    pub input_channels: usize,
+    pub output_channels: usize,
+    /// Resnets (and attentions) in the block.
+    pub layers: usize,
+    pub time_embed_dim: usize,
+    pub groups: usize,
+    pub eps: f64,
+    pub attention: Option<AttentionShape>,
+    /// The downsampler's padding; `None` for the last block, which has none.
+    pub downsample_padding: Option<usize>,
+}
+
+/// diffusers' `DownBlock2D` / `CrossAttnDownBlock2D`, shared by the UNet and ControlNet.
 #[derive(Debug, Clone)]
-struct DownBlock {
+pub(crate) struct DownBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
     downsampler: Option<Conv2d>,
+}
+
+impl DownBlock {
+    pub(crate) fn new(vb: VarBuilder, shape: &DownBlockShape) -> Result<Self> {
+        let mut resnets = Vec::new();
+        let mut attentions = Vec::new();
+        for j in 0..shape.layers {
+            let resnet_in = if j == 0 { shape.input_channels } else { shape.output_channels };
+            resnets.push(ResnetBlock::new(
+                vb.pp(format!("resnets.{j}")),
+                resnet_in,
+                shape.output_channels,
+                Some(shape.time_embed_dim),
+                shape.groups,
+                shape.eps,
+            )?);
+            if let Some(attention) = &shape.attention {
+                attentions.push(SpatialTransformer::from_shape(
+                    vb.pp(format!("attentions.{j}")),
+                    shape.output_channels,
+                    attention,
+                    shape.groups,
+                )?);
+            }
+        }
+        let downsampler = match shape.downsample_padding {
+            Some(padding) => Some(conv2d(
+                vb.pp("downsamplers.0.conv"),
+                shape.output_channels,
+                shape.output_channels,
+                3,
+                padding,
+                2,
+            )?),
+            None => None,
+        };
+        Ok(DownBlock { resnets, attentions, downsampler })
+    }
+
+    /// Runs the block, pushing every output that becomes a skip connection (one per
+    /// resnet, plus the downsampler's) onto `skips`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(&x, Some(temb))?;
+            if let Some(attention) = self.attentions.get(j) {
+                x = attention.forward(&x, context)?;
+            }
+            skips.push(x.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            x = downsampler.forward(&x)?;
+            skips.push(x.clone());
+        }
+        Ok(x)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -351,11 +496,64 @@ struct UpBlock {
     upsampler: Option<Conv2d>,
 }
 
+/// diffusers' `UNetMidBlock2DCrossAttn` (resnet, attention, resnet) or, without
+/// attention, `UNetMidBlock2D` with no layers (one resnet), as some ControlNets have.
 #[derive(Debug, Clone)]
-struct MidBlock {
+pub(crate) struct MidBlock {
     resnet_in: ResnetBlock,
-    attention: SpatialTransformer,
-    resnet_out: ResnetBlock,
+    attention: Option<SpatialTransformer>,
+    resnet_out: Option<ResnetBlock>,
+}
+
+impl MidBlock {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        time_embed_dim: usize,
+        groups: usize,
+        eps: f64,
+        attention: Option<AttentionShape>,
+    ) -> Result<Self> {
+        let resnet = |name: &str| {
+            ResnetBlock::new(vb.pp(name), channels, channels, Some(time_embed_dim), groups, eps)
+        };
+        let resnet_in = resnet("resnets.0")?;
+        let Some(attention) = attention else {
+            return Ok(MidBlock { resnet_in, attention: None, resnet_out: None });
+        };
+        Ok(MidBlock {
+            resnet_in,
+            attention: Some(SpatialTransformer::from_shape(
+                vb.pp("attentions.0"),
+                channels,
+                &attention,
+                groups,
+            )?),
+            resnet_out: Some(resnet("resnets.1")?),
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.forward_with_extras(x, temb, context, None)
+    }
+
+    /// [`MidBlock::forward`] whose cross-attention also attends to `extras`.
+    fn forward_with_extras(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        extras: Option<&CrossAttentionExtras>,
+    ) -> Result<Tensor> {
+        let mut x = self.resnet_in.forward(x, Some(temb))?;
+        if let Some(attention) = &self.attention {
+            x = attention.forward_with_extras(&x, context, extras)?;
+        }
+        if let Some(resnet) = &self.resnet_out {
+            x = resnet.forward(&x, Some(temb))?;
+        }
+        Ok(x)
+    }
 }
 
 /// The denoising UNet.
@@ -406,80 +604,44 @@ impl UNet {
         for (i, kind) in config.down_block_types.iter().enumerate() {
             let input_channels = output_channels;
             output_channels = channels[i];
-            let vb_block = vb.pp(format!("down_blocks.{i}"));
-            let cross = kind == "CrossAttnDownBlock2D";
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..layers_per_block[i] {
-                let resnet_in = if j == 0 { input_channels } else { output_channels };
-                resnets.push(ResnetBlock::new(
-                    vb_block.pp(format!("resnets.{j}")),
-                    resnet_in,
+            let attention = (kind == "CrossAttnDownBlock2D").then(|| AttentionShape {
+                heads: heads[i],
+                layers: transformer_layers[i],
+                context_dim: context_dims[i],
+                linear_projection: linear,
+                upcast,
+            });
+            down_blocks.push(DownBlock::new(
+                vb.pp(format!("down_blocks.{i}")),
+                &DownBlockShape {
+                    input_channels,
                     output_channels,
-                    Some(time_embed_dim),
+                    layers: layers_per_block[i],
+                    time_embed_dim,
                     groups,
                     eps,
-                )?);
-                if cross {
-                    attentions.push(SpatialTransformer::new(
-                        vb_block.pp(format!("attentions.{j}")),
-                        output_channels,
-                        heads[i],
-                        transformer_layers[i],
-                        context_dims[i],
-                        groups,
-                        linear,
-                        upcast,
-                    )?);
-                }
-            }
-            let downsampler = if i + 1 < blocks {
-                let padding = config.downsample_padding.unwrap_or(1);
-                Some(conv2d(
-                    vb_block.pp("downsamplers.0.conv"),
-                    output_channels,
-                    output_channels,
-                    3,
-                    padding,
-                    2,
-                )?)
-            } else {
-                None
-            };
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+                    attention,
+                    downsample_padding: (i + 1 < blocks)
+                        .then(|| config.downsample_padding.unwrap_or(1)),
+                },
+            )?);
         }
 
         let last = blocks - 1;
-        let mid_channels = channels[last];
-        let vb_mid = vb.pp("mid_block");
-        let mid_block = MidBlock {
-            resnet_in: ResnetBlock::new(
-                vb_mid.pp("resnets.0"),
-                mid_channels,
-                mid_channels,
-                Some(time_embed_dim),
-                groups,
-                eps,
-            )?,
-            attention: SpatialTransformer::new(
-                vb_mid.pp("attentions.0"),
-                mid_channels,
-                heads[last],
-                transformer_layers[last],
-                context_dims[last],
-                groups,
-                linear,
+        let mid_block = MidBlock::new(
+            vb.pp("mid_block"),
+            channels[last],
+            time_embed_dim,
+            groups,
+            eps,
+            Some(AttentionShape {
+                heads: heads[last],
+                layers: transformer_layers[last],
+                context_dim: context_dims[last],
+                linear_projection: linear,
                 upcast,
-            )?,
-            resnet_out: ResnetBlock::new(
-                vb_mid.pp("resnets.1"),
-                mid_channels,
-                mid_channels,
-                Some(time_embed_dim),
-                groups,
-                eps,
-            )?,
-        };
+            }),
+        )?;
 
         let reversed_channels: Vec<usize> = channels.iter().rev().copied().collect();
         let reversed_heads: Vec<usize> = heads.iter().rev().copied().collect();
@@ -537,7 +699,7 @@ impl UNet {
             up_blocks.push(UpBlock { resnets, attentions, upsampler });
         }
 
-        Ok(UNet {
+        let mut unet = UNet {
             conv_in,
             time_embedding,
             add_embedding,
@@ -547,7 +709,32 @@ impl UNet {
             conv_norm_out: group_norm(groups, channels[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(vb.pp("conv_out"), channels[0], config.out_channels, 3, 1, 1)?,
             config: config.clone(),
-        })
+        };
+        for (index, block) in unet.transformer_blocks_in_processor_order().into_iter().enumerate() {
+            block.cross_index = index;
+        }
+        Ok(unet)
+    }
+
+    /// Every transformer block in diffusers' attention-processor order: down blocks, up
+    /// blocks, then the mid block (the order `UNet2DConditionModel` registers them in,
+    /// which numbers IP-Adapter layers).
+    fn transformer_blocks_in_processor_order(&mut self) -> Vec<&mut TransformerBlock> {
+        let down = self.down_blocks.iter_mut().flat_map(|b| b.attentions.iter_mut());
+        let up = self.up_blocks.iter_mut().flat_map(|b| b.attentions.iter_mut());
+        let mid = self.mid_block.attention.iter_mut();
+        down.chain(up).chain(mid).flat_map(|t| t.blocks.iter_mut()).collect()
+    }
+
+    /// The channel width of every cross-attention layer, in diffusers' processor order
+    /// (what [`CrossAttentionExtras::layers`] is indexed by).
+    pub fn cross_attention_widths(&self) -> Vec<usize> {
+        let width = |t: &SpatialTransformer| -> Vec<usize> {
+            t.blocks.iter().map(|b| b.attn2.query_width()).collect()
+        };
+        let down = self.down_blocks.iter().flat_map(|b| b.attentions.iter());
+        let up = self.up_blocks.iter().flat_map(|b| b.attentions.iter());
+        down.chain(up).chain(self.mid_block.attention.iter()).flat_map(width).collect()
     }
 
     pub fn config(&self) -> &UNetConfig {
@@ -575,6 +762,20 @@ impl UNet {
         context: &Tensor,
         added: Option<&AddedConditions>,
         residuals: &UNetResiduals,
+    ) -> Result<Tensor> {
+        self.forward_with_adapters(sample, timestep, context, added, residuals, None)
+    }
+
+    /// [`UNet::forward_with_residuals`] whose cross-attention layers also attend to
+    /// `extras` (IP-Adapter image tokens).
+    pub fn forward_with_adapters(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+        residuals: &UNetResiduals,
+        extras: Option<&CrossAttentionExtras>,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let dtype = sample.dtype();
@@ -624,7 +825,7 @@ impl UNet {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 x = resnet.forward(&x, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(&x, context)?;
+                    x = attention.forward_with_extras(&x, context, extras)?;
                 }
                 if let (true, Some(feature)) = (j == last, inside) {
                     x = x.broadcast_add(feature)?;
@@ -644,9 +845,7 @@ impl UNet {
             }
         }
 
-        x = self.mid_block.resnet_in.forward(&x, Some(&temb))?;
-        x = self.mid_block.attention.forward(&x, context)?;
-        x = self.mid_block.resnet_out.forward(&x, Some(&temb))?;
+        x = self.mid_block.forward_with_extras(&x, &temb, context, extras)?;
         if let Some(feature) = intrablock.next() {
             if feature.dims() == x.dims() {
                 x = (x + feature)?;
@@ -674,7 +873,7 @@ impl UNet {
                 let skip = skips.pop().expect("skip connections match the blocks; this is a bug");
                 x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
                 if let Some(attention) = block.attentions.get(j) {
-                    x = attention.forward(&x, context)?;
+                    x = attention.forward_with_extras(&x, context, extras)?;
                 }
             }
             if let Some(upsampler) = &block.upsampler {

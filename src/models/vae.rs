@@ -38,6 +38,10 @@ pub struct VaeConfig {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// The image size the VAE was made for (a number or `[height, width]`); the tile
+    /// size of tiled encode/decode.
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
 }
 
 fn default_image_channels() -> usize {

@@ -10,17 +10,29 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::image_input::{self, ImageConditioning};
+use super::memory::{MemorySettings, VaeTiling};
+use super::t2i_adapter::{adapter_features, FeatureContext};
 use super::text::{tokenizer_from, EncoderStage, PromptContext, PromptEncoder, TextConditioning};
 use super::{GeneratedImage, GenerationRequest, ModelDefaults, StepObserver};
+use crate::adapters::controlnet::ControlNetLibrary;
+use crate::adapters::ip_adapter::{IpAdapterCache, IpAdapterLibrary};
 use crate::adapters::lora::targets::{patch_weights, with_overrides, Component, ModuleTable};
 use crate::adapters::lora::{LoraError, LoraLibrary};
+use crate::adapters::t2i::T2IAdapterLibrary;
 use crate::error::{ModelError, PipelineError, ValidationError};
 use crate::models::clip::ClipTextModel;
+use crate::models::controlnet::{ControlNet, ControlScale};
 use crate::models::loader::{self, ModelLayout, NetworkWeights};
-use crate::models::unet::{AddedConditions, UNet};
+use crate::models::unet::{
+    AddedConditions, CrossAttentionExtras, ExtraKeyValues, UNet, UNetResiduals,
+};
 use crate::models::vae::AutoencoderKl;
+use crate::models::vae_tiling::{self, TileLayout};
 use crate::models::ModelFamily;
 use crate::samplers::{Sampler, SchedulerConfig, TorchGenerator};
+
+mod batch;
+pub use batch::BatchKey;
 
 /// Where and in which precision a model runs.
 #[derive(Debug, Clone)]
@@ -56,6 +68,16 @@ pub struct Pipeline {
     lora_targets: ModuleTable,
     /// Where request LoRA names resolve (empty: none do).
     loras: Arc<LoraLibrary>,
+    /// Where request T2I-Adapter names resolve (empty: none do).
+    t2i_adapters: Arc<T2IAdapterLibrary>,
+    /// Where request ControlNet names resolve (empty: none do).
+    controlnets: Arc<ControlNetLibrary>,
+    /// Where IP-Adapter names the server or CLI did not resolve resolve (empty: none do).
+    ip_adapter_library: Arc<IpAdapterLibrary>,
+    /// IP-Adapters loaded onto this pipeline's device.
+    ip_adapter_cache: IpAdapterCache,
+    /// When `vae_tiling: auto` tiles.
+    memory: MemorySettings,
 }
 
 /// The networks one request runs with where its LoRAs change them; `None` = the base.
@@ -125,6 +147,10 @@ impl Pipeline {
             weights: loaded.weights,
             lora_targets,
             loras: Arc::new(LoraLibrary::default()),
+            t2i_adapters: Arc::new(T2IAdapterLibrary::default()),
+            controlnets: Arc::new(ControlNetLibrary::default()),
+            ip_adapter_library: Arc::default(),
+            ip_adapter_cache: IpAdapterCache::default(),
             defaults: defaults_from(name, &loaded.layout),
             layout: loaded.layout,
             prompts,
@@ -134,6 +160,7 @@ impl Pipeline {
             device: options.device.clone(),
             dtype: options.dtype,
             prompt_context: PromptContext::default(),
+            memory: MemorySettings::default(),
         })
     }
 
@@ -143,9 +170,182 @@ impl Pipeline {
         self
     }
 
+    /// Lets requests name the T2I-Adapters of `library`.
+    pub fn with_t2i_adapter_library(mut self, library: Arc<T2IAdapterLibrary>) -> Pipeline {
+        self.t2i_adapters = library;
+        self
+    }
+
+    /// Lets requests name the IP-Adapters of `library` (names the server or CLI already
+    /// resolved to a path need no library).
+    pub fn with_ip_adapter_library(mut self, library: Arc<IpAdapterLibrary>) -> Pipeline {
+        self.ip_adapter_library = library;
+        self
+    }
+
+    /// The image tokens of the request's IP-Adapters, projected to keys and values for
+    /// every cross-attention layer of `unet`, laid out like the guidance batch
+    /// (`[unconditional × n, conditional × n]`, as diffusers'
+    /// `prepare_ip_adapter_image_embeds`). `None` without adapters.
+    fn ip_adapter_extras(
+        &self,
+        request: &GenerationRequest,
+        unet: &UNet,
+        n: usize,
+        guided: bool,
+    ) -> Result<Option<CrossAttentionExtras>, PipelineError> {
+        if request.ip_adapters.is_empty() {
+            return Ok(None);
+        }
+        let widths = unet.cross_attention_widths();
+        let context_width = unet.config().cross_attention_dim.for_block(0).unwrap_or(0);
+        let mut layers: Vec<Vec<ExtraKeyValues>> = vec![Vec::new(); widths.len()];
+        for (index, choice) in request.ip_adapters.iter().enumerate() {
+            let field = format!("ip_adapters[{index}].model");
+            let invalid = |message: String| -> PipelineError {
+                ValidationError::new(field.clone(), message).into()
+            };
+            let path = match &choice.path {
+                Some(path) => path.clone(),
+                None => self
+                    .ip_adapter_library
+                    .resolve(&choice.model)
+                    .map_err(|e| invalid(e.to_string()))?,
+            };
+            let adapter = self
+                .ip_adapter_cache
+                .load(&path, &self.device, self.dtype)
+                .map_err(|e| invalid(e.to_string()))?;
+            let adapter_widths = adapter.weights.layer_widths();
+            if adapter_widths != widths || adapter.weights.cross_attention_dim != context_width {
+                return Err(invalid(format!(
+                    "IP-Adapter {:?} does not fit this model: it has {} attention layers of \
+                     widths {adapter_widths:?} for {}-wide context, the model {} of widths \
+                     {widths:?} for {context_width}-wide context (an adapter for another \
+                     model family?)",
+                    choice.model,
+                    adapter_widths.len(),
+                    adapter.weights.cross_attention_dim,
+                    widths.len()
+                )));
+            }
+            // diffusers skips an adapter whose scale is 0; the load above still checks it.
+            if choice.scale == 0.0 {
+                continue;
+            }
+            let (conditional, unconditional) = adapter.image_tokens(&choice.images)?;
+            let conditional = conditional.repeat((n, 1, 1))?;
+            let tokens = if guided {
+                Tensor::cat(&[unconditional.repeat((n, 1, 1))?, conditional], 0)?
+            } else {
+                conditional
+            };
+            for (layer, (key, value)) in layers.iter_mut().zip(adapter.weights.key_values(&tokens)?)
+            {
+                layer.push(ExtraKeyValues { key, value, scale: choice.scale });
+            }
+        }
+        Ok(Some(CrossAttentionExtras { layers }))
+    }
+
+    /// Sets the deployment's memory settings (when `vae_tiling: auto` tiles).
+    pub fn set_memory_settings(&mut self, memory: MemorySettings) {
+        self.memory = memory;
+    }
+
+    /// The tile layout a `width × height` request's VAE passes use under `mode`; `None`
+    /// when they run untiled.
+    pub fn vae_tile_layout(&self, mode: VaeTiling, width: u32, height: u32) -> Option<TileLayout> {
+        mode.applies(width, height, &self.memory).then(|| {
+            let mut layout = TileLayout::from_config(self.vae.config());
+            if let Some(pixels) = self.memory.vae_tile_pixels {
+                let scale = (layout.sample_tile / layout.latent_tile).max(1);
+                layout.latent_tile = (pixels / scale).max(1);
+                layout.sample_tile = layout.latent_tile * scale;
+            }
+            layout
+        })
+    }
+
     /// The LoRA library requests resolve names in.
     pub fn lora_library(&self) -> &Arc<LoraLibrary> {
         &self.loras
+    }
+
+    /// Lets requests name the ControlNets of `library`.
+    pub fn with_controlnet_library(mut self, library: Arc<ControlNetLibrary>) -> Pipeline {
+        self.controlnets = library;
+        self
+    }
+
+    /// Loads the request's ControlNets (checking that each fits this model) and embeds
+    /// their control images, as diffusers' ControlNet pipelines prepare them: RGB in
+    /// [0, 1], no normalisation.
+    fn prepare_controlnets(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<Vec<PreparedControlNet>, PipelineError> {
+        let unet = self.unet.config();
+        let blocks = unet.block_out_channels.len();
+        let unet_layers = unet.layers_per_block.expand(blocks, "layers_per_block")?;
+        let unet_context = unet.cross_attention_dim.for_block(0);
+        let (width, height) = (request.width as usize, request.height as usize);
+        request
+            .controlnets
+            .iter()
+            .enumerate()
+            .map(|(index, unit)| {
+                let field = format!("controlnets[{index}].model");
+                let model = self
+                    .controlnets
+                    .load(&unit.model, &self.device, self.dtype)
+                    .map_err(|e| ValidationError::new(field.clone(), e.to_string()))?;
+                let config = model.config();
+                let layers = config.layers_per_block.expand(blocks, "layers_per_block").ok();
+                let fits = config.block_out_channels == unet.block_out_channels
+                    && layers.as_ref() == Some(&unet_layers)
+                    && config.context_width() == unet_context
+                    && config.uses_text_time() == unet.uses_text_time()
+                    && config.in_channels == self.vae.config().latent_channels;
+                if !fits {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "ControlNet {:?} was made for another model family or size \
+                             (blocks {:?}, context width {:?}); this model has blocks {:?}, \
+                             context width {:?}",
+                            unit.model,
+                            config.block_out_channels,
+                            config.context_width(),
+                            unet.block_out_channels,
+                            unet_context
+                        ),
+                    )
+                    .into());
+                }
+                if config.conditioning_channels != 3 {
+                    return Err(ValidationError::new(
+                        field,
+                        format!(
+                            "ControlNet {:?} takes {} conditioning channels; only RGB (3) \
+                             control images are supported",
+                            unit.model, config.conditioning_channels
+                        ),
+                    )
+                    .into());
+                }
+                let pixels = Tensor::from_vec(
+                    unit.image_rgb.iter().map(|&v| v as f32 / 255.0).collect::<Vec<_>>(),
+                    (height, width, 3),
+                    &self.device,
+                )?
+                .permute((2, 0, 1))?
+                .unsqueeze(0)?
+                .to_dtype(self.dtype)?;
+                let condition = model.embed_condition(&pixels)?;
+                Ok(PreparedControlNet { model, condition, unit: unit.clone() })
+            })
+            .collect()
     }
 
     /// Builds the UNet / text encoders that `request`'s LoRAs change, from the base
@@ -361,6 +561,8 @@ impl Pipeline {
             None
         };
 
+        let ip_extras = self.ip_adapter_extras(request, unet, n, guided)?;
+
         let latent_channels = self.vae.config().latent_channels;
         let in_channels = self.unet.config().in_channels;
         let masked = request.image.as_ref().is_some_and(|image| image.mask.is_some());
@@ -380,8 +582,15 @@ impl Pipeline {
             return Err(ValidationError::new("model", reason).into());
         }
         let steps = request.steps as usize;
-        let mut sampler =
-            request.sampler.build_with(&self.scheduler, steps, &request.sampler_options())?;
+        // A sampler that cannot run this request on this model's schedule (e.g. LCM asked
+        // for more steps than its distillation schedule has) is the request's problem.
+        let mut sampler = request
+            .sampler
+            .build_with(&self.scheduler, steps, &request.sampler_options())
+            .map_err(|error| {
+                let error = crate::error::without_backtrace(error);
+                ValidationError::new("sampler", format!("{}: {error}", request.sampler.id()))
+            })?;
         let mut generators: Vec<TorchGenerator> =
             (0..n).map(|i| TorchGenerator::new(request.seed.wrapping_add(i as u64))).collect();
         let latent_shape =
@@ -405,7 +614,23 @@ impl Pipeline {
             )?,
         };
         let ImageStart { start, mut latents, blend, extra_channels } = start;
+        let feature_context = FeatureContext {
+            library: &self.t2i_adapters,
+            unet: unet.config(),
+            width: request.width,
+            height: request.height,
+            images: n,
+            guided,
+            device: &self.device,
+            dtype: self.dtype,
+        };
+        // T2I-Adapter features are the same at every step; ControlNet residuals are not.
+        let adapter_features = adapter_features(&request.t2i_adapters, &feature_context)?;
 
+        let controlnets = self.prepare_controlnets(request)?;
+        // diffusers' `guess_mode or controlnet.config.global_pool_conditions` (first net).
+        let guess_mode = request.guess_mode
+            || controlnets.first().is_some_and(|c| c.model.config().global_pool_conditions);
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len() - start;
         for (index, &timestep) in timesteps.iter().enumerate().skip(start) {
@@ -415,11 +640,37 @@ impl Pipeline {
             let model_input =
                 if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let mut model_input = sampler.scale_model_input(&model_input, index)?;
+            let mut residuals = if controlnets.is_empty() {
+                UNetResiduals::default()
+            } else {
+                let step = ControlStep {
+                    latents: &latents,
+                    model_input: &model_input,
+                    sampler: sampler.as_ref(),
+                    index,
+                    position: (index - start, total),
+                    timestep,
+                    context: &context,
+                    added: added.as_ref(),
+                    guided,
+                    guess_mode,
+                    images: n,
+                };
+                self.control_residuals(&controlnets, &step)?
+            };
+            residuals.down_intrablock = adapter_features.clone();
             if let Some(extra) = &extra_channels {
                 model_input = Tensor::cat(&[&model_input, extra], 1)?;
             }
             let prediction = unet
-                .forward(&model_input.to_dtype(self.dtype)?, timestep, &context, added.as_ref())?
+                .forward_with_adapters(
+                    &model_input.to_dtype(self.dtype)?,
+                    timestep,
+                    &context,
+                    added.as_ref(),
+                    &residuals,
+                    ip_extras.as_ref(),
+                )?
                 .to_dtype(DType::F32)?;
             let guided_prediction = if guided {
                 let unconditional = prediction.narrow(0, 0, n)?;
@@ -451,6 +702,80 @@ impl Pipeline {
         Ok(latents)
     }
 
+    /// The summed residuals of the request's ControlNets for one step, as diffusers'
+    /// ControlNet pipelines compute them: each net's scale times its guidance-window keep
+    /// (`1 - (i / steps < start or (i + 1) / steps > end)`, over the steps this run
+    /// takes); in guess mode with guidance the nets see only the prompt's half of the
+    /// batch and add zeros to the unconditional half. Nets whose scale is 0 this step are
+    /// skipped (diffusers adds their zeros).
+    fn control_residuals(
+        &self,
+        controlnets: &[PreparedControlNet],
+        step: &ControlStep<'_>,
+    ) -> Result<UNetResiduals, PipelineError> {
+        let (position, steps) = step.position;
+        let conditional_only = step.guess_mode && step.guided;
+        let n = step.images;
+        let (input, context, added) = if conditional_only {
+            let input = step.sampler.scale_model_input(step.latents, step.index)?;
+            let added = match step.added {
+                Some(added) => Some(AddedConditions {
+                    text_embeds: added.text_embeds.narrow(0, n, n)?,
+                    time_ids: added.time_ids.narrow(0, n, n)?,
+                }),
+                None => None,
+            };
+            (input, step.context.narrow(0, n, n)?, added)
+        } else {
+            (step.model_input.clone(), step.context.clone(), step.added.cloned())
+        };
+        let input = input.to_dtype(self.dtype)?;
+        let mut sum: Option<(Vec<Tensor>, Tensor)> = None;
+        for prepared in controlnets {
+            let unit = &prepared.unit;
+            let outside = (position as f64 / steps as f64) < unit.start
+                || ((position + 1) as f64 / steps as f64) > unit.end;
+            let scale = if outside { 0.0 } else { unit.scale };
+            if scale == 0.0 {
+                continue;
+            }
+            let residuals = prepared.model.forward(
+                &input,
+                step.timestep,
+                &context,
+                added.as_ref(),
+                &prepared.condition,
+                ControlScale { scale, guess_mode: step.guess_mode },
+            )?;
+            let down = residuals.down_block.expect("ControlNets fill down_block; this is a bug");
+            let mid = residuals.mid_block.expect("ControlNets fill mid_block; this is a bug");
+            sum = Some(match sum {
+                None => (down, mid),
+                Some((total_down, total_mid)) => (
+                    total_down
+                        .iter()
+                        .zip(&down)
+                        .map(|(a, b)| a.broadcast_add(b))
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                    total_mid.broadcast_add(&mid)?,
+                ),
+            });
+        }
+        let Some((mut down, mut mid)) = sum else {
+            return Ok(UNetResiduals::default());
+        };
+        if conditional_only {
+            let with_zeros = |t: &Tensor| -> candle_core::Result<Tensor> {
+                // Pooled residuals are [n, C, 1, 1]; widen before pairing with zeros.
+                let t = t.broadcast_as(t.dims())?.contiguous()?;
+                Tensor::cat(&[&t.zeros_like()?, &t], 0)
+            };
+            down = down.iter().map(with_zeros).collect::<candle_core::Result<Vec<_>>>()?;
+            mid = with_zeros(&mid)?;
+        }
+        Ok(UNetResiduals { down_block: Some(down), mid_block: Some(mid), down_intrablock: None })
+    }
+
     /// img2img / inpainting start, as diffusers' `StableDiffusionImg2ImgPipeline` and
     /// `StableDiffusionInpaintPipeline` prepare it: the init image VAE-encoded and sampled
     /// from its latent distribution, noised to the first step `strength` keeps
@@ -466,7 +791,7 @@ impl Pipeline {
         guided: bool,
     ) -> Result<ImageStart, PipelineError> {
         let steps = request.steps as usize;
-        let kept_steps = ((steps as f64 * image.strength) as usize).min(steps);
+        let kept_steps = request.denoising_steps();
         if kept_steps == 0 {
             return Err(ValidationError::new(
                 "strength",
@@ -490,7 +815,12 @@ impl Pipeline {
         // 9-channel models at full strength start from pure noise: diffusers skips the
         // encoder sample (and its draw) there.
         let encode_init = !(inpainting_unet && full_strength);
-        let init = if encode_init { Some(self.encode_distribution(&pixels)?) } else { None };
+        let tiling = self.vae_tile_layout(request.vae_tiling, request.width, request.height);
+        let init = if encode_init {
+            Some(self.encode_distribution(&pixels, tiling.as_ref())?)
+        } else {
+            None
+        };
         let latent_shape = (1, self.vae.config().latent_channels, height / 8, width / 8);
         let mut image_latents = Vec::new();
         let mut noises = Vec::new();
@@ -532,7 +862,7 @@ impl Pipeline {
         )?;
         let masked_pixels = pixels.broadcast_mul(&keep)?;
         if inpainting_unet {
-            let masked = self.encode_distribution(&masked_pixels)?;
+            let masked = self.encode_distribution(&masked_pixels, tiling.as_ref())?;
             let masked_latents = generators
                 .iter_mut()
                 .map(|g| masked.sample(g, self.vae.config()))
@@ -560,9 +890,15 @@ impl Pipeline {
         })
     }
 
-    /// The VAE's latent distribution of images in [-1, 1] (`[1, 3, H, W]`), in f32.
-    fn encode_distribution(&self, pixels: &Tensor) -> Result<EncodedImage, PipelineError> {
-        let distribution = self.vae.encode(&pixels.to_dtype(self.vae_dtype())?)?;
+    /// The VAE's latent distribution of images in [-1, 1] (`[1, 3, H, W]`), in f32, tiled
+    /// when `tiling` is given.
+    fn encode_distribution(
+        &self,
+        pixels: &Tensor,
+        tiling: Option<&TileLayout>,
+    ) -> Result<EncodedImage, PipelineError> {
+        let pixels = pixels.to_dtype(self.vae_dtype())?;
+        let distribution = vae_tiling::encode(&self.vae, &pixels, tiling)?;
         let mean = distribution.mean.to_dtype(DType::F32)?;
         let std = (distribution.logvar.to_dtype(DType::F32)? * 0.5)?.exp()?;
         Ok(EncodedImage { mean, std })
@@ -571,12 +907,23 @@ impl Pipeline {
     /// Decodes final latents to 8-bit RGB images (row-major, one `Vec` per image), as
     /// diffusers' image processor does: `round(clamp(x / 2 + 0.5, 0, 1) * 255)`.
     pub fn decode_latents_to_rgb(&self, latents: &Tensor) -> Result<Vec<Vec<u8>>, PipelineError> {
+        self.decode_latents_to_rgb_tiled(latents, None)
+    }
+
+    /// [`Pipeline::decode_latents_to_rgb`], one image at a time (VAE slicing) and tiled
+    /// when `tiling` is given.
+    pub fn decode_latents_to_rgb_tiled(
+        &self,
+        latents: &Tensor,
+        tiling: Option<&TileLayout>,
+    ) -> Result<Vec<Vec<u8>>, PipelineError> {
         let vae_dtype = self.vae_dtype();
         let mut scaled = (latents / self.vae.config().scaling_factor)?;
         if let Some(shift) = self.vae.config().shift_factor {
             scaled = (scaled + shift)?;
         }
-        let decoded = self.vae.decode(&scaled.to_dtype(vae_dtype)?)?.to_dtype(DType::F32)?;
+        let decoded = vae_tiling::decode(&self.vae, &scaled.to_dtype(vae_dtype)?, tiling)?
+            .to_dtype(DType::F32)?;
         let images = ((decoded * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
         let images = (images * 255.0)?.permute((0, 2, 3, 1))?.to_device(&Device::Cpu)?;
         let count = images.dim(0)?;
@@ -649,18 +996,21 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Benchmark hook: one VAE decode at the request's size.
+    /// Benchmark hook: one VAE decode at the request's size (tiled as the request's
+    /// `vae_tiling` says).
     pub fn bench_vae_decode(
         &self,
         request: &GenerationRequest,
     ) -> Result<Vec<Vec<u8>>, PipelineError> {
+        let tiling = self.vae_tile_layout(request.vae_tiling, request.width, request.height);
         let shape = (
             1,
             self.vae.config().latent_channels,
             request.height as usize / 8,
             request.width as usize / 8,
         );
-        self.decode_latents_to_rgb(&Tensor::zeros(shape, DType::F32, &self.device)?)
+        let latents = Tensor::zeros(shape, DType::F32, &self.device)?;
+        self.decode_latents_to_rgb_tiled(&latents, tiling.as_ref())
     }
 
     fn vae_dtype(&self) -> DType {
@@ -677,7 +1027,18 @@ impl Pipeline {
         latents: &Tensor,
         request: &GenerationRequest,
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
-        let mut pixels = self.decode_latents_to_rgb(latents)?;
+        let tiling = self.vae_tile_layout(request.vae_tiling, request.width, request.height);
+        let pixels = self.decode_latents_to_rgb_tiled(latents, tiling.as_ref())?;
+        Ok(self.images_from_rgb(pixels, request))
+    }
+
+    /// A request's decoded RGB images as [`GeneratedImage`]s, pasted back into the
+    /// original where the request's inpainting asks for it.
+    fn images_from_rgb(
+        &self,
+        mut pixels: Vec<Vec<u8>>,
+        request: &GenerationRequest,
+    ) -> Vec<GeneratedImage> {
         if let Some(image) = &request.image {
             if let Some(full) = &image.full_res {
                 // "Inpaint only masked": the region goes back into the whole image.
@@ -696,7 +1057,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(pixels
+        pixels
             .into_iter()
             .enumerate()
             .map(|(index, rgb)| GeneratedImage {
@@ -706,8 +1067,35 @@ impl Pipeline {
                 height: request.height,
                 rgb,
             })
-            .collect())
+            .collect()
     }
+}
+
+/// A request's ControlNet, loaded, with its control image embedded.
+struct PreparedControlNet {
+    model: Arc<ControlNet>,
+    /// The embedded control image, `[1, C, h, w]` (broadcast over the batch).
+    condition: Tensor,
+    unit: crate::pipeline::ControlNetUnit,
+}
+
+/// What the ControlNets of one denoising step see.
+struct ControlStep<'a> {
+    /// The unscaled latents of the `n` images.
+    latents: &'a Tensor,
+    /// The UNet's scaled input (doubled under guidance), before inpainting channels.
+    model_input: &'a Tensor,
+    sampler: &'a dyn Sampler,
+    /// Index into the sampler's timesteps.
+    index: usize,
+    /// (step of this run, steps this run takes), for the guidance windows.
+    position: (usize, usize),
+    timestep: f64,
+    context: &'a Tensor,
+    added: Option<&'a AddedConditions>,
+    guided: bool,
+    guess_mode: bool,
+    images: usize,
 }
 
 /// Where an image-conditioned run starts and what its loop needs besides the latents.

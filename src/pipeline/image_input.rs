@@ -201,6 +201,18 @@ pub fn decode_init_image(field: &str, data: &str) -> Result<DecodedImage, Valida
         .map_err(|e| image_error(field, e))
 }
 
+/// Decodes a ControlNet control image sent in `field` to RGB. Alpha is dropped, not
+/// flattened onto white: diffusers' control image processor converts with PIL's
+/// `convert("RGB")`, which keeps the colour under transparent pixels (an edge map or pose
+/// skeleton on a transparent background stays black there).
+pub fn decode_control_image(field: &str, data: &str) -> Result<DecodedImage, ValidationError> {
+    let (width, height, rgba) =
+        codec::decode_base64_image_rgba(data, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS)
+            .map_err(|e| image_error(field, e))?;
+    let rgb = rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+    Ok(DecodedImage { width, height, rgb })
+}
+
 /// Decodes a mask sent in `field` to grayscale `(width, height, luma)`: RGB is weighted
 /// as ITU-R 601 luma (PIL's `convert("L")`), alpha is ignored.
 pub fn decode_mask(field: &str, data: &str) -> Result<(u32, u32, Vec<u8>), ValidationError> {
@@ -360,6 +372,21 @@ pub fn paste_back(generated: &mut [u8], original: &[u8], mask: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_images_drop_alpha_instead_of_flattening_it() {
+        // A transparent black pixel and an opaque white one.
+        let rgba = image::RgbaImage::from_raw(2, 1, vec![0, 0, 0, 0, 255, 255, 255, 255]).unwrap();
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgba8(rgba)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let decoded =
+            decode_control_image("controlnets[0].image", &codec::base64_encode(&png)).unwrap();
+        assert_eq!(decoded.rgb, [0, 0, 0, 255, 255, 255]);
+        let error = decode_control_image("controlnets[2].image", "not an image!").unwrap_err();
+        assert_eq!(error.field, "controlnets[2].image");
+    }
 
     #[test]
     fn fitting_keeps_same_size_images_and_reaches_the_output_size() {

@@ -5,13 +5,19 @@
 
 pub mod generate;
 pub mod image_input;
+pub mod memory;
 pub mod prompt;
 pub mod request;
+pub mod t2i_adapter;
 pub mod text;
 pub mod tokenizer;
 
-pub use generate::{parse_device, probe, LoadOptions, Pipeline};
-pub use request::{GenerationParams, GenerationRequest, Limits, LoraChoice, ModelDefaults};
+pub use generate::{parse_device, probe, BatchKey, LoadOptions, Pipeline};
+pub use memory::{MemorySettings, VaeTiling};
+pub use request::{
+    ControlNetParams, ControlNetUnit, GenerationParams, GenerationRequest, Limits, LoraChoice,
+    ModelDefaults,
+};
 pub use text::PromptContext;
 
 /// Receives progress from a running generation and can stop it.

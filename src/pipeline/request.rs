@@ -6,10 +6,16 @@
 use serde::{Deserialize, Serialize};
 
 use super::image_input::{self, ImageConditioning, ResizeMode};
+use super::memory::VaeTiling;
+use super::t2i_adapter::{self, T2IAdapterChoice, T2IAdapterParams};
+use crate::adapters::ip_adapter::{self, IpAdapterChoice, IpAdapterParams};
 use crate::adapters::lora;
 use crate::error::ValidationError;
 use crate::models::ModelFamily;
-use crate::samplers::{resolve_sampler_name, SamplerKind, SamplerOptions, Schedule};
+use crate::samplers::{
+    resolve_sampler_name, PredictionType, SamplerKind, SamplerOptions, Schedule,
+    SchedulerOverrides, TimestepSpacing,
+};
 
 /// Limits a deployment puts on requests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +65,39 @@ fn full_strength() -> f64 {
     1.0
 }
 
+/// One ControlNet of a request as sent: its name, control image (base64 or data URI;
+/// PNG, JPEG, WebP) and how strongly and when it guides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetParams {
+    /// A ControlNet in the configured directories (folder name or file stem).
+    pub model: String,
+    /// The control image (already preprocessed: edges, depth, pose...).
+    pub image: String,
+    /// diffusers' `controlnet_conditioning_scale`; default 1.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// Fraction of the steps after which it starts guiding (diffusers'
+    /// `control_guidance_start`); default 0.
+    #[serde(default)]
+    pub start: Option<f64>,
+    /// Fraction of the steps after which it stops (`control_guidance_end`); default 1.
+    #[serde(default)]
+    pub end: Option<f64>,
+}
+
+/// One validated ControlNet of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlNetUnit {
+    /// The name the ControlNet library resolves.
+    pub model: String,
+    /// The control image fitted to the request's size, RGB8 row-major.
+    pub image_rgb: Vec<u8>,
+    pub scale: f64,
+    /// Guidance window as fractions of the steps, `0 <= start < end <= 1`.
+    pub start: f64,
+    pub end: f64,
+}
+
 /// An unvalidated request, as any API dialect or the CLI parsed it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GenerationParams {
@@ -81,6 +120,15 @@ pub struct GenerationParams {
     /// Noise scale of the ancestral / SDE samplers (0-2).
     #[serde(default)]
     pub s_noise: Option<f64>,
+    /// Replaces the model's scheduler `timestep_spacing`: leading, trailing or linspace.
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    /// Replaces the model's scheduler `rescale_betas_zero_snr` (zero terminal SNR).
+    #[serde(default)]
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Replaces the model's scheduler `prediction_type`: epsilon, v_prediction or sample.
+    #[serde(default)]
+    pub prediction_type: Option<String>,
     /// Absent or negative: a random seed is chosen (and reported).
     pub seed: Option<i64>,
     pub n: Option<u32>,
@@ -118,6 +166,23 @@ pub struct GenerationParams {
     /// Paste the original back outside the mask; default true.
     #[serde(default)]
     pub paste_back: Option<bool>,
+    /// T2I-Adapters with their control images and scales.
+    #[serde(default)]
+    pub t2i_adapters: Vec<T2IAdapterParams>,
+    /// ControlNets guiding the generation (summed, as diffusers' MultiControlNetModel).
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetParams>,
+    /// diffusers' `guess_mode` for the ControlNets: they see only the prompt's half of
+    /// the guidance batch, with residuals scaled from 0.1 (first skip) to 1 (mid block).
+    #[serde(default)]
+    pub guess_mode: Option<bool>,
+    /// IP-Adapters: reference images that steer the picture through the UNet's
+    /// cross-attention.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterParams>,
+    /// VAE tiling: `auto` (default), `on` or `off`.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
 }
 
 /// SDXL micro-conditioning (ignored by SD 1.x / 2.x).
@@ -156,6 +221,9 @@ pub struct GenerationRequest {
     /// Noise scale of the ancestral / SDE samplers; `None` = 1.
     #[serde(default)]
     pub s_noise: Option<f64>,
+    /// Scheduler-config settings this request replaces (none: the model's own).
+    #[serde(default)]
+    pub scheduler_overrides: SchedulerOverrides,
     /// Image `i` of the request uses seed `seed + i`.
     pub seed: u64,
     pub n: u32,
@@ -168,6 +236,22 @@ pub struct GenerationRequest {
     /// img2img / inpainting input; `None` = text-to-image.
     #[serde(default)]
     pub image: Option<ImageConditioning>,
+    /// T2I-Adapters, control images fitted to the output size; whether the names exist is
+    /// checked against the T2I-Adapter library.
+    #[serde(default)]
+    pub t2i_adapters: Vec<T2IAdapterChoice>,
+    /// ControlNets, in request order.
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetUnit>,
+    /// diffusers' ControlNet `guess_mode`.
+    #[serde(default)]
+    pub guess_mode: bool,
+    /// IP-Adapters with their decoded reference images.
+    #[serde(default)]
+    pub ip_adapters: Vec<IpAdapterChoice>,
+    /// Whether the VAE works in tiles.
+    #[serde(default)]
+    pub vae_tiling: VaeTiling,
 }
 
 /// Default step count (diffusers' pipelines default to 50; A1111's UI to 20).
@@ -186,10 +270,17 @@ impl GenerationParams {
             Some(data) => Some(image_input::decode_init_image("init_image", data)?),
             None => None,
         };
+        let adapter_images = t2i_adapter::decode_images(&self.t2i_adapters)?;
+        let control_images = self.decode_control_images()?;
         // Without an explicit size, img2img keeps the init image's size (down to a
-        // multiple of 8), as diffusers' image processor does.
-        let init_size =
-            init_image.as_ref().map(|image| (image.width / 8 * 8, image.height / 8 * 8));
+        // multiple of 8), as diffusers' image processor does; ControlNet and T2I-Adapter
+        // requests take their first control image's, as diffusers' ControlNet and adapter
+        // pipelines do.
+        let init_size = init_image
+            .as_ref()
+            .or(control_images.first())
+            .or(adapter_images.first())
+            .map(|image| (image.width / 8 * 8, image.height / 8 * 8));
         let width = self.width.or(init_size.map(|s| s.0)).unwrap_or(model.width);
         let height = self.height.or(init_size.map(|s| s.1)).unwrap_or(model.height);
         for (field, value, max) in
@@ -209,6 +300,10 @@ impl GenerationParams {
             }
         }
         let image = self.image_conditioning(init_image, width, height)?;
+        let t2i_adapters =
+            t2i_adapter::validate(&self.t2i_adapters, adapter_images, width, height)?;
+        let controlnets = self.controlnet_units(control_images, width, height)?;
+        let ip_adapters = ip_adapter::validate(&self.ip_adapters)?;
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if steps == 0 || steps > limits.max_steps {
             return Err(ValidationError::new(
@@ -270,7 +365,10 @@ impl GenerationParams {
             if !sampler.takes_eta() {
                 return Err(ValidationError::new(
                     "eta",
-                    format!("sampler {} has no eta (only ddim does)", sampler.id()),
+                    format!(
+                        "sampler {} has no eta (only ddim, and tcd as its gamma, do)",
+                        sampler.id()
+                    ),
                 ));
             }
             if !eta.is_finite() || !(0.0..=1.0).contains(&eta) {
@@ -294,6 +392,7 @@ impl GenerationParams {
                 ));
             }
         }
+        let scheduler_overrides = self.scheduler_overrides(sampler)?;
         let seed = match self.seed {
             Some(seed) if seed >= 0 => seed as u64,
             _ => u64::from(rand::random::<u32>()),
@@ -382,6 +481,15 @@ impl GenerationParams {
                 ));
             }
         }
+        let vae_tiling = match self.vae_tiling.as_deref() {
+            None | Some("") => VaeTiling::default(),
+            Some(name) => VaeTiling::from_name(name).ok_or_else(|| {
+                ValidationError::new(
+                    "vae_tiling",
+                    format!("unknown VAE tiling mode {name:?}; valid modes: auto, on, off"),
+                )
+            })?,
+        };
         Ok(GenerationRequest {
             model: model.name.clone(),
             prompt,
@@ -395,6 +503,7 @@ impl GenerationParams {
             schedule,
             eta: self.eta,
             s_noise: self.s_noise,
+            scheduler_overrides,
             seed,
             n,
             clip_skip,
@@ -407,7 +516,149 @@ impl GenerationParams {
             },
             loras,
             image,
+            t2i_adapters,
+            controlnets,
+            guess_mode: self.guess_mode.unwrap_or(false),
+            ip_adapters,
+            vae_tiling,
         })
+    }
+
+    /// Validates the per-request scheduler-config overrides for `sampler`.
+    fn scheduler_overrides(
+        &self,
+        sampler: SamplerKind,
+    ) -> Result<SchedulerOverrides, ValidationError> {
+        let timestep_spacing = match self.timestep_spacing.as_deref() {
+            None => None,
+            Some(name) => {
+                let spacing = TimestepSpacing::from_name(name).ok_or_else(|| {
+                    let valid: Vec<&str> = TimestepSpacing::ALL.iter().map(|s| s.id()).collect();
+                    ValidationError::new(
+                        "timestep_spacing",
+                        format!(
+                            "unknown timestep spacing {name:?}; valid spacings: {}",
+                            valid.join(", ")
+                        ),
+                    )
+                })?;
+                if !sampler.uses_timestep_spacing() {
+                    return Err(ValidationError::new(
+                        "timestep_spacing",
+                        format!(
+                            "sampler {} takes its timesteps from its distillation schedule; \
+                             timestep_spacing does not apply",
+                            sampler.id()
+                        ),
+                    ));
+                }
+                Some(spacing)
+            }
+        };
+        let prediction_type = match self.prediction_type.as_deref() {
+            None => None,
+            Some(name) => Some(PredictionType::from_name(name).ok_or_else(|| {
+                let valid: Vec<&str> = PredictionType::ALL.iter().map(|p| p.id()).collect();
+                ValidationError::new(
+                    "prediction_type",
+                    format!(
+                        "unknown prediction type {name:?}; valid prediction types: {}",
+                        valid.join(", ")
+                    ),
+                )
+            })?),
+        };
+        Ok(SchedulerOverrides {
+            timestep_spacing,
+            rescale_betas_zero_snr: self.rescale_betas_zero_snr,
+            prediction_type,
+        })
+    }
+
+    /// Decodes every control image (field `controlnets[i].image`; alpha dropped as
+    /// diffusers does, see [`image_input::decode_control_image`]), checking the count and
+    /// names first so a bad request fails before any decoding.
+    fn decode_control_images(&self) -> Result<Vec<crate::codec::DecodedImage>, ValidationError> {
+        use crate::adapters::controlnet;
+        if self.controlnets.len() > controlnet::MAX_CONTROLNETS_PER_REQUEST {
+            return Err(ValidationError::new(
+                "controlnets",
+                format!(
+                    "at most {} ControlNets per request, got {}",
+                    controlnet::MAX_CONTROLNETS_PER_REQUEST,
+                    self.controlnets.len()
+                ),
+            ));
+        }
+        if self.controlnets.is_empty() && self.guess_mode == Some(true) {
+            return Err(ValidationError::new("guess_mode", "needs at least one ControlNet"));
+        }
+        for (index, unit) in self.controlnets.iter().enumerate() {
+            controlnet::check_name(&unit.model).map_err(|e| {
+                ValidationError::new(format!("controlnets[{index}].model"), e.to_string())
+            })?;
+        }
+        self.controlnets
+            .iter()
+            .enumerate()
+            .map(|(index, unit)| {
+                image_input::decode_control_image(
+                    &format!("controlnets[{index}].image"),
+                    &unit.image,
+                )
+            })
+            .collect()
+    }
+
+    /// Checks each ControlNet's scale and window, and fits its image to the output size
+    /// as diffusers' control image processor does (a plain resize; values stay 0-255).
+    fn controlnet_units(
+        &self,
+        images: Vec<crate::codec::DecodedImage>,
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<ControlNetUnit>, ValidationError> {
+        let limit = crate::adapters::controlnet::MAX_CONTROLNET_SCALE;
+        self.controlnets
+            .iter()
+            .zip(images)
+            .enumerate()
+            .map(|(index, (unit, image))| {
+                let field = |name: &str| format!("controlnets[{index}].{name}");
+                let scale = unit.scale.unwrap_or(1.0);
+                if !scale.is_finite() || !(0.0..=limit).contains(&scale) {
+                    return Err(ValidationError::new(
+                        field("scale"),
+                        format!("must be between 0 and {limit}, got {scale}"),
+                    ));
+                }
+                let start = unit.start.unwrap_or(0.0);
+                let end = unit.end.unwrap_or(1.0);
+                for (name, value) in [("start", start), ("end", end)] {
+                    if !value.is_finite() || !(0.0..=1.0).contains(&value) {
+                        return Err(ValidationError::new(
+                            field(name),
+                            format!(
+                                "must be between 0 and 1 (a fraction of the steps), got {value}"
+                            ),
+                        ));
+                    }
+                }
+                if start >= end {
+                    return Err(ValidationError::new(
+                        field("start"),
+                        format!("must be less than end ({end}), got {start}"),
+                    ));
+                }
+                Ok(ControlNetUnit {
+                    model: unit.model.clone(),
+                    image_rgb: image_input::fit_rgb(image, width, height, ResizeMode::Resize),
+                    scale,
+                    start,
+                    end,
+                })
+            })
+            .collect()
     }
 
     /// Validates the img2img / inpainting fields and fits the images to the output size.
@@ -492,9 +743,24 @@ impl GenerationParams {
 }
 
 impl GenerationRequest {
+    /// The denoising steps that actually run per image: `steps`, or for img2img /
+    /// inpainting `int(steps × strength)` (diffusers' `get_timesteps`, A1111's img2img).
+    pub fn denoising_steps(&self) -> usize {
+        let steps = self.steps as usize;
+        match &self.image {
+            Some(image) => ((steps as f64 * image.strength) as usize).min(steps),
+            None => steps,
+        }
+    }
+
     /// The sampler options of this request.
     pub fn sampler_options(&self) -> SamplerOptions {
-        SamplerOptions { schedule: self.schedule, eta: self.eta, s_noise: self.s_noise }
+        SamplerOptions {
+            schedule: self.schedule,
+            eta: self.eta,
+            s_noise: self.s_noise,
+            overrides: self.scheduler_overrides,
+        }
     }
 
     /// The A1111-style "parameters" text for image `index` (written into PNGs).
@@ -517,6 +783,16 @@ impl GenerationRequest {
         if self.schedule != Schedule::Default {
             text.push_str(&format!(", Schedule type: {}", self.schedule.display_name()));
         }
+        let overrides = &self.scheduler_overrides;
+        if let Some(spacing) = overrides.timestep_spacing {
+            text.push_str(&format!(", Timestep spacing: {}", spacing.id()));
+        }
+        if let Some(zero_snr) = overrides.rescale_betas_zero_snr {
+            text.push_str(&format!(", Zero terminal SNR: {zero_snr}"));
+        }
+        if let Some(prediction_type) = overrides.prediction_type {
+            text.push_str(&format!(", Prediction type: {}", prediction_type.id()));
+        }
         if self.clip_skip > 1 {
             text.push_str(&format!(", Clip skip: {}", self.clip_skip));
         }
@@ -527,6 +803,23 @@ impl GenerationRequest {
             let list: Vec<String> =
                 self.loras.iter().map(|l| format!("{}:{}", l.name, l.weight)).collect();
             text.push_str(&format!(", Lora: \"{}\"", list.join(", ")));
+        }
+        for (i, adapter) in self.t2i_adapters.iter().enumerate() {
+            text.push_str(&format!(
+                ", T2I-Adapter {i}: \"Model: {}, Scale: {}\"",
+                adapter.model, adapter.scale
+            ));
+        }
+        for (index, unit) in self.controlnets.iter().enumerate() {
+            // AUTOMATIC1111's sd-webui-controlnet layout, so its PNG Info reads it.
+            text.push_str(&format!(
+                ", ControlNet {index}: \"Module: none, Model: {}, Weight: {}, Guidance Start: {}, \
+                 Guidance End: {}\"",
+                unit.model, unit.scale, unit.start, unit.end
+            ));
+        }
+        if self.guess_mode {
+            text.push_str(", Guess Mode: True");
         }
         text
     }
@@ -578,6 +871,95 @@ mod tests {
                 .validate(&model(), &Limits::default())
                 .unwrap();
             assert_eq!(request.sampler, SamplerKind::EulerA);
+        }
+    }
+
+    #[test]
+    fn third_batch_sampler_names_resolve() {
+        let cases = [
+            ("deis", SamplerKind::Deis),
+            ("DEIS", SamplerKind::Deis),
+            ("DEISMultistepScheduler", SamplerKind::Deis),
+            ("lcm", SamplerKind::Lcm),
+            ("LCMScheduler", SamplerKind::Lcm),
+            ("TCD", SamplerKind::Tcd),
+            ("TCDScheduler", SamplerKind::Tcd),
+        ];
+        for (name, kind) in cases {
+            let request = GenerationParams { sampler: Some(name.into()), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+            assert_eq!(request.sampler, kind, "{name}");
+        }
+        let request =
+            GenerationParams { sampler: Some("DEIS Karras".into()), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+        assert_eq!((request.sampler, request.schedule), (SamplerKind::Deis, Schedule::Karras));
+        let error = GenerationParams { sampler: Some("deis_3m".into()), ..Default::default() }
+            .validate(&model(), &Limits::default())
+            .unwrap_err();
+        for listed in ["deis", "lcm", "tcd"] {
+            assert!(error.to_string().contains(listed), "{error}");
+        }
+        // TCD takes eta as its gamma.
+        let request =
+            GenerationParams { sampler: Some("tcd".into()), eta: Some(0.5), ..Default::default() }
+                .validate(&model(), &Limits::default())
+                .unwrap();
+        assert_eq!(request.sampler_options().eta, Some(0.5));
+    }
+
+    #[test]
+    fn scheduler_overrides_validate_and_reach_the_sampler_options() {
+        let request = GenerationParams {
+            sampler: Some("ddim".into()),
+            timestep_spacing: Some("Trailing".into()),
+            rescale_betas_zero_snr: Some(true),
+            prediction_type: Some("v_prediction".into()),
+            seed: Some(1),
+            ..Default::default()
+        }
+        .validate(&model(), &Limits::default())
+        .unwrap();
+        let expected = SchedulerOverrides {
+            timestep_spacing: Some(TimestepSpacing::Trailing),
+            rescale_betas_zero_snr: Some(true),
+            prediction_type: Some(PredictionType::VPrediction),
+        };
+        assert_eq!(request.scheduler_overrides, expected);
+        assert_eq!(request.sampler_options().overrides, expected);
+        let text = request.infotext(0);
+        assert!(text.contains("Timestep spacing: trailing"), "{text}");
+        // Absent fields keep the model's config.
+        let plain = GenerationParams::default().validate(&model(), &Limits::default()).unwrap();
+        assert!(plain.scheduler_overrides.is_empty());
+
+        let cases: Vec<(GenerationParams, &str, &str)> = vec![
+            (
+                GenerationParams { timestep_spacing: Some("uniform".into()), ..Default::default() },
+                "timestep_spacing",
+                "linspace",
+            ),
+            (
+                GenerationParams { prediction_type: Some("flow".into()), ..Default::default() },
+                "prediction_type",
+                "v_prediction",
+            ),
+            (
+                GenerationParams {
+                    sampler: Some("lcm".into()),
+                    timestep_spacing: Some("trailing".into()),
+                    ..Default::default()
+                },
+                "timestep_spacing",
+                "lcm",
+            ),
+        ];
+        for (params, field, mentions) in cases {
+            let error = params.validate(&model(), &Limits::default()).unwrap_err();
+            assert_eq!(error.field, field, "{error}");
+            assert!(error.to_string().contains(mentions), "{error}");
         }
     }
 

@@ -1,6 +1,6 @@
 //! `Sampler::add_noise` and `order`: every sampler of this build can start part-way
 //! (img2img), at the noise level its own schedule gives the start step; a sampler that
-//! does not implement it refuses clearly. Whole-run parity with diffusers is in
+//! does not implement it (none in this build) refuses clearly. Whole-run parity with diffusers is in
 //! tests/parity_img2img.rs.
 
 use candle_core::{Device, Tensor};
@@ -15,35 +15,37 @@ fn config() -> SchedulerConfig {
     .unwrap()
 }
 
-/// Samplers that landed after img2img: they refuse img2img with a clear error until their
-/// diffusers `add_noise` is ported.
-const NO_IMG2IMG_YET: [SamplerKind; 3] = [SamplerKind::UniPc, SamplerKind::Pndm, SamplerKind::Ddpm];
+/// Samplers that evaluate the model twice per step.
+const TWO_EVALUATIONS: [SamplerKind; 5] = [
+    SamplerKind::Heun,
+    SamplerKind::Dpm2,
+    SamplerKind::Dpm2A,
+    SamplerKind::DpmPpSde,
+    SamplerKind::DpmPp2sA,
+];
 
 #[test]
 fn every_sampler_noises_an_image_to_its_start_step() {
-    let original = Tensor::full(0.5f32, (1, 4, 2, 2), &Device::Cpu).unwrap();
+    // A zero image: the noise share alone must shrink along the schedule (with a
+    // non-zero image, VP samplers' sqrt(ᾱ)·x0 + sqrt(1 − ᾱ)·noise is not monotonic).
+    let original = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
     let noise = Tensor::full(1.0f32, (1, 4, 2, 2), &Device::Cpu).unwrap();
+    let zeros = noise.zeros_like().unwrap();
     for kind in SamplerKind::ALL {
         let sampler = kind.build(&config(), 6).unwrap();
-        if NO_IMG2IMG_YET.contains(&kind) {
-            let refused = sampler.add_noise(&original, &noise, 0).unwrap_err();
-            assert!(refused.to_string().contains("not supported"), "{kind:?}: {refused}");
-            continue;
-        }
         let order = sampler.order();
-        assert_eq!(
-            order,
-            if matches!(kind, SamplerKind::Heun | SamplerKind::Dpm2 | SamplerKind::Dpm2A) {
-                2
-            } else {
-                1
-            }
-        );
+        assert_eq!(order, if TWO_EVALUATIONS.contains(&kind) { 2 } else { 1 }, "{kind:?}");
         let start = 2 * order;
-        let noised = sampler.add_noise(&original, &noise, start).unwrap();
-        let value: f32 = noised.flatten_all().unwrap().get(0).unwrap().to_scalar().unwrap();
-        let later = sampler.add_noise(&original, &noise, start + order).unwrap();
-        let later: f32 = later.flatten_all().unwrap().get(0).unwrap().to_scalar().unwrap();
+        // Noise over signal: (noised − noised without noise) / (noised without noise).
+        let noise_to_signal = |step: usize| {
+            let scalar = |t: Tensor| -> f32 {
+                t.flatten_all().unwrap().get(0).unwrap().to_scalar().unwrap()
+            };
+            let noised = scalar(sampler.add_noise(&original, &noise, step).unwrap());
+            let signal = scalar(sampler.add_noise(&original, &zeros, step).unwrap());
+            (noised - signal) / signal
+        };
+        let (value, later) = (noise_to_signal(start), noise_to_signal(start + order));
         // More noise earlier in the schedule, relative to the signal kept.
         assert!(value.is_finite() && later.is_finite(), "{kind:?}");
         assert!(value > later, "{kind:?}: {value} then {later}");
@@ -64,6 +66,15 @@ fn euler_and_ddim_follow_diffusers_formulas() {
     let alpha = super::schedule::alphas_cumprod(&config()).unwrap()[timestep];
     let expected = 0.5 * alpha.sqrt() + 2.0 * (1.0 - alpha).sqrt();
     assert!((scalar(ddim.add_noise(&original, &noise, 3).unwrap()) - expected).abs() < 1e-6);
+    // PNDM and DDPM noise at their own timestep like DDIM (PNDM's list repeats one).
+    for kind in [SamplerKind::Pndm, SamplerKind::Ddpm] {
+        let sampler = kind.build(&config(), 6).unwrap();
+        let timestep = sampler.timesteps()[3] as usize;
+        let alpha = super::schedule::alphas_cumprod(&config()).unwrap()[timestep];
+        let expected = 0.5 * alpha.sqrt() + 2.0 * (1.0 - alpha).sqrt();
+        let ours = scalar(sampler.add_noise(&original, &noise, 3).unwrap());
+        assert!((ours - expected).abs() < 1e-6, "{kind:?}: {ours} vs {expected}");
+    }
 }
 
 /// A sampler written before img2img: the default `add_noise` refuses with a clear error.

@@ -4,7 +4,9 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::schedule::{alphas_cumprod, ddim_timesteps, PredictionType, SchedulerConfig};
+use super::schedule::{
+    alphas_cumprod, check_epsilon_at_zero_snr, ddim_timesteps, PredictionType, SchedulerConfig,
+};
 use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
 use super::{Sampler, TorchGenerator};
 
@@ -39,6 +41,7 @@ impl Ddim {
         }
         let timesteps = ddim_timesteps(config, steps)?;
         let alphas_cumprod = alphas_cumprod(config)?;
+        check_epsilon_at_zero_snr(config, &alphas_cumprod, &timesteps, "ddim")?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(Ddim {
             timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),

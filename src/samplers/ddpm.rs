@@ -58,6 +58,14 @@ impl Sampler for Ddpm {
         1.0
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(noise, original)?;
+        // diffusers' `add_noise` of the class: sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) noise.
+        let alpha = self.alphas_cumprod[self.timesteps[step_index]];
+        mul(&as_f32(original)?, alpha.sqrt())? + mul(&as_f32(noise)?, (1.0 - alpha).sqrt())?
+    }
+
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
         Ok(sample.clone())

@@ -26,13 +26,13 @@ pub struct DpmPp2m {
 }
 
 /// diffusers' `_sigma_to_alpha_sigma_t` in float32: (alpha_t, sigma_t) of VP coordinates.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
+pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
 /// lambda = log(alpha) − log(sigma), float32.
-fn lambda(alpha: f32, sigma: f32) -> f32 {
+pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
     alpha.ln() - sigma.ln()
 }
 

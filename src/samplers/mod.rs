@@ -11,6 +11,9 @@ pub mod ddim;
 pub mod ddpm;
 pub mod dpm2;
 pub mod dpmpp_2m;
+pub mod dpmpp_2s_ancestral;
+pub mod dpmpp_3m_sde;
+pub mod dpmpp_sde;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
@@ -18,6 +21,10 @@ pub mod lms;
 pub mod pndm;
 pub mod sigmas;
 pub mod unipc;
+// Third batch (issue #4): DEIS, LCM, TCD.
+pub mod deis;
+pub mod lcm;
+pub mod tcd;
 
 mod step_math;
 
@@ -28,12 +35,16 @@ mod parity_tests;
 #[cfg(test)]
 mod samplers2_parity_tests;
 #[cfg(test)]
+mod samplers3_parity_tests;
+#[cfg(test)]
+mod samplers4_parity_tests;
+#[cfg(test)]
 mod schedule_parity_tests;
 
 use candle_core::{Error, Result, Tensor};
 
 pub use rng::TorchGenerator;
-pub use schedule::{PredictionType, SchedulerConfig, TimestepSpacing};
+pub use schedule::{PredictionType, SchedulerConfig, SchedulerOverrides, TimestepSpacing};
 pub use sigmas::Schedule;
 
 /// The samplers this build knows, by id.
@@ -58,12 +69,26 @@ pub enum SamplerKind {
     DpmPp2m,
     /// DPM++ 2M SDE (diffusers `DPMSolverMultistepScheduler`, sde-dpmsolver++).
     DpmPp2mSde,
+    /// DPM++ SDE (diffusers `DPMSolverSDEScheduler` / k-diffusion `sample_dpmpp_sde`), with
+    /// its Brownian-tree noise drawn from the request's generators instead.
+    DpmPpSde,
+    /// DPM++ 2S ancestral (k-diffusion `sample_dpmpp_2s_ancestral`).
+    DpmPp2sA,
+    /// DPM++ 3M SDE (diffusers `DPMSolverMultistepScheduler`, sde-dpmsolver++, order 3).
+    DpmPp3mSde,
     /// UniPC (diffusers `UniPCMultistepScheduler`, bh2, order 2).
     UniPc,
     /// PLMS (diffusers `PNDMScheduler` with `skip_prk_steps`, as SD 1.x ships it).
     Pndm,
     /// DDPM (diffusers `DDPMScheduler`, fixed_small variance), ancestral.
     Ddpm,
+    // Third batch (issue #4).
+    /// DEIS (diffusers `DEISMultistepScheduler`, logrho, order 2).
+    Deis,
+    /// LCM (diffusers `LCMScheduler`), for latent consistency models and LCM-LoRA.
+    Lcm,
+    /// TCD (diffusers `TCDScheduler`), with `eta` as its gamma.
+    Tcd,
 }
 
 /// Per-request options of a sampler run.
@@ -74,11 +99,18 @@ pub struct SamplerOptions {
     pub eta: Option<f64>,
     /// Scale of the noise the ancestral / SDE samplers add (1 = reference).
     pub s_noise: Option<f64>,
+    /// Settings of the model's scheduler config this request replaces.
+    pub overrides: SchedulerOverrides,
 }
 
 impl Default for SamplerOptions {
     fn default() -> Self {
-        SamplerOptions { schedule: Schedule::Default, eta: None, s_noise: None }
+        SamplerOptions {
+            schedule: Schedule::Default,
+            eta: None,
+            s_noise: None,
+            overrides: SchedulerOverrides::default(),
+        }
     }
 }
 
@@ -87,7 +119,7 @@ const SIGMA_SCHEDULES: &[Schedule] = &Schedule::ALL;
 
 impl SamplerKind {
     /// Every sampler, in the order they are listed to users.
-    pub const ALL: [SamplerKind; 12] = [
+    pub const ALL: [SamplerKind; 18] = [
         SamplerKind::Euler,
         SamplerKind::EulerA,
         SamplerKind::Heun,
@@ -96,10 +128,17 @@ impl SamplerKind {
         SamplerKind::Dpm2A,
         SamplerKind::DpmPp2m,
         SamplerKind::DpmPp2mSde,
+        SamplerKind::DpmPpSde,
+        SamplerKind::DpmPp2sA,
+        SamplerKind::DpmPp3mSde,
         SamplerKind::Ddim,
         SamplerKind::UniPc,
         SamplerKind::Pndm,
         SamplerKind::Ddpm,
+        // Third batch (issue #4).
+        SamplerKind::Deis,
+        SamplerKind::Lcm,
+        SamplerKind::Tcd,
     ];
 
     /// The id used in requests and responses.
@@ -114,9 +153,15 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "dpm2_a",
             SamplerKind::DpmPp2m => "dpmpp_2m",
             SamplerKind::DpmPp2mSde => "dpmpp_2m_sde",
+            SamplerKind::DpmPpSde => "dpmpp_sde",
+            SamplerKind::DpmPp2sA => "dpmpp_2s_a",
+            SamplerKind::DpmPp3mSde => "dpmpp_3m_sde",
             SamplerKind::UniPc => "unipc",
             SamplerKind::Pndm => "pndm",
             SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Deis => "deis",
+            SamplerKind::Lcm => "lcm",
+            SamplerKind::Tcd => "tcd",
         }
     }
 
@@ -132,9 +177,15 @@ impl SamplerKind {
             SamplerKind::Dpm2A => "DPM2 a",
             SamplerKind::DpmPp2m => "DPM++ 2M",
             SamplerKind::DpmPp2mSde => "DPM++ 2M SDE",
+            SamplerKind::DpmPpSde => "DPM++ SDE",
+            SamplerKind::DpmPp2sA => "DPM++ 2S a",
+            SamplerKind::DpmPp3mSde => "DPM++ 3M SDE",
             SamplerKind::UniPc => "UniPC",
             SamplerKind::Pndm => "PLMS",
             SamplerKind::Ddpm => "DDPM",
+            SamplerKind::Deis => "DEIS",
+            SamplerKind::Lcm => "LCM",
+            SamplerKind::Tcd => "TCD",
         }
     }
 
@@ -157,9 +208,17 @@ impl SamplerKind {
             ],
             SamplerKind::DpmPp2m => &["DPMSolverMultistepScheduler", "k_dpmpp_2m"],
             SamplerKind::DpmPp2mSde => &["k_dpmpp_2m_sde"],
+            SamplerKind::DpmPpSde => &["DPMSolverSDEScheduler", "k_dpmpp_sde"],
+            SamplerKind::DpmPp2sA => {
+                &["dpmpp_2s_ancestral", "k_dpmpp_2s_a", "k_dpmpp_2s_ancestral"]
+            }
+            SamplerKind::DpmPp3mSde => &["k_dpmpp_3m_sde"],
             SamplerKind::UniPc => &["uni_pc", "uni_pc_bh2", "UniPCMultistepScheduler"],
             SamplerKind::Pndm => &["plms", "PNDMScheduler"],
             SamplerKind::Ddpm => &["DDPMScheduler"],
+            SamplerKind::Deis => &["DEISMultistepScheduler", "deis_2m"],
+            SamplerKind::Lcm => &["LCMScheduler", "lcm_lora"],
+            SamplerKind::Tcd => &["TCDScheduler"],
         }
     }
 
@@ -170,18 +229,35 @@ impl SamplerKind {
             SamplerKind::UniPc => unipc::SCHEDULES,
             SamplerKind::Pndm => pndm::SCHEDULES,
             SamplerKind::Ddpm => ddpm::SCHEDULES,
+            SamplerKind::Deis => deis::SCHEDULES,
+            SamplerKind::Lcm => lcm::SCHEDULES,
+            SamplerKind::Tcd => tcd::SCHEDULES,
             _ => SIGMA_SCHEDULES,
         }
     }
 
-    /// Whether the sampler takes `eta` / `s_noise`.
+    /// Whether the sampler takes `eta` (DDIM's eta; TCD's gamma).
     pub fn takes_eta(self) -> bool {
-        self == SamplerKind::Ddim
+        matches!(self, SamplerKind::Ddim | SamplerKind::Tcd)
+    }
+
+    /// Whether the sampler reads the config's `timestep_spacing` (LCM and TCD take their
+    /// timesteps from the distillation schedule instead, as their diffusers classes do).
+    pub fn uses_timestep_spacing(self) -> bool {
+        !matches!(self, SamplerKind::Lcm | SamplerKind::Tcd)
     }
 
     /// Whether the sampler adds noise that `s_noise` scales.
     pub fn takes_s_noise(self) -> bool {
-        matches!(self, SamplerKind::EulerA | SamplerKind::Dpm2A | SamplerKind::DpmPp2mSde)
+        matches!(
+            self,
+            SamplerKind::EulerA
+                | SamplerKind::Dpm2A
+                | SamplerKind::DpmPp2mSde
+                | SamplerKind::DpmPpSde
+                | SamplerKind::DpmPp2sA
+                | SamplerKind::DpmPp3mSde
+        )
     }
 
     /// Looks a name up among ids, display names and aliases (case-insensitive).
@@ -219,6 +295,13 @@ impl SamplerKind {
             )));
         }
         let s_noise = options.s_noise.unwrap_or(1.0);
+        let overridden;
+        let config = if options.overrides.is_empty() {
+            config
+        } else {
+            overridden = options.overrides.apply(config);
+            &overridden
+        };
         Ok(match self {
             SamplerKind::Ddim => {
                 Box::new(ddim::Ddim::new(config, steps, options.eta.unwrap_or(0.0))?)
@@ -239,9 +322,23 @@ impl SamplerKind {
             SamplerKind::DpmPp2mSde => {
                 Box::new(dpmpp_2m::DpmPp2m::new(config, steps, schedule, true, s_noise)?)
             }
+            SamplerKind::DpmPpSde => {
+                Box::new(dpmpp_sde::DpmPpSde::new(config, steps, schedule, s_noise)?)
+            }
+            SamplerKind::DpmPp2sA => Box::new(dpmpp_2s_ancestral::DpmPp2sAncestral::new(
+                config, steps, schedule, s_noise,
+            )?),
+            SamplerKind::DpmPp3mSde => {
+                Box::new(dpmpp_3m_sde::DpmPp3mSde::new(config, steps, schedule, s_noise)?)
+            }
             SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps, schedule)?),
             SamplerKind::Pndm => Box::new(pndm::Pndm::new(config, steps)?),
             SamplerKind::Ddpm => Box::new(ddpm::Ddpm::new(config, steps)?),
+            SamplerKind::Deis => Box::new(deis::Deis::new(config, steps, schedule)?),
+            SamplerKind::Lcm => Box::new(lcm::Lcm::new(config, steps)?),
+            SamplerKind::Tcd => {
+                Box::new(tcd::Tcd::new(config, steps, options.eta.unwrap_or(tcd::DEFAULT_GAMMA))?)
+            }
         })
     }
 }

@@ -31,6 +31,9 @@ pub struct Pndm {
     outputs: Vec<Tensor>,
     /// The sample the first step started from; the second evaluation restarts there.
     first_sample: Option<Tensor>,
+    /// Steps taken so far (diffusers' `counter`): the second call is the repeated
+    /// evaluation, wherever the run started.
+    counter: usize,
 }
 
 impl Pndm {
@@ -79,6 +82,7 @@ impl Pndm {
             prediction_type: config.prediction_type,
             outputs: Vec::new(),
             first_sample: None,
+            counter: 0,
         })
     }
 
@@ -129,6 +133,14 @@ impl Sampler for Pndm {
         1.0
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(noise, original)?;
+        // diffusers' `add_noise` of the class: sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) noise.
+        let alpha = self.alpha_at(self.timesteps[step_index] as i64)?;
+        mul(&as_f32(original)?, alpha.sqrt())? + mul(&as_f32(noise)?, (1.0 - alpha).sqrt())?
+    }
+
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
         Ok(sample.clone())
@@ -146,9 +158,14 @@ impl Sampler for Pndm {
         let out_dtype = sample.dtype();
         let model_output = as_f32(model_output)?;
         let mut sample = as_f32(sample)?;
+        // diffusers counts calls, not positions: an img2img run that starts part-way (at
+        // `timesteps[start]`, as its pipeline slices them) takes its first two calls as the
+        // warm-up pair, whatever timesteps they carry.
+        let counter = self.counter;
+        self.counter += 1;
         let mut timestep = self.timesteps[step_index] as i64;
         let mut previous = timestep - self.step_back;
-        if step_index == 1 {
+        if counter == 1 {
             // The repeated evaluation: redo the first step from its start.
             previous = timestep;
             timestep += self.step_back;
@@ -159,7 +176,7 @@ impl Sampler for Pndm {
             self.outputs.push(model_output.clone());
         }
         let e = |back: usize| &self.outputs[self.outputs.len() - back];
-        let combined = match (self.outputs.len(), step_index) {
+        let combined = match (self.outputs.len(), counter) {
             (1, 0) => {
                 self.first_sample = Some(sample.clone());
                 model_output

@@ -4,10 +4,10 @@
 //! timesteps match exactly and sigmas to the last float32 bit.
 
 use candle_core::{Error, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// What the model predicts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum PredictionType {
     #[default]
@@ -16,14 +16,92 @@ pub enum PredictionType {
     Sample,
 }
 
+impl PredictionType {
+    /// Every prediction type, by the names diffusers' configs use.
+    pub const ALL: [PredictionType; 3] =
+        [PredictionType::Epsilon, PredictionType::VPrediction, PredictionType::Sample];
+
+    /// The name diffusers' `prediction_type` uses.
+    pub fn id(self) -> &'static str {
+        match self {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+            PredictionType::Sample => "sample",
+        }
+    }
+
+    /// Looks a prediction type up by id (case-insensitive; "v" means v_prediction).
+    pub fn from_name(name: &str) -> Option<PredictionType> {
+        let wanted = name.trim();
+        if wanted.eq_ignore_ascii_case("v") {
+            return Some(PredictionType::VPrediction);
+        }
+        PredictionType::ALL.into_iter().find(|kind| kind.id().eq_ignore_ascii_case(wanted))
+    }
+}
+
 /// How inference timesteps are spread over the training timesteps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum TimestepSpacing {
     #[default]
     Leading,
     Trailing,
     Linspace,
+}
+
+impl TimestepSpacing {
+    /// Every spacing, by the names diffusers' `timestep_spacing` uses.
+    pub const ALL: [TimestepSpacing; 3] =
+        [TimestepSpacing::Leading, TimestepSpacing::Trailing, TimestepSpacing::Linspace];
+
+    /// The name diffusers' `timestep_spacing` uses.
+    pub fn id(self) -> &'static str {
+        match self {
+            TimestepSpacing::Leading => "leading",
+            TimestepSpacing::Trailing => "trailing",
+            TimestepSpacing::Linspace => "linspace",
+        }
+    }
+
+    /// Looks a spacing up by id (case-insensitive).
+    pub fn from_name(name: &str) -> Option<TimestepSpacing> {
+        let wanted = name.trim();
+        TimestepSpacing::ALL.into_iter().find(|kind| kind.id().eq_ignore_ascii_case(wanted))
+    }
+}
+
+/// Per-request replacements for settings of the model's scheduler config (`None` keeps
+/// the model's value). Applied to the config before a sampler is built, so every sampler
+/// whose diffusers class reads the setting sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct SchedulerOverrides {
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// diffusers' `rescale_betas_zero_snr` (Lin et al. 2023).
+    pub rescale_betas_zero_snr: Option<bool>,
+    pub prediction_type: Option<PredictionType>,
+}
+
+impl SchedulerOverrides {
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        *self == SchedulerOverrides::default()
+    }
+
+    /// The model's config with these settings replaced.
+    pub fn apply(&self, config: &SchedulerConfig) -> SchedulerConfig {
+        let mut config = config.clone();
+        if let Some(spacing) = self.timestep_spacing {
+            config.timestep_spacing = Some(spacing);
+        }
+        if let Some(zero_snr) = self.rescale_betas_zero_snr {
+            config.rescale_betas_zero_snr = zero_snr;
+        }
+        if let Some(prediction_type) = self.prediction_type {
+            config.prediction_type = prediction_type;
+        }
+        config
+    }
 }
 
 /// The subset of diffusers' scheduler config that the samplers use. Unknown keys are
@@ -46,6 +124,10 @@ pub struct SchedulerConfig {
     pub clip_sample: bool,
     pub clip_sample_range: f64,
     pub rescale_betas_zero_snr: bool,
+    /// LCM / TCD: the distillation schedule's step count (diffusers' default 50).
+    pub original_inference_steps: Option<usize>,
+    /// LCM / TCD: the timestep scale of the consistency boundary condition (default 10).
+    pub timestep_scaling: Option<f64>,
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +145,8 @@ impl Default for SchedulerConfig {
             clip_sample: false,
             clip_sample_range: 1.0,
             rescale_betas_zero_snr: false,
+            original_inference_steps: None,
+            timestep_scaling: None,
         }
     }
 }
@@ -125,6 +209,29 @@ pub fn betas(config: &SchedulerConfig) -> Result<Vec<f32>> {
         }
     };
     Ok(if config.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas })
+}
+
+/// Refuses an epsilon-prediction run that visits a timestep whose ᾱ the zero-SNR rescale
+/// made exactly 0: the samplers that index ᾱ directly (DDIM, LCM, TCD) estimate
+/// x0 = (x − sqrt(1 − ᾱ)·ε) / sqrt(ᾱ) there, a division by zero (diffusers returns a NaN
+/// image). The sigma samplers nudge that ᾱ to 2^-24 instead, as diffusers does.
+pub(crate) fn check_epsilon_at_zero_snr(
+    config: &SchedulerConfig,
+    alphas_cumprod: &[f32],
+    timesteps: &[usize],
+    sampler: &str,
+) -> Result<()> {
+    if config.prediction_type != PredictionType::Epsilon {
+        return Ok(());
+    }
+    match timesteps.iter().find(|&&t| alphas_cumprod[t] == 0.0) {
+        Some(t) => Err(Error::Msg(format!(
+            "{sampler} with rescale_betas_zero_snr visits timestep {t}, where the signal is \
+             zero and an epsilon-prediction model cannot recover the image; use \
+             prediction_type v_prediction (zero-SNR models predict v) or another sampler"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Cumulative products of (1 - beta), float32 values as diffusers' `alphas_cumprod`.

@@ -29,6 +29,10 @@ pub(super) struct LoopRecord {
     #[serde(default)]
     pub(super) sigmas: Vec<f32>,
     pub(super) init_noise_sigma: f64,
+    /// The run's `s_noise` where the reference was recorded with one (e.g. 0 for the
+    /// deterministic part of a sampler whose noise cannot be reproduced).
+    #[serde(default)]
+    pub(super) s_noise: Option<f64>,
     #[serde(rename = "final")]
     pub(super) final_sample: Vec<f32>,
 }

@@ -111,6 +111,10 @@ pub enum SigmaFamily {
     /// `DPMSolverMultistepScheduler` (and its multistep relatives): integer timesteps from
     /// `num_inference_steps + 1` spacing; Karras spans the whole training range.
     DpmSolver,
+    /// `DEISMultistepScheduler`: as `DpmSolver`, except that Karras timesteps are always
+    /// rounded (also for cosine betas) and the final sigma is not 0 but the smallest
+    /// training sigma (`default`) or the schedule's last sigma repeated (the others).
+    Deis,
 }
 
 /// Model timesteps, sigmas (one per step plus the final 0) and the initial noise scale.
@@ -350,7 +354,7 @@ pub fn sigma_schedule(
     let train = train_sigmas(config)?;
     let logs = log_sigmas(&train);
     let cosine = config.beta_schedule == "squaredcos_cap_v2";
-    let dpm = family == SigmaFamily::DpmSolver;
+    let dpm = matches!(family, SigmaFamily::DpmSolver | SigmaFamily::Deis);
 
     if matches!(
         schedule,
@@ -449,7 +453,7 @@ pub fn sigma_schedule(
                 Schedule::Beta => beta_sigmas(sigma_min, sigma_max, steps),
                 _ => unreachable!("handled above; this is a bug"),
             };
-            let round = schedule == Schedule::Karras && !cosine;
+            let round = schedule == Schedule::Karras && (!cosine || family == SigmaFamily::Deis);
             let timesteps = wide
                 .iter()
                 .map(|&s| {
@@ -472,7 +476,12 @@ pub fn sigma_schedule(
         )));
     }
     let mut sigmas: Vec<f32> = sigmas_wide.iter().map(|&s| s as f32).collect();
-    sigmas.push(0.0);
+    let final_sigma = match (family, schedule) {
+        (SigmaFamily::Deis, Schedule::Default) => train[0],
+        (SigmaFamily::Deis, _) => *sigmas.last().expect("at least one step; this is a bug"),
+        _ => 0.0,
+    };
+    sigmas.push(final_sigma);
     Ok(SigmaSchedule { timesteps, sigmas, init_noise_sigma: 1.0 })
 }
 

@@ -161,6 +161,16 @@ impl Sampler for UniPc {
         1.0
     }
 
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(noise, original)?;
+        // diffusers' `add_noise` of the class (at the begin index): VP coordinates,
+        // x_t = alpha_t x0 + sigma_t noise. A run started here has no earlier outputs, so
+        // its first step is first order and uncorrected, as diffusers' fresh state.
+        let (alpha_t, sigma_t, _) = vp(self.sigmas[step_index]);
+        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+    }
+
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
         Ok(sample.clone())

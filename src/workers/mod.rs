@@ -12,20 +12,18 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
+use crate::adapters::controlnet::ControlNetLibrary;
 use crate::adapters::embeddings::EmbeddingLibrary;
 use crate::adapters::lora::LoraLibrary;
+use crate::adapters::t2i::T2IAdapterLibrary;
 use crate::codec;
 use crate::config::ModelSpec;
 use crate::error::{ModelError, PipelineError};
 use crate::jobs::{ClaimedJob, EncodedImage, JobError, JobErrorKind, JobManager, JobOutcome};
 use crate::pipeline::{
-    parse_device, probe, GeneratedImage, GenerationRequest, LoadOptions, ModelDefaults, Pipeline,
-    PromptContext, StepObserver,
+    parse_device, probe, GeneratedImage, GenerationRequest, LoadOptions, MemorySettings,
+    ModelDefaults, Pipeline, PromptContext, StepObserver,
 };
-
-/// Jobs a worker takes at once. One for now; the queue and the worker loop already deal
-/// in batches so that compatible jobs can be batched later without a redesign.
-pub const MAX_BATCH: usize = 1;
 
 /// What a worker needs from a loaded model.
 pub trait ImageGenerator: Send + Sync {
@@ -37,6 +35,19 @@ pub trait ImageGenerator: Send + Sync {
         request: &GenerationRequest,
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<GeneratedImage>, PipelineError>;
+    /// Runs compatible requests (equal [`GenerationRequest::batch_key`]) together; one
+    /// result per request, in order. The default runs them one after another.
+    fn generate_batch(
+        &self,
+        requests: &[&GenerationRequest],
+        observers: &mut [&mut dyn StepObserver],
+    ) -> Vec<Result<Vec<GeneratedImage>, PipelineError>> {
+        requests
+            .iter()
+            .zip(observers.iter_mut())
+            .map(|(request, observer)| self.generate(request, *observer))
+            .collect()
+    }
 }
 
 impl ImageGenerator for Pipeline {
@@ -50,6 +61,14 @@ impl ImageGenerator for Pipeline {
         observer: &mut dyn StepObserver,
     ) -> Result<Vec<GeneratedImage>, PipelineError> {
         Pipeline::generate(self, request, observer)
+    }
+
+    fn generate_batch(
+        &self,
+        requests: &[&GenerationRequest],
+        observers: &mut [&mut dyn StepObserver],
+    ) -> Vec<Result<Vec<GeneratedImage>, PipelineError>> {
+        Pipeline::generate_batch(self, requests, self.prompt_context(), observers)
     }
 }
 
@@ -73,10 +92,29 @@ pub trait ModelBackend: Send + Sync {
 }
 
 /// The real backend: [`probe`] and [`Pipeline::load`]; every loaded pipeline encodes
-/// prompts with `embeddings`.
+/// prompts with `embeddings` and resolves request T2I-Adapters in `t2i_adapters` and
+/// ControlNets in `controlnets`.
 #[derive(Debug, Default)]
 pub struct CandleBackend {
     pub embeddings: Option<Arc<EmbeddingLibrary>>,
+    pub t2i_adapters: Option<Arc<T2IAdapterLibrary>>,
+    pub controlnets: Option<Arc<ControlNetLibrary>>,
+    /// When `vae_tiling: auto` tiles.
+    pub memory: MemorySettings,
+}
+
+impl CandleBackend {
+    fn with_adapters(&self, pipeline: Pipeline) -> Pipeline {
+        let mut pipeline = match &self.t2i_adapters {
+            Some(library) => pipeline.with_t2i_adapter_library(library.clone()),
+            None => pipeline,
+        };
+        pipeline.set_memory_settings(self.memory);
+        match &self.controlnets {
+            Some(library) => pipeline.with_controlnet_library(library.clone()),
+            None => pipeline,
+        }
+    }
 }
 
 impl ModelBackend for CandleBackend {
@@ -86,7 +124,7 @@ impl ModelBackend for CandleBackend {
 
     fn load(&self, spec: &ModelSpec, device: &str) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
-        let mut pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
+        let mut pipeline = self.with_adapters(Pipeline::load(&spec.name, &spec.path, &options)?);
         pipeline.set_prompt_context(PromptContext { embeddings: self.embeddings.clone() });
         Ok(Arc::new(pipeline))
     }
@@ -99,7 +137,7 @@ impl ModelBackend for CandleBackend {
     ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
         let pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
-        Ok(Arc::new(pipeline.with_lora_library(loras.clone())))
+        Ok(Arc::new(self.with_adapters(pipeline).with_lora_library(loras.clone())))
     }
 }
 
@@ -286,21 +324,70 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        while let Some(batch) = self.jobs.next_batch(MAX_BATCH) {
+        let max_batch = self.jobs.settings().max_batch.max(1);
+        while let Some(batch) = self.jobs.next_batch(max_batch) {
+            if batch.len() > 1 {
+                self.run_batch(&batch);
+                continue;
+            }
             for job in batch {
                 let span = tracing::info_span!("job", id = %job.id, model = %job.request.model, slot = self.slot, device = %self.device);
                 let _entered = span.enter();
                 let outcome = self.run_job(&job);
-                match &outcome {
-                    JobOutcome::Succeeded(images) => {
-                        tracing::info!(images = images.len(), "job succeeded")
-                    }
-                    JobOutcome::Failed(error) => {
-                        tracing::warn!(error = %error.message, "job failed")
-                    }
-                    JobOutcome::Cancelled => tracing::info!("job cancelled"),
-                }
+                Self::log_outcome(&outcome);
                 self.jobs.finish(&job.id, outcome);
+            }
+        }
+    }
+
+    fn log_outcome(outcome: &JobOutcome) {
+        match outcome {
+            JobOutcome::Succeeded(images) => {
+                tracing::info!(images = images.len(), "job succeeded")
+            }
+            JobOutcome::Failed(error) => {
+                tracing::warn!(error = %error.message, "job failed")
+            }
+            JobOutcome::Cancelled => tracing::info!("job cancelled"),
+        }
+    }
+
+    /// Runs compatible jobs (the manager batches only equal batch keys, hence one model)
+    /// as one pipeline batch; each job ends with its own outcome. A job cancelled
+    /// mid-batch stops being reported at once and ends `cancelled` when the batch ends;
+    /// the others are unaffected.
+    fn run_batch(&self, batch: &[ClaimedJob]) {
+        let span = tracing::info_span!("batch", jobs = batch.len(), model = %batch[0].request.model, slot = self.slot, device = %self.device);
+        let _entered = span.enter();
+        let Some(generator) = self.models.get(&batch[0].request.model) else {
+            for job in batch {
+                self.jobs.finish(&job.id, self.run_job(job));
+            }
+            return;
+        };
+        let requests: Vec<&GenerationRequest> = batch.iter().map(|j| j.request.as_ref()).collect();
+        let mut observers: Vec<JobObserver> =
+            batch.iter().map(|job| JobObserver { job, jobs: &self.jobs }).collect();
+        let mut observer_refs: Vec<&mut dyn StepObserver> =
+            observers.iter_mut().map(|o| o as &mut dyn StepObserver).collect();
+        let results = catch_unwind(AssertUnwindSafe(|| {
+            generator.generate_batch(&requests, &mut observer_refs)
+        }));
+        match results {
+            Ok(results) => {
+                for (job, result) in batch.iter().zip(results) {
+                    let outcome = self.outcome(job, Ok(result));
+                    let _job = tracing::info_span!("job", id = %job.id).entered();
+                    Self::log_outcome(&outcome);
+                    self.jobs.finish(&job.id, outcome);
+                }
+            }
+            Err(panic) => {
+                let message = panic_message(panic.as_ref());
+                for job in batch {
+                    let outcome = self.outcome(job, Err(message.clone()));
+                    self.jobs.finish(&job.id, outcome);
+                }
             }
         }
     }
@@ -315,7 +402,17 @@ impl Worker {
         };
         let mut observer = JobObserver { job, jobs: &self.jobs };
         let result =
-            catch_unwind(AssertUnwindSafe(|| generator.generate(&job.request, &mut observer)));
+            catch_unwind(AssertUnwindSafe(|| generator.generate(&job.request, &mut observer)))
+                .map_err(|panic| panic_message(panic.as_ref()));
+        self.outcome(job, result)
+    }
+
+    /// A job's outcome from its pipeline result (or the panic that replaced it).
+    fn outcome(
+        &self,
+        job: &ClaimedJob,
+        result: Result<Result<Vec<GeneratedImage>, PipelineError>, String>,
+    ) -> JobOutcome {
         // A stop that nobody asked for was the deadline.
         let deadline_passed = Instant::now() >= job.deadline && !job.cancel.load(Ordering::Relaxed);
         match result {
@@ -352,7 +449,7 @@ impl Worker {
                 ))
             }
             Err(panic) => {
-                tracing::error!(panic = %panic_message(panic.as_ref()), "generation panicked; the worker goes on");
+                tracing::error!(%panic, "generation panicked; the worker goes on");
                 JobOutcome::Failed(JobError::new(
                     JobErrorKind::Internal,
                     "generation failed (the worker caught a panic); the server log has the details",

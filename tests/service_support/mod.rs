@@ -145,7 +145,12 @@ impl TestServer {
     /// Starts the server and waits until /ready says the models are loaded.
     pub async fn start(settings: Settings, double: Double) -> TestServer {
         let key = settings.api_keys.first().map(|k| k.0.clone()).unwrap_or_default();
-        let backend = Arc::new(DoubledBackend { real: CandleBackend::default(), double });
+        let real = CandleBackend {
+            t2i_adapters: Some(settings.t2i_adapter_library()),
+            controlnets: Some(settings.controlnet_library()),
+            ..Default::default()
+        };
+        let backend = Arc::new(DoubledBackend { real, double });
         let server = sdserve::start(settings, backend).await.expect("server starts");
         let base = format!("http://{}", server.local_addr());
         let client = reqwest::Client::new();

@@ -32,11 +32,12 @@ use serde_json::Value;
 use crate::error::ModelError;
 use crate::models::ModelFamily;
 
-use configs::{components_of, read_sidecar, sidecar_path, KnownModel, Sidecar};
+use configs::{components_of, read_sidecar, KnownModel, Sidecar};
 use detect::{
     sd2_variant, Sd2Variant, REFINER_OPEN_CLIP_PREFIX, SD1_CLIP_PREFIX, SD2_OPEN_CLIP_PREFIX,
     SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX,
 };
+use fields::Fields;
 use header::{read_header, Header, MappedFile};
 use plan::Plan;
 
@@ -267,4 +268,165 @@ mod tests;
 /// Used for diffusers component files too.
 pub fn check_safetensors(path: &Path) -> Result<(), ModelError> {
     header::read_header(path).map(|_| ())
+}
+
+/// Where the ControlNet lives inside published single-file ControlNets (some, such as
+/// thibaud's SD 2.1 ones, store it without the prefix).
+const CONTROLNET_PREFIX: &str = "control_model.";
+
+/// The sidecar config path of a single-file checkpoint or ControlNet:
+/// `<stem>.config.json` beside it.
+pub fn sidecar_path(path: &Path) -> std::path::PathBuf {
+    configs::sidecar_path(path)
+}
+
+/// Loads a single-file ControlNet (original `control_model.*` names) as diffusers
+/// tensors in `dtype` on `device`, with its diffusers config: the sidecar
+/// `<stem>.config.json` (a diffusers ControlNet `config.json` dict) when there is one,
+/// else the configuration of the ControlNets published for the UNet family its weights
+/// show (SD 1.x, SD 2.x or SDXL), with the transformer depth per block and the
+/// control-image embedding widths read from the weights.
+pub fn load_controlnet(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Value, HashMap<String, Tensor>), ModelError> {
+    let file = MappedFile::open(path)?;
+    let header = file.header();
+    let unknown = |reason: String| ModelError::UnknownLayout { path: path.to_path_buf(), reason };
+    let prefix = if header.has_prefix(CONTROLNET_PREFIX) {
+        CONTROLNET_PREFIX
+    } else if header.contains("input_hint_block.0.weight") {
+        ""
+    } else {
+        return Err(unknown(
+            "not a ControlNet: no control_model.input_hint_block (or input_hint_block) tensors"
+                .into(),
+        ));
+    };
+    let sidecar = sidecar_path(path);
+    let config = if sidecar.exists() {
+        let text = std::fs::read_to_string(&sidecar)
+            .map_err(|source| ModelError::Io { path: sidecar.clone(), source })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::BadConfig {
+            path: sidecar.clone(),
+            reason: format!("invalid JSON: {e}"),
+        })?;
+        if !value.is_object() {
+            return Err(ModelError::BadConfig {
+                path: sidecar,
+                reason: "a ControlNet sidecar must be a diffusers ControlNet config object".into(),
+            });
+        }
+        value
+    } else {
+        inferred_controlnet_config(header, prefix).map_err(|reason| {
+            unknown(format!(
+                "{reason}; put the ControlNet's diffusers config.json beside it as {}",
+                sidecar.display()
+            ))
+        })?
+    };
+    let plan = unet_keys::controlnet_plan(header, prefix, &config).map_err(|reason| {
+        if sidecar_path(path).exists() {
+            ModelError::BadConfig {
+                path: sidecar_path(path),
+                reason: format!("the config does not fit the ControlNet: {reason}"),
+            }
+        } else {
+            unknown(format!(
+                "{reason}. If this ControlNet has other dimensions than the published ones, \
+                 put its diffusers config.json beside it as {}",
+                sidecar_path(path).display()
+            ))
+        }
+    })?;
+    let tensors =
+        materialise(&file, &plan, device, dtype).map_err(|e| attribute("controlnet", e))?;
+    Ok((config, tensors))
+}
+
+/// The config of a published ControlNet for the family its weights show: the family's
+/// UNet config (the ControlNet copies its down path, as diffusers' `from_unet` does),
+/// with the transformer depths and control-image embedding widths found in the weights.
+fn inferred_controlnet_config(header: &Header, prefix: &str) -> Result<Value, String> {
+    let family = if header.contains(&format!("{prefix}label_emb.0.0.weight")) {
+        ModelFamily::Sdxl
+    } else {
+        let context_width = header
+            .sorted_names()
+            .into_iter()
+            .find(|name| name.starts_with(prefix) && name.ends_with("attn2.to_k.weight"))
+            .and_then(|name| header.shape(name))
+            .and_then(|shape| shape.get(1).copied());
+        match context_width {
+            Some(1024) => ModelFamily::Sd2,
+            Some(768) => ModelFamily::Sd1,
+            other => {
+                return Err(format!(
+                    "cannot tell the ControlNet's model family (cross-attention width {other:?})"
+                ))
+            }
+        }
+    };
+    let known = KnownModel::for_family(family, Sd2Variant::V768);
+    let mut config = known.configs().remove("unet").expect("every family has a UNet config");
+    let object = config.as_object_mut().expect("embedded configs are objects");
+    for key in ["up_block_types", "out_channels", "sample_size", "center_input_sample"] {
+        object.remove(key);
+    }
+    object.insert("_class_name".into(), Value::from("ControlNetModel"));
+    object.insert("conditioning_channels".into(), Value::from(3));
+
+    // Hint convolutions sit at even indices: conv_in, then pairs (3×3, strided 3×3), then
+    // conv_out; the strided ones give the widths after the first.
+    let mut hint: Vec<usize> = header
+        .sorted_names()
+        .into_iter()
+        .filter_map(|name| {
+            let rest = name.strip_prefix(prefix)?.strip_prefix("input_hint_block.")?;
+            rest.strip_suffix(".weight")?.parse::<usize>().ok()
+        })
+        .collect();
+    hint.sort_unstable();
+    let width = |index: usize| -> Result<usize, String> {
+        header
+            .shape(&format!("{prefix}input_hint_block.{index}.weight"))
+            .and_then(|shape| shape.first().copied())
+            .ok_or_else(|| format!("missing {prefix}input_hint_block.{index}.weight"))
+    };
+    if hint.len() < 2 || !hint.len().is_multiple_of(2) {
+        return Err(format!("unexpected input_hint_block layout {hint:?}"));
+    }
+    let mut widths = vec![width(hint[0])?];
+    for pair in hint[1..hint.len() - 1].chunks(2) {
+        widths.push(width(pair[1])?);
+    }
+    object.insert("conditioning_embedding_out_channels".into(), Value::from(widths));
+
+    // Depth per down block: the most transformer blocks any of its attentions has
+    // (published "small"/"mid" SDXL ControlNets thin the UNet's).
+    let fields = Fields::new("controlnet", &config);
+    let blocks = fields.usize_list("block_out_channels", &[320, 640, 1280, 1280])?.len();
+    let layers = fields.usize_per_block("layers_per_block", blocks, 2)?;
+    let mut depths = fields.usize_per_block("transformer_layers_per_block", blocks, 1)?;
+    let mut input_index = 1;
+    for (block, depth) in depths.iter_mut().enumerate() {
+        let attention_prefix = |i: usize| format!("{prefix}input_blocks.{i}.1.transformer_blocks.");
+        let found = (input_index..input_index + layers[block])
+            .flat_map(|i| {
+                let start = attention_prefix(i);
+                header.sorted_names().into_iter().filter_map(move |name| {
+                    name.strip_prefix(&start)?.split('.').next()?.parse::<usize>().ok()
+                })
+            })
+            .max();
+        if let Some(max_index) = found {
+            *depth = max_index + 1;
+        }
+        input_index += layers[block] + 1;
+    }
+    let object = config.as_object_mut().expect("embedded configs are objects");
+    object.insert("transformer_layers_per_block".into(), Value::from(depths));
+    Ok(config)
 }

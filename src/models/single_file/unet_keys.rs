@@ -407,3 +407,96 @@ pub(crate) fn ldm_aliases(
     }
     Ok(aliases)
 }
+
+/// Builds the plan of a ControlNet stored under the original names (`control_model.*`,
+/// or bare names when `prefix` is empty), as published `.safetensors` ControlNets are:
+/// the down path, mid block and time embeddings carry the UNet's LDM names;
+/// `input_hint_block.N` is the control-image embedding (convolutions at even indices:
+/// the first is `conv_in`, the last `conv_out`), `zero_convs.N.0` the per-skip 1×1
+/// convolutions and `middle_block_out.0` the mid block's. `config` is the diffusers
+/// ControlNet config.
+pub(crate) fn controlnet_plan(
+    header: &Header,
+    prefix: &str,
+    config: &Value,
+) -> Result<Plan, String> {
+    let fields = Fields::new("controlnet", config);
+    let channels = fields.usize_list("block_out_channels", &[320, 640, 1280, 1280])?;
+    let blocks = channels.len();
+    let down_types = fields.strings(
+        "down_block_types",
+        &["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    )?;
+    // The UNet table with mirrored up blocks gives the down path and mid block; the up
+    // path is dropped below.
+    let mut unet_like = config.clone();
+    let up_types: Vec<Value> =
+        down_types.iter().rev().map(|kind| Value::from(kind.replace("Down", "Up"))).collect();
+    if let Some(object) = unet_like.as_object_mut() {
+        object.insert("up_block_types".into(), Value::from(up_types));
+        object.remove("mid_block_type");
+    }
+    let mut table = block_table(&unet_like)?;
+    table.retain(|ldm, _| !ldm.starts_with("output_blocks.") && !ldm.starts_with("out."));
+    // diffusers' ControlNet `UNetMidBlock2D` has a single resnet.
+    if fields.string("mid_block_type")? == Some("UNetMidBlock2D") {
+        table.remove("middle_block.1.");
+        table.remove("middle_block.2.");
+    }
+    let layers = fields.usize_per_block("layers_per_block", blocks, 2)?;
+    let skips = 1 + layers.iter().sum::<usize>() + blocks - 1;
+    for index in 0..skips {
+        table.insert(
+            format!("zero_convs.{index}.0."),
+            Block { diffusers: format!("controlnet_down_blocks.{index}."), part: Part::Layer },
+        );
+    }
+    table.insert(
+        "middle_block_out.0.".into(),
+        Block { diffusers: "controlnet_mid_block.".into(), part: Part::Layer },
+    );
+    let hint = fields.usize_list("conditioning_embedding_out_channels", &[16, 32, 96, 256])?;
+    let hint_convs = 2 * hint.len().saturating_sub(1);
+    table.insert(
+        "input_hint_block.0.".into(),
+        Block { diffusers: "controlnet_cond_embedding.conv_in.".into(), part: Part::Layer },
+    );
+    for index in 0..hint_convs {
+        table.insert(
+            format!("input_hint_block.{}.", 2 * index + 2),
+            Block {
+                diffusers: format!("controlnet_cond_embedding.blocks.{index}."),
+                part: Part::Layer,
+            },
+        );
+    }
+    table.insert(
+        format!("input_hint_block.{}.", 2 * hint_convs + 2),
+        Block { diffusers: "controlnet_cond_embedding.conv_out.".into(), part: Part::Layer },
+    );
+
+    let mut plan = Plan::new();
+    for name in header.sorted_names() {
+        let Some(key) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let (block, rest) = split_block(&table, key).ok_or_else(|| {
+            format!("{name} is not part of the ControlNet that the config describes")
+        })?;
+        let entry = &table[block];
+        let (renamed, reshape) =
+            map_rest(entry.part, rest).map_err(|reason| format!("{name}: {reason}"))?;
+        insert(&mut plan, format!("{}{renamed}", entry.diffusers), name, reshape)?;
+    }
+    let mut prefixes: Vec<(&String, &Block)> = table.iter().collect();
+    prefixes.sort_by(|left, right| left.0.cmp(right.0));
+    for (block_prefix, block) in prefixes {
+        for rest in required_keys(block.part) {
+            let key = format!("{prefix}{block_prefix}{rest}");
+            if !header.contains(&key) {
+                return Err(format!("missing tensor {key}"));
+            }
+        }
+    }
+    Ok(plan)
+}

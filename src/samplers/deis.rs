@@ -1,0 +1,152 @@
+//! DEIS (A1111-style "DEIS"), following diffusers' `DEISMultistepScheduler` with its
+//! defaults: `solver_order=2`, `algorithm_type="deis"`, `solver_type="logrho"`,
+//! `lower_order_final=True`. The solver works in VP coordinates (initial noise scale 1,
+//! model input unscaled) on noise predictions re-derived from the data prediction; the
+//! first step is first order (DDIM-equivalent), and so is the last one when the run has
+//! fewer than 15 steps, as diffusers decides it. Timesteps and sigmas are those of the
+//! DPM-Solver family (integer timesteps, `default`/`karras`/`exponential`/`beta`), except
+//! that diffusers' DEIS ends at the smallest training sigma instead of 0 (see
+//! [`SigmaFamily::Deis`]).
+//!
+//! diffusers' DEIS class has no `rescale_betas_zero_snr`; here a zero-SNR config applies
+//! as it does to the other sigma samplers (the terminal ᾱ nudged to 2^-24, as diffusers'
+//! DPM-Solver does), so a request's override is not silently dropped.
+
+use candle_core::{Error, Result, Tensor};
+
+use super::schedule::{PredictionType, SchedulerConfig};
+use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
+use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::{Sampler, TorchGenerator};
+
+/// The schedules diffusers' class offers.
+pub const SCHEDULES: &[Schedule] =
+    &[Schedule::Default, Schedule::Karras, Schedule::Exponential, Schedule::Beta];
+
+/// diffusers' `lower_order_final` applies only to runs shorter than this.
+const LOWER_ORDER_FINAL_BELOW: usize = 15;
+
+/// A DEIS run (order 2) of a fixed number of steps.
+#[derive(Debug, Clone)]
+pub struct Deis {
+    timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+    prediction_type: PredictionType,
+    /// The previous step's noise estimate, with the step index it was made at.
+    previous: Option<(usize, Tensor)>,
+}
+
+/// diffusers' `_sigma_to_alpha_sigma_t` in float32: (alpha_t, sigma_t) of VP coordinates.
+fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// The log-rho integral of DEIS's second-order Lagrange basis (diffusers' `ind_fn`):
+/// ∫ (log t − log c) / (log b − log c) dt, float32.
+fn log_rho_integral(t: f32, b: f32, c: f32) -> f32 {
+    t * (-c.ln() + t.ln() - 1.0) / (b.ln() - c.ln())
+}
+
+impl Deis {
+    /// DEIS for `steps` steps under `schedule` (one of [`SCHEDULES`]).
+    pub fn new(config: &SchedulerConfig, steps: usize, schedule: Schedule) -> Result<Self> {
+        if !SCHEDULES.contains(&schedule) {
+            return Err(Error::Msg(format!("deis does not support schedule {}", schedule.id())));
+        }
+        let plan = sigma_schedule(config, steps, schedule, SigmaFamily::Deis)?;
+        Ok(Deis {
+            timesteps: plan.timesteps,
+            sigmas: plan.sigmas,
+            prediction_type: config.prediction_type,
+            previous: None,
+        })
+    }
+
+    /// The sigmas, one per step plus the final one.
+    pub fn sigmas(&self) -> &[f32] {
+        &self.sigmas
+    }
+
+    /// diffusers' `convert_model_output`: the data prediction x0, turned back into the
+    /// noise estimate (sample − alpha_t x0) / sigma_t that DEIS integrates.
+    fn noise_estimate(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(sigma);
+        let x0 = match self.prediction_type {
+            PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
+            PredictionType::Sample => model_output.clone(),
+            PredictionType::VPrediction => (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?,
+        };
+        div(&(sample - mul(&x0, alpha_t)?)?, sigma_t)
+    }
+}
+
+impl Sampler for Deis {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        check_same_shape(noise, original)?;
+        // diffusers' DEIS `add_noise` (DPM-Solver's): x_t = alpha_t x0 + sigma_t noise.
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
+        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        _generators: &mut [TorchGenerator],
+    ) -> Result<Tensor> {
+        let steps = self.timesteps.len();
+        check_step_index(step_index, steps)?;
+        check_same_shape(model_output, sample)?;
+        let out_dtype = sample.dtype();
+        let model_output = as_f32(model_output)?;
+        let sample = as_f32(sample)?;
+        let m0 = self.noise_estimate(&model_output, &sample, self.sigmas[step_index])?;
+
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step_index]);
+        let lower_order_final = step_index == steps - 1 && steps < LOWER_ORDER_FINAL_BELOW;
+        // Only a previous estimate from the step just before counts: a run started
+        // part-way (img2img) begins first order, as diffusers' fresh scheduler does.
+        let previous = match &self.previous {
+            Some((index, m1)) if *index + 1 == step_index && !lower_order_final => Some(m1),
+            _ => None,
+        };
+        let next = match previous {
+            None => {
+                let lambda_t = alpha_t.ln() - sigma_t.ln();
+                let lambda_s = alpha_s0.ln() - sigma_s0.ln();
+                let h = lambda_t - lambda_s;
+                (mul(&sample, alpha_t / alpha_s0)? - mul(&m0, sigma_t * (h.exp() - 1.0))?)?
+            }
+            Some(m1) => {
+                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step_index - 1]);
+                let (rho_t, rho_s0, rho_s1) =
+                    (sigma_t / alpha_t, sigma_s0 / alpha_s0, sigma_s1 / alpha_s1);
+                let coef1 = log_rho_integral(rho_t, rho_s0, rho_s1)
+                    - log_rho_integral(rho_s0, rho_s0, rho_s1);
+                let coef2 = log_rho_integral(rho_t, rho_s1, rho_s0)
+                    - log_rho_integral(rho_s0, rho_s1, rho_s0);
+                let inner = ((div(&sample, alpha_s0)? + mul(&m0, coef1)?)? + mul(m1, coef2)?)?;
+                mul(&inner, alpha_t)?
+            }
+        };
+        self.previous = Some((step_index, m0));
+        next.to_dtype(out_dtype)
+    }
+}

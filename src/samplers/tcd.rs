@@ -1,0 +1,124 @@
+//! TCD (A1111-style "TCD"), following diffusers' `TCDScheduler` (Trajectory Consistency
+//! Distillation's strategic stochastic sampling). Each step predicts x0 and the noise (any
+//! prediction type), jumps to the intermediate timestep s = floor((1 − γ) · t_prev), then,
+//! except at the last step, re-noises from s to the next timestep with fresh noise from
+//! the request's generators (per batch item). γ ("gamma", diffusers' `eta` argument of
+//! `step`) is the request's `eta`: 0 is deterministic, 1 fully stochastic; the default
+//! 0.3 is `TCDScheduler.step`'s default and the TCD authors' recommendation (diffusers'
+//! `StableDiffusionPipeline` itself passes `eta=0` unless told otherwise). Timesteps are
+//! LCM's (from `original_inference_steps`, see [`super::lcm`]).
+
+use candle_core::{Error, Result, Tensor};
+
+use super::lcm::{add_alpha_noise, consistency_timesteps};
+use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
+use super::sigmas::Schedule;
+use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::{Sampler, TorchGenerator};
+
+/// Only the distillation schedule.
+pub const SCHEDULES: &[Schedule] = &[Schedule::Default];
+
+/// γ when the request gives no `eta` (`TCDScheduler.step`'s default).
+pub const DEFAULT_GAMMA: f64 = 0.3;
+
+/// A TCD run of a fixed number of steps.
+#[derive(Debug, Clone)]
+pub struct Tcd {
+    timesteps: Vec<usize>,
+    timesteps_f64: Vec<f64>,
+    alphas_cumprod: Vec<f32>,
+    prediction_type: PredictionType,
+    gamma: f32,
+}
+
+impl Tcd {
+    /// TCD for `steps` steps with stochasticity `gamma` in [0, 1].
+    pub fn new(config: &SchedulerConfig, steps: usize, gamma: f64) -> Result<Self> {
+        if !(gamma.is_finite() && (0.0..=1.0).contains(&gamma)) {
+            return Err(Error::Msg(format!("eta (TCD's gamma) must be in [0, 1], got {gamma}")));
+        }
+        let timesteps = consistency_timesteps(config, steps, "tcd")?;
+        let alphas_cumprod = alphas_cumprod(config)?;
+        check_epsilon_at_zero_snr(config, &alphas_cumprod, &timesteps, "tcd")?;
+        Ok(Tcd {
+            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
+            timesteps,
+            alphas_cumprod,
+            prediction_type: config.prediction_type,
+            gamma: gamma as f32,
+        })
+    }
+}
+
+impl Sampler for Tcd {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps_f64
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        add_alpha_noise(original, noise, self.alphas_cumprod[self.timesteps[step_index]])
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        check_step_index(step_index, self.timesteps.len())?;
+        Ok(sample.clone())
+    }
+
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+        generators: &mut [TorchGenerator],
+    ) -> Result<Tensor> {
+        let steps = self.timesteps.len();
+        check_step_index(step_index, steps)?;
+        check_same_shape(model_output, sample)?;
+        let out_dtype = sample.dtype();
+        let model_output = as_f32(model_output)?;
+        let sample = as_f32(sample)?;
+
+        let last = step_index + 1 == steps;
+        let timestep = self.timesteps[step_index];
+        let previous_timestep = if last { 0 } else { self.timesteps[step_index + 1] };
+        // torch: floor((1 - gamma) * prev) with a float32 product.
+        let intermediate = ((1.0 - self.gamma) * previous_timestep as f32).floor() as usize;
+        let alpha_t = self.alphas_cumprod[timestep];
+        let beta_t = 1.0 - alpha_t;
+        let alpha_prev = self.alphas_cumprod[previous_timestep];
+        let alpha_s = self.alphas_cumprod[intermediate];
+        let beta_s = 1.0 - alpha_s;
+        let (original, epsilon) = match self.prediction_type {
+            PredictionType::Epsilon => {
+                let original =
+                    div(&(&sample - mul(&model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?;
+                (original, model_output)
+            }
+            PredictionType::Sample => {
+                let epsilon =
+                    div(&(&sample - mul(&model_output, alpha_t.sqrt())?)?, beta_t.sqrt())?;
+                (model_output, epsilon)
+            }
+            PredictionType::VPrediction => {
+                let original =
+                    (mul(&sample, alpha_t.sqrt())? - mul(&model_output, beta_t.sqrt())?)?;
+                let epsilon = (mul(&model_output, alpha_t.sqrt())? + mul(&sample, beta_t.sqrt())?)?;
+                (original, epsilon)
+            }
+        };
+        let noised = (mul(&original, alpha_s.sqrt())? + mul(&epsilon, beta_s.sqrt())?)?;
+        if self.gamma == 0.0 || last {
+            return noised.to_dtype(out_dtype);
+        }
+        let noise = batch_noise(generators, &noised)?;
+        let ratio = alpha_prev / alpha_s;
+        let next = (mul(&noised, ratio.sqrt())? + mul(&noise, (1.0 - ratio).sqrt())?)?;
+        next.to_dtype(out_dtype)
+    }
+}
