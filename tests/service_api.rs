@@ -236,6 +236,36 @@ async fn embeddings_are_listed_without_paths() {
     server.stop().await;
 }
 
+/// The server's workers encode prompts with the configured embeddings: the embedding's
+/// name in a prompt changes the image only when its directory is configured.
+#[tokio::test]
+async fn the_server_uses_its_embeddings_in_prompts() {
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let settings_for = |embeddings: bool| {
+        let mut settings = test_settings();
+        settings.models = vec![sdserve::config::ModelSpec {
+            name: "sd1".into(),
+            path: fixtures.join("sd1"),
+            dtype: Default::default(),
+        }];
+        settings.default_model = "sd1".into();
+        if embeddings {
+            settings.embeddings_dirs = vec![fixtures.join("embeddings/sd1")];
+        }
+        settings
+    };
+    let mut pixels = Vec::new();
+    for embeddings in [false, true] {
+        let server = TestServer::start(settings_for(embeddings), Double::None).await;
+        let response = server.post_json("/v1/generate", &tiny_request("a photo of tinyemb")).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        pixels.push(body["images"][0]["data"].as_str().unwrap().to_string());
+        server.stop().await;
+    }
+    assert_ne!(pixels[0], pixels[1], "the embedding did not reach the server's prompts");
+}
+
 /// LoRAs from a configured directory: listed with their metadata, applied by name (native
 /// and OpenAI dialects, and the prompt tag), unknown names and traversal refused by field.
 #[tokio::test]

@@ -136,8 +136,11 @@ impl ModelBackend for CandleBackend {
         loras: &Arc<LoraLibrary>,
     ) -> Result<Arc<dyn ImageGenerator>, ModelError> {
         let options = LoadOptions { device: parse_device(device)?, dtype: spec.dtype.to_candle() };
-        let pipeline = Pipeline::load(&spec.name, &spec.path, &options)?;
-        Ok(Arc::new(self.with_adapters(pipeline).with_lora_library(loras.clone())))
+        // The pool loads through here: the prompt context must be set here too, or the
+        // server would ignore its embeddings directories.
+        let mut pipeline = self.with_adapters(Pipeline::load(&spec.name, &spec.path, &options)?);
+        pipeline.set_prompt_context(PromptContext { embeddings: self.embeddings.clone() });
+        Ok(Arc::new(pipeline.with_lora_library(loras.clone())))
     }
 }
 

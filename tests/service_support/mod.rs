@@ -146,6 +146,7 @@ impl TestServer {
     pub async fn start(settings: Settings, double: Double) -> TestServer {
         let key = settings.api_keys.first().map(|k| k.0.clone()).unwrap_or_default();
         let real = CandleBackend {
+            embeddings: settings.embedding_library().expect("embeddings directories load"),
             t2i_adapters: Some(settings.t2i_adapter_library()),
             controlnets: Some(settings.controlnet_library()),
             ..Default::default()
