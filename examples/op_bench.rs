@@ -90,5 +90,44 @@ fn main() -> Result<()> {
             "{name:<33} candle cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s"
         );
     }
+    // Attention at the SD 1.5 UNet's 64² level (512² images, batch 2 with guidance), its
+    // cross-attention, and the VAE mid-block at 512²: split heads + two batched matmuls
+    // around a softmax (candle's ops) against the blocked kernel on token-major input.
+    for (name, batch, heads, tokens, key_tokens, head_dim) in [
+        ("attn unet512 b2 self 4096x40x8", 2, 8, 4096, 4096, 40),
+        ("attn unet512 b2 cross 4096/77", 2, 8, 4096, 77, 40),
+        ("attn unet512 b2 self 1024x80x8", 2, 8, 1024, 1024, 80),
+        ("attn vae512 4096x512x1", 1, 1, 4096, 4096, 512),
+    ] {
+        if !name.contains(&filter) {
+            continue;
+        }
+        let width = heads * head_dim;
+        let q = Tensor::randn(0f32, 1.0, (batch, tokens, width), &device)?;
+        let k = Tensor::randn(0f32, 1.0, (batch, key_tokens, width), &device)?;
+        let v = Tensor::randn(0f32, 1.0, (batch, key_tokens, width), &device)?;
+        let gflop = 4.0 * (batch * heads * tokens * key_tokens * head_dim) as f64 / 1e9;
+        let candle_path = || {
+            use sdserve::models::common::{merge_heads, scaled_dot_product_attention, split_heads};
+            let (qh, kh, vh) =
+                (split_heads(&q, heads)?, split_heads(&k, heads)?, split_heads(&v, heads)?);
+            merge_heads(&scaled_dot_product_attention(&qh, &kh, &vh, None, false)?)
+        };
+        let kernel_path = || {
+            sdserve::models::layers::blocked_attention(&q, &k, &v, heads, &[])
+                .map(|o| o.expect("f32 CPU input takes the kernel"))
+        };
+        // SKIP_CANDLE=1 times the kernel alone (for profiling it).
+        let (cc, cw) = if std::env::var("SKIP_CANDLE").is_ok_and(|v| v == "1") {
+            (f64::NAN, f64::NAN)
+        } else {
+            measure(repeats, candle_path)?
+        };
+        let (oc, ow) = measure(repeats, kernel_path)?;
+        println!(
+            "{name:<33} {gflop:6.2} GFLOP  candle cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s ({:5.1} GF per cpu-s)",
+            gflop / oc
+        );
+    }
     Ok(())
 }

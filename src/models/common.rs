@@ -1,5 +1,6 @@
-//! Building blocks shared by the networks: multi-head attention as batched matmuls,
-//! ResNet blocks, sinusoidal timestep embeddings and config helpers.
+//! Building blocks shared by the networks: multi-head attention (the kernels' blocked
+//! attention for f32 on CPU, batched matmuls around a softmax otherwise), ResNet blocks,
+//! sinusoidal timestep embeddings and config helpers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -170,12 +171,7 @@ impl Attention {
 
     /// Attends `x` (`[batch, tokens, query_dim]`) to `context` (itself when `None`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
-        let query = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let key = split_heads(&self.to_k.forward(context)?, self.heads)?;
-        let value = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let attended = scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
-        self.to_out.forward(&merge_heads(&attended)?)
+        self.forward_with_extras(x, context, &[])
     }
 
     /// The width of the queries' projection (heads × head_dim), which extra keys and
@@ -192,13 +188,23 @@ impl Attention {
         context: Option<&Tensor>,
         extras: &[ExtraKeyValues],
     ) -> Result<Tensor> {
-        if extras.is_empty() {
-            return self.forward(x, context);
-        }
         let context = context.unwrap_or(x);
-        let query = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let key = split_heads(&self.to_k.forward(context)?, self.heads)?;
-        let value = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let query = self.to_q.forward(x)?;
+        let key = self.to_k.forward(context)?;
+        let value = self.to_v.forward(context)?;
+        // f32 on CPU: the blocked kernel reads the heads in place, scores never whole.
+        let extra_tensors = extras
+            .iter()
+            .map(|e| Ok((e.key.to_dtype(x.dtype())?, e.value.to_dtype(x.dtype())?, e.scale as f32)))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(attended) =
+            super::layers::blocked_attention(&query, &key, &value, self.heads, &extra_tensors)?
+        {
+            return self.to_out.forward(&attended);
+        }
+        let query = split_heads(&query, self.heads)?;
+        let key = split_heads(&key, self.heads)?;
+        let value = split_heads(&value, self.heads)?;
         let attended = scaled_dot_product_attention(&query, &key, &value, None, self.upcast)?;
         let mut attended = merge_heads(&attended)?;
         for extra in extras {

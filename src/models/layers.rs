@@ -1,4 +1,4 @@
-//! Convolution and group-norm layers that run sdserve's own f32 CPU kernels
+//! Convolution and group-norm layers (and multi-head attention) that run sdserve's own f32 CPU kernels
 //! (`sdserve-cpu-kernels`) when the tensors allow it and candle's ops otherwise (GPU, f16,
 //! bf16, grouped or dilated convolutions), with the same weights and results.
 
@@ -210,6 +210,81 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> R
     Ok(GroupNorm { inner, weight, bias, groups, eps })
 }
 
+/// Multi-head attention of token-major projections (`query` `[batch, tokens, heads ·
+/// head_dim]`, `key`/`value` `[batch, key_tokens, heads · head_dim]`) by the kernels'
+/// blocked attention, plus `weight ·` the attention to each of `extras`' (key, value,
+/// weight) with the same queries (IP-Adapter). Returns `[batch, tokens, heads · head_dim]`,
+/// or `None` to hand over to candle's ops (not f32 on CPU, kernels off, mismatched shapes).
+pub fn blocked_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    heads: usize,
+    extras: &[(Tensor, Tensor, f32)],
+) -> Result<Option<Tensor>> {
+    let all_f32 = [query, key, value]
+        .into_iter()
+        .chain(extras.iter().flat_map(|(k, v, _)| [k, v]))
+        .all(is_cpu_f32);
+    let Ok((batch, query_tokens, width)) = query.dims3() else {
+        return Ok(None);
+    };
+    if !all_f32 || heads == 0 || width % heads != 0 {
+        return Ok(None);
+    }
+    let shape_of = |key: &Tensor, value: &Tensor| -> Option<usize> {
+        let (kb, key_tokens, kw) = key.dims3().ok()?;
+        (kb == batch && kw == width && value.dims() == key.dims()).then_some(key_tokens)
+    };
+    let geometry = |key_tokens| sdserve_cpu_kernels::AttentionGeometry {
+        batch,
+        heads,
+        query_tokens,
+        key_tokens,
+        head_dim: width / heads,
+    };
+    let Some(key_tokens) = shape_of(key, value) else {
+        return Ok(None);
+    };
+    if extras.iter().any(|(k, v, _)| shape_of(k, v).is_none()) {
+        return Ok(None);
+    }
+    let scale = (1.0 / ((width / heads) as f64).sqrt()) as f32;
+    let threads = candle_core::utils::get_num_threads();
+    let contiguous = |t: &Tensor| t.contiguous();
+    let (query, key, value) = (contiguous(query)?, contiguous(key)?, contiguous(value)?);
+    let (Some(q), Some(k), Some(v)) = (CpuF32::of(&query), CpuF32::of(&key), CpuF32::of(&value))
+    else {
+        return Ok(None);
+    };
+    let mut output = sdserve_cpu_kernels::attention(
+        q.values()?,
+        k.values()?,
+        v.values()?,
+        &geometry(key_tokens),
+        scale,
+        threads,
+    );
+    for (extra_key, extra_value, weight) in extras {
+        let (extra_key, extra_value) = (contiguous(extra_key)?, contiguous(extra_value)?);
+        let (Some(ek), Some(ev)) = (CpuF32::of(&extra_key), CpuF32::of(&extra_value)) else {
+            return Ok(None);
+        };
+        sdserve_cpu_kernels::attention_into(
+            &mut output,
+            1.0,
+            q.values()?,
+            ek.values()?,
+            ev.values()?,
+            &geometry(extra_key.dim(1)?),
+            scale,
+            *weight,
+            threads,
+        );
+    }
+    Tensor::from_vec(output, (batch, query_tokens, width), query.device()).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +343,31 @@ mod tests {
             let want_silu = candle_nn::ops::silu(&want)?;
             assert!(max_abs_diff(&ours.forward_silu(&x)?, &want_silu) < 1e-5);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn blocked_attention_matches_split_heads_and_matmuls() -> Result<()> {
+        use crate::models::common::{merge_heads, scaled_dot_product_attention, split_heads};
+        let device = Device::Cpu;
+        let (batch, heads, tokens, key_tokens, head_dim) = (2, 3, 70, 19, 8);
+        let width = heads * head_dim;
+        let q = Tensor::randn(0f32, 1.0, (batch, tokens, width), &device)?;
+        let k = Tensor::randn(0f32, 1.0, (batch, key_tokens, width), &device)?;
+        let v = Tensor::randn(0f32, 1.0, (batch, key_tokens, width), &device)?;
+        let (k2, v2) = (k.affine(0.5, 0.1)?, v.affine(-1.0, 0.3)?);
+        let by_heads = |k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let (qh, kh, vh) =
+                (split_heads(&q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
+            merge_heads(&scaled_dot_product_attention(&qh, &kh, &vh, None, false)?)
+        };
+        let expected = (by_heads(&k, &v)? + (by_heads(&k2, &v2)? * 0.6)?)?;
+        let got = blocked_attention(&q, &k, &v, heads, &[(k2, v2, 0.6)])?
+            .expect("f32 CPU tensors take the kernel");
+        assert!(max_abs_diff(&expected, &got) < 1e-5);
+        // A key/value batch that does not match the queries is left to candle.
+        let lone = k.narrow(0, 0, 1)?;
+        assert!(blocked_attention(&q, &lone, &lone, heads, &[])?.is_none());
         Ok(())
     }
 

@@ -3,6 +3,9 @@
 //! optional fused SiLU. They live in their own crate so that dev and test builds optimise
 //! them (the main crate builds at opt-level 1) and so they can be tested without candle.
 
+mod attention;
+pub use attention::{attention, attention_into, exp_nonpositive, AttentionGeometry};
+
 use rayon::prelude::*;
 use std::cell::RefCell;
 
