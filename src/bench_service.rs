@@ -55,7 +55,7 @@ pub fn run(args: &BenchArgs, jobs: usize) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let output = OutputOptions { format: ImageFormat::Png, quality: 90 };
-    let started = Instant::now();
+    let (started, cpu_started) = (Instant::now(), crate::cli::process_cpu_seconds());
     let mut ids = Vec::with_capacity(jobs);
     for index in 0..jobs {
         let request = GenerationParams {
@@ -75,18 +75,33 @@ pub fn run(args: &BenchArgs, jobs: usize) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let seconds = started.elapsed().as_secs_f64();
-    let succeeded = ids
-        .iter()
-        .filter(|id| manager.get(id).is_ok_and(|j| j.state == JobState::Succeeded))
-        .count();
+    let cpu = crate::cli::process_cpu_seconds().zip(cpu_started).map_or(f64::NAN, |(b, a)| b - a);
+    let mut succeeded = 0;
+    // FNV-1a over every image's bytes in job order: equal digests across runs with
+    // different max_batch mean batching changed no pixel.
+    let mut digest: u64 = 0xcbf2_9ce4_8422_2325;
+    for id in &ids {
+        let Ok(job) = manager.get(id) else { continue };
+        if job.state != JobState::Succeeded {
+            continue;
+        }
+        succeeded += 1;
+        for image in job.result.iter().flat_map(|r| r.images.iter()) {
+            for &byte in &image.bytes {
+                digest = (digest ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
     manager.stop_accepting();
     pool.join();
     println!(
         "{jobs} jobs {size}x{size}, {} steps, cfg, max_batch {}: {succeeded} succeeded in \
-         {seconds:.2} s = {:.2} images/s",
+         {seconds:.2} s = {:.2} images/s; cpu {cpu:.2} s = {:.3} cpu-s/image; images digest \
+         {digest:016x}",
         args.job_steps,
         args.max_batch,
-        succeeded as f64 / seconds
+        succeeded as f64 / seconds,
+        cpu / succeeded.max(1) as f64
     );
     if succeeded != jobs {
         anyhow::bail!("{} of {jobs} jobs did not succeed", jobs - succeeded);

@@ -27,7 +27,19 @@ enum Command {
     Samplers,
 }
 
+/// candle 0.11 asks for its thread count on nearly every operation and, unless
+/// `RAYON_NUM_THREADS` is set, works it out again each time by reading and parsing
+/// `/proc/cpuinfo` (thousands of reads per small image). Work it out once, here, while
+/// the process is still single-threaded, and leave the answer in the variable.
+fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}
+
 fn main() -> ExitCode {
+    pin_thread_count();
     match Cli::parse().command {
         Command::Serve(args) => serve(&args),
         Command::Generate(args) => report(sdserve::cli::generate(&args)),

@@ -39,6 +39,13 @@ fn kernels_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("SDSERVE_CPU_KERNELS").map_or(true, |v| v != "0"))
 }
 
+/// The kernels' thread count: candle's, asked once (candle 0.11 re-reads /proc/cpuinfo on
+/// each call unless `RAYON_NUM_THREADS` is set).
+fn kernel_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
 fn is_cpu_f32(tensor: &Tensor) -> bool {
     tensor.dtype() == DType::F32 && tensor.device().is_cpu() && kernels_enabled()
 }
@@ -108,7 +115,7 @@ impl Conv2d {
             None => None,
         };
         let bias_values = bias.as_ref().map(CpuF32::values).transpose()?;
-        let threads = candle_core::utils::get_num_threads();
+        let threads = kernel_threads();
         let output = sdserve_cpu_kernels::conv2d(
             input.values()?,
             weight.values()?,
@@ -250,7 +257,7 @@ pub fn blocked_attention(
         return Ok(None);
     }
     let scale = (1.0 / ((width / heads) as f64).sqrt()) as f32;
-    let threads = candle_core::utils::get_num_threads();
+    let threads = kernel_threads();
     let contiguous = |t: &Tensor| t.contiguous();
     let (query, key, value) = (contiguous(query)?, contiguous(key)?, contiguous(value)?);
     let (Some(q), Some(k), Some(v)) = (CpuF32::of(&query), CpuF32::of(&key), CpuF32::of(&value))
