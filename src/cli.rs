@@ -527,24 +527,28 @@ pub struct BenchArgs {
 }
 
 /// Median, min and max wall seconds of `repeats` timed runs of `run`, after one warm-up
-/// run, and the median CPU seconds of the process (all threads) per run.
+/// run, the median CPU seconds of the process (all threads) per run, and the GFLOP of one
+/// run (architecture FLOPs of convolutions, matrix products and attention).
 fn time_runs(
     repeats: usize,
     mut run: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<[f64; 4]> {
+) -> anyhow::Result<[f64; 5]> {
     run()?;
     let mut seconds = Vec::with_capacity(repeats);
     let mut cpu_seconds = Vec::with_capacity(repeats);
+    let mut gflop = 0.0;
     for _ in 0..repeats.max(1) {
         let (started, cpu_started) = (Instant::now(), process_cpu_seconds());
+        let flops_started = crate::models::layers::flop_count();
         run()?;
         seconds.push(started.elapsed().as_secs_f64());
         cpu_seconds.push(process_cpu_seconds().zip(cpu_started).map_or(f64::NAN, |(b, a)| b - a));
+        gflop = (crate::models::layers::flop_count() - flops_started) as f64 / 1e9;
     }
     seconds.sort_by(f64::total_cmp);
     cpu_seconds.sort_by(f64::total_cmp);
     let middle = seconds.len() / 2;
-    Ok([seconds[middle], seconds[0], seconds[seconds.len() - 1], cpu_seconds[middle]])
+    Ok([seconds[middle], seconds[0], seconds[seconds.len() - 1], cpu_seconds[middle], gflop])
 }
 
 /// User + system CPU time of this process, all threads (Linux, 10 ms ticks). On a shared
@@ -604,10 +608,11 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         candle_core::utils::get_num_threads(),
         loading.elapsed().as_secs_f64()
     );
-    let report = |part: &str, [median, min, max, cpu]: [f64; 4]| {
+    let report = |part: &str, [median, min, max, cpu, gflop]: [f64; 5]| {
         println!(
             "{part:<32} median {median:>8.3} s   min {min:>8.3} s   max {max:>8.3} s   \
-             cpu {cpu:>8.3} s"
+             cpu {cpu:>8.3} s   {gflop:>8.1} GFLOP {:>6.1} GFLOP/s",
+            gflop / median
         );
     };
     let request = |size: u32, steps: u32| {

@@ -107,6 +107,9 @@ fn attention_block(
     } else {
         (query.clone(), key.clone())
     };
+    // Q·Kᵀ and P·V: 2 · 2 · (leading · tokens · keys · head_dim) operations.
+    let keys = key.dim(D::Minus2)?;
+    super::layers::add_flops(4 * (query.elem_count() * keys) as u64);
     let mut scores = (query.matmul(&key.t()?)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;

@@ -32,6 +32,22 @@ impl<'a> CpuF32<'a> {
     }
 }
 
+/// Floating-point operations (2 per multiply-accumulate) of the convolutions, matrix
+/// products and attention run so far, process-wide, counted from the architecture's
+/// shapes (the same whichever kernel computes them): `sdserve bench` reads it around each
+/// timed part to report GFLOP/s. Elementwise work (norms, activations) is not counted.
+static FLOPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The operations counted so far (see [`FLOPS`]); take differences around a run.
+pub fn flop_count() -> u64 {
+    FLOPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Adds `count` operations to the process-wide count.
+pub(crate) fn add_flops(count: u64) {
+    FLOPS.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether the kernels may run: `SDSERVE_CPU_KERNELS=0` forces candle's ops everywhere,
 /// for A/B timing and for ruling the kernels out when chasing a numerical difference.
 fn kernels_enabled() -> bool {
@@ -129,10 +145,14 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.forward_cpu_f32(x)? {
-            Some(output) => Ok(output),
-            None => self.inner.forward(x),
-        }
+        let output = match self.forward_cpu_f32(x)? {
+            Some(output) => output,
+            None => self.inner.forward(x)?,
+        };
+        // Each output element is a dot product over (in / groups) · kh · kw taps.
+        let taps = self.weight().dims().iter().skip(1).product::<usize>();
+        add_flops(2 * (output.elem_count() * taps) as u64);
+        Ok(output)
     }
 }
 
@@ -264,6 +284,9 @@ pub fn blocked_attention(
     else {
         return Ok(None);
     };
+    let attention_flops =
+        |key_tokens: usize| 4 * (batch * query_tokens * key_tokens * width) as u64;
+    add_flops(attention_flops(key_tokens));
     let mut output = sdserve_cpu_kernels::attention(
         q.values()?,
         k.values()?,
@@ -277,6 +300,7 @@ pub fn blocked_attention(
         let (Some(ek), Some(ev)) = (CpuF32::of(&extra_key), CpuF32::of(&extra_value)) else {
             return Ok(None);
         };
+        add_flops(attention_flops(extra_key.dim(1)?));
         sdserve_cpu_kernels::attention_into(
             &mut output,
             1.0,
