@@ -6,6 +6,8 @@
 use rayon::prelude::*;
 use std::cell::RefCell;
 
+pub mod winograd;
+
 /// Geometry of one 2-D convolution over NCHW input with an OIHW weight (groups = 1,
 /// dilation = 1: the only kind Stable Diffusion networks use).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,10 +316,10 @@ pub fn group_norm(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
         let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
@@ -327,7 +329,7 @@ mod tests {
             .collect()
     }
 
-    fn naive_conv(
+    pub(crate) fn naive_conv(
         input: &[f32],
         weight: &[f32],
         bias: Option<&[f32]>,
