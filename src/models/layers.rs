@@ -4,7 +4,9 @@
 
 use candle_core::{DType, Module, Result, Storage, StorageRef, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use sdserve_cpu_kernels::winograd::{self, WinogradWeight};
 use sdserve_cpu_kernels::Conv2dGeometry;
+use std::sync::{Arc, OnceLock};
 
 /// Read access to the f32 elements of a contiguous CPU tensor, holding its storage lock.
 struct CpuF32<'a> {
@@ -39,6 +41,13 @@ fn kernels_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("SDSERVE_CPU_KERNELS").map_or(true, |v| v != "0"))
 }
 
+/// Whether 3×3 convolutions may use Winograd (when the kernels run at all):
+/// `SDSERVE_WINOGRAD=0` keeps them on im2col, for A/B timing and numerical checks.
+fn winograd_enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("SDSERVE_WINOGRAD").map_or(true, |v| v != "0"))
+}
+
 fn is_cpu_f32(tensor: &Tensor) -> bool {
     tensor.dtype() == DType::F32 && tensor.device().is_cpu() && kernels_enabled()
 }
@@ -47,12 +56,16 @@ fn is_cpu_f32(tensor: &Tensor) -> bool {
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
+    /// The weight in the Winograd domain, made on the first call that takes that path
+    /// (4× the weight's memory, so only layers that use it pay). Clones share it: they
+    /// share the (immutable) weight tensor too.
+    winograd: Arc<OnceLock<WinogradWeight>>,
 }
 
 impl Conv2d {
     /// Wraps candle's layer (whose forward is the fallback).
     pub fn new(inner: candle_nn::Conv2d) -> Self {
-        Conv2d { inner }
+        Conv2d { inner, winograd: Arc::default() }
     }
 
     /// The weight tensor `[out, in / groups, kh, kw]`.
@@ -109,13 +122,31 @@ impl Conv2d {
         };
         let bias_values = bias.as_ref().map(CpuF32::values).transpose()?;
         let threads = candle_core::utils::get_num_threads();
-        let output = sdserve_cpu_kernels::conv2d(
-            input.values()?,
-            weight.values()?,
-            bias_values,
-            &geometry,
-            threads,
-        );
+        let weight_values = weight.values()?;
+        let variant = winograd::preferred_variant(&geometry).filter(|_| winograd_enabled());
+        let output = match variant {
+            Some(variant) => {
+                let transformed = self.winograd.get_or_init(|| {
+                    WinogradWeight::new(weight_values, out_channels, in_channels, variant)
+                });
+                winograd::conv2d_3x3(
+                    input.values()?,
+                    transformed,
+                    bias_values,
+                    batch,
+                    height,
+                    width,
+                    threads,
+                )
+            }
+            None => sdserve_cpu_kernels::conv2d(
+                input.values()?,
+                weight_values,
+                bias_values,
+                &geometry,
+                threads,
+            ),
+        };
         Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device()).map(Some)
     }
 }
@@ -219,8 +250,9 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
-    /// The kernels against candle's own ops on the shapes SD uses (3×3 pad 1, 3×3 stride 2,
-    /// 1×1, the VAE encoder's unpadded stride-2 downsampler) and odd sizes.
+    /// The kernels against candle's own ops on the shapes SD uses (3×3 pad 1 on im2col and on
+    /// Winograd, 3×3 stride 2, 1×1, the VAE encoder's unpadded stride-2 downsampler) and odd
+    /// sizes.
     #[test]
     fn conv2d_matches_candle() -> Result<()> {
         let device = Device::Cpu;
@@ -231,6 +263,9 @@ mod tests {
             (2, 7, 5, 6, 9, 1, 1, 0, true),
             (1, 4, 8, 8, 4, 1, 1, 0, false),
             (1, 4, 3, 5, 2, 3, 1, 1, false),
+            // Enough channels and tiles for the Winograd path (odd size, twice: cached weight).
+            (2, 40, 13, 10, 36, 3, 1, 1, true),
+            (2, 40, 13, 10, 36, 3, 1, 1, true),
         ];
         for (batch, cin, h, w, cout, k, stride, padding, with_bias) in cases {
             let x = Tensor::randn(0f32, 1.0, (batch, cin, h, w), &device)?;

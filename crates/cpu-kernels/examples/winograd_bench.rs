@@ -43,7 +43,13 @@ fn normal(len: usize, std: f32, seed: u64) -> Vec<f32> {
 }
 
 /// f64 convolution of the first `channels` output channels of image 0.
-fn reference(input: &[f32], weight: &[f32], bias: &[f32], g: &Conv2dGeometry, channels: usize) -> Vec<f64> {
+fn reference(
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    g: &Conv2dGeometry,
+    channels: usize,
+) -> Vec<f64> {
     let (h, w, c_in) = (g.height, g.width, g.in_channels);
     let mut out = vec![0f64; channels * h * w];
     for o in 0..channels {
@@ -53,7 +59,8 @@ fn reference(input: &[f32], weight: &[f32], bias: &[f32], g: &Conv2dGeometry, ch
                 for c in 0..c_in {
                     for ky in 0..3 {
                         for kx in 0..3 {
-                            let (iy, ix) = (y as isize + ky as isize - 1, x as isize + kx as isize - 1);
+                            let (iy, ix) =
+                                (y as isize + ky as isize - 1, x as isize + kx as isize - 1);
                             if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                 continue;
                             }
@@ -84,7 +91,10 @@ fn main() {
         ("vae 512@128", 1, 512, 128),
         ("vae 256@256", 1, 256, 256),
         ("vae 128@512", 1, 128, 512),
+        ("small 16@64", 1, 16, 64),
         ("small 32@64", 1, 32, 64),
+        ("tiny b2 1280@4", 2, 1280, 4),
+        ("tiny 640@4", 1, 640, 4),
         ("small 64@64", 1, 64, 64),
     ];
     for (name, batch, channels, side) in shapes {
@@ -106,11 +116,16 @@ fn main() {
         let weight = normal(channels * channels * 9, (1.0 / (9.0 * channels as f32)).sqrt(), 2);
         let bias = normal(channels, 0.1, 3);
         let gflop = 2.0 * (batch * channels * channels * 9 * side * side) as f64 / 1e9;
-        let (im2col_cpu, im2col) = measure(repeats, || conv2d(&input, &weight, Some(&bias), &g, threads));
+        let (im2col_cpu, im2col) =
+            measure(repeats, || conv2d(&input, &weight, Some(&bias), &g, threads));
         let checked = 2.min(channels);
         let exact = reference(&input, &weight, &bias, &g, checked);
         let error = |out: &[f32]| {
-            out[..exact.len()].iter().zip(&exact).map(|(&a, &b)| (a as f64 - b).abs()).fold(0f64, f64::max)
+            out[..exact.len()]
+                .iter()
+                .zip(&exact)
+                .map(|(&a, &b)| (a as f64 - b).abs())
+                .fold(0f64, f64::max)
         };
         let magnitude = exact.iter().map(|v| v.abs()).fold(0f64, f64::max);
         print!(
@@ -125,7 +140,8 @@ fn main() {
             let (cpu, out) = measure(repeats, || {
                 conv2d_3x3(&input, &transformed, Some(&bias), batch, side, side, threads)
             });
-            let to_im2col = out.iter().zip(&im2col).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let to_im2col =
+                out.iter().zip(&im2col).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             print!(
                 " | {variant:?} {cpu:6.3}s {:5.1} GF/s x{:4.2} Δim2col {to_im2col:.1e} err {:.1e} (w {transform_cpu:.2}s)",
                 gflop / cpu,

@@ -61,14 +61,49 @@ const F4_G: [[f64; 3]; 6] = [
     [0.0, 0.0, 1.0],
 ];
 
+/// Smallest channel count (in and out) for which Winograd beat im2col (at 32 channels, 64²:
+/// 2× faster; the VAE's 3- and 4-channel conv_in/conv_out stay on im2col).
+const MIN_CHANNELS: usize = 32;
+
+/// Fewest F(4×4) tiles (over the batch) for which Winograd beat im2col: 1280 channels at 8×8,
+/// batch 2 (8 tiles) is 1.5× faster, at 4×4 (2 tiles) 1.7× slower.
+const MIN_TILES: usize = 8;
+
+/// The Winograd algorithm that beats im2col+gemm for this convolution, if any: F(4×4,3×3)
+/// for 3×3, stride-1, padding-1 layers with enough channels and tiles (see the crate docs
+/// for the measurements); `None` keeps [`crate::conv2d`].
+pub fn preferred_variant(geometry: &crate::Conv2dGeometry) -> Option<WinogradVariant> {
+    let g = geometry;
+    let tiles = g.batch * g.height.div_ceil(4) * g.width.div_ceil(4);
+    (g.kernel_h == 3
+        && g.kernel_w == 3
+        && g.stride == 1
+        && g.padding == 1
+        && g.in_channels >= MIN_CHANNELS
+        && g.out_channels >= MIN_CHANNELS
+        && tiles >= MIN_TILES)
+        .then_some(WinogradVariant::F4x4)
+}
+
 /// A 3×3 convolution weight in the Winograd domain: `alpha²` matrices of `out × in`
 /// (`[alpha², out, in]`), each the left operand of one GEMM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WinogradWeight {
     variant: WinogradVariant,
     out_channels: usize,
     in_channels: usize,
     transformed: Vec<f32>,
+}
+
+impl std::fmt::Debug for WinogradWeight {
+    // Shape only: the transformed values run to hundreds of MB.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WinogradWeight")
+            .field("variant", &self.variant)
+            .field("out_channels", &self.out_channels)
+            .field("in_channels", &self.in_channels)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WinogradWeight {
@@ -87,21 +122,31 @@ impl WinogradWeight {
         let g = variant.filter_matrix();
         let pairs = out_channels * in_channels;
         let mut transformed = vec![0f32; alpha * alpha * pairs];
-        for (pair, kernel) in weight.chunks_exact(9).enumerate() {
-            // G·g (alpha × 3), then (G·g)·Gᵀ (alpha × alpha).
-            let mut left = [[0f64; 3]; 6];
-            for (row, g_row) in left.iter_mut().zip(g) {
-                for (x, value) in row.iter_mut().enumerate() {
-                    *value = (0..3).map(|k| g_row[k] * kernel[k * 3 + x] as f64).sum();
+        let target = SharedMut(transformed.as_mut_ptr());
+        // Output channels in parallel: a layer's weight is transformed once, but the UNet has
+        // dozens of 1280-channel layers whose first use should not stall a request.
+        weight.par_chunks(in_channels * 9).enumerate().for_each(|(out, kernels)| {
+            for (channel, kernel) in kernels.chunks_exact(9).enumerate() {
+                // G·g (alpha × 3), then (G·g)·Gᵀ (alpha × alpha).
+                let mut left = [[0f64; 3]; 6];
+                for (row, g_row) in left.iter_mut().zip(g) {
+                    for (x, value) in row.iter_mut().enumerate() {
+                        *value = g_row[0] * kernel[x] as f64
+                            + g_row[1] * kernel[3 + x] as f64
+                            + g_row[2] * kernel[6 + x] as f64;
+                    }
+                }
+                let pair = out * in_channels + channel;
+                for (i, row) in left.iter().take(alpha).enumerate() {
+                    for (j, g_row) in g.iter().enumerate() {
+                        let value = row[0] * g_row[0] + row[1] * g_row[1] + row[2] * g_row[2];
+                        // SAFETY: in bounds ([alpha², out, in]); each output channel writes
+                        // only its own `[.., out, ..]` rows.
+                        unsafe { *target.at((i * alpha + j) * pairs + pair) = value as f32 };
+                    }
                 }
             }
-            for (i, row) in left.iter().take(alpha).enumerate() {
-                for (j, g_row) in g.iter().enumerate() {
-                    let value: f64 = (0..3).map(|k| row[k] * g_row[k]).sum();
-                    transformed[(i * alpha + j) * pairs + pair] = value as f32;
-                }
-            }
-        }
+        });
         WinogradWeight { variant, out_channels, in_channels, transformed }
     }
 
@@ -343,9 +388,8 @@ fn conv2d_3x3_with<A: Algorithm>(
     let positions = A::ALPHA * A::ALPHA;
     let tile_rows = batch * plan.tiles_y;
     let floats_per_row = positions * (in_channels + out_channels) * plan.tiles_x;
-    let rows_per_block = (BLOCK_TILES / plan.tiles_x)
-        .min(BLOCK_FLOATS / floats_per_row)
-        .clamp(1, tile_rows);
+    let rows_per_block =
+        (BLOCK_TILES / plan.tiles_x).min(BLOCK_FLOATS / floats_per_row).clamp(1, tile_rows);
     let output_ptr = SharedMut(output.as_mut_ptr());
     WINOGRAD_SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
@@ -362,7 +406,9 @@ fn conv2d_3x3_with<A: Algorithm>(
             transform_input::<A>(input, &plan, row0, rows, transformed, threads);
             multiply(weight, transformed, products, tiles, positions, threads);
             // SAFETY: output has batch·out·height·width elements, the bound `plan` describes.
-            unsafe { transform_output::<A>(products, bias, &plan, row0, rows, output_ptr, threads) };
+            unsafe {
+                transform_output::<A>(products, bias, &plan, row0, rows, output_ptr, threads)
+            };
             row0 += rows;
         }
     });
@@ -423,11 +469,7 @@ fn transform_input<A: Algorithm>(
                         // SAFETY: in bounds of `transformed` ([alpha², in, tiles]); each
                         // channel writes only its own `[.., channel, ..]` rows.
                         unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                lanes.as_ptr(),
-                                target.at(offset),
-                                count,
-                            )
+                            std::ptr::copy_nonoverlapping(lanes.as_ptr(), target.at(offset), count)
                         };
                     }
                 }
