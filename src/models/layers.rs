@@ -56,9 +56,10 @@ fn is_cpu_f32(tensor: &Tensor) -> bool {
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
-    /// The weight in the Winograd domain, made on the first call that takes that path
-    /// (4× the weight's memory, so only layers that use it pay). Clones share it: they
-    /// share the (immutable) weight tensor too.
+    /// The weight in the Winograd domain, made on the first call that takes that path, for
+    /// the variant that call preferred (F(4×4): 4× the weight's memory, F(2×2): 16/9×; only
+    /// layers that use it pay). Later calls use it whichever variant they would prefer: one
+    /// transform per layer bounds the memory. Clones share it, as they share the weight.
     winograd: Arc<OnceLock<WinogradWeight>>,
 }
 
@@ -263,9 +264,11 @@ mod tests {
             (2, 7, 5, 6, 9, 1, 1, 0, true),
             (1, 4, 8, 8, 4, 1, 1, 0, false),
             (1, 4, 3, 5, 2, 3, 1, 1, false),
-            // Enough channels and tiles for the Winograd path (odd size, twice: cached weight).
+            // Enough channels and tiles for Winograd F(4×4) (odd size, twice: cached weight),
+            // and few enough tiles for F(2×2).
             (2, 40, 13, 10, 36, 3, 1, 1, true),
             (2, 40, 13, 10, 36, 3, 1, 1, true),
+            (2, 40, 6, 5, 36, 3, 1, 1, true),
         ];
         for (batch, cin, h, w, cout, k, stride, padding, with_bias) in cases {
             let x = Tensor::randn(0f32, 1.0, (batch, cin, h, w), &device)?;

@@ -62,27 +62,37 @@ const F4_G: [[f64; 3]; 6] = [
 ];
 
 /// Smallest channel count (in and out) for which Winograd beat im2col (at 32 channels, 64²:
-/// 2× faster; the VAE's 3- and 4-channel conv_in/conv_out stay on im2col).
+/// F(4×4) 2× faster, at 16 even; the VAE's 3- and 4-channel conv_in/conv_out stay on im2col).
 const MIN_CHANNELS: usize = 32;
 
-/// Fewest F(4×4) tiles (over the batch) for which Winograd beat im2col: 1280 channels at 8×8,
-/// batch 2 (8 tiles) is 1.5× faster, at 4×4 (2 tiles) 1.7× slower.
-const MIN_TILES: usize = 8;
+/// Fewest tiles (over the batch) for which a variant beat im2col and the other variant: with
+/// 1280 channels, batch 2, F(4×4) is 3.8× faster than im2col at 16×16 (32 tiles) but F(2×2)
+/// wins at 8×8 (F(2×2) 1.9×, F(4×4) 1.4×); at 4×4 F(2×2) is even and F(4×4) 2× slower.
+const MIN_TILES: usize = 16;
 
-/// The Winograd algorithm that beats im2col+gemm for this convolution, if any: F(4×4,3×3)
-/// for 3×3, stride-1, padding-1 layers with enough channels and tiles (see the crate docs
-/// for the measurements); `None` keeps [`crate::conv2d`].
+/// The Winograd algorithm that beats im2col+gemm for this convolution, if any, for 3×3,
+/// stride-1, padding-1 layers with enough channels: F(4×4,3×3) when the batch has at least
+/// [`MIN_TILES`] 4×4 tiles, else F(2×2,3×3) when it has that many 2×2 tiles (see the crate
+/// docs for the measurements); `None` keeps [`crate::conv2d`].
 pub fn preferred_variant(geometry: &crate::Conv2dGeometry) -> Option<WinogradVariant> {
     let g = geometry;
-    let tiles = g.batch * g.height.div_ceil(4) * g.width.div_ceil(4);
-    (g.kernel_h == 3
-        && g.kernel_w == 3
-        && g.stride == 1
-        && g.padding == 1
-        && g.in_channels >= MIN_CHANNELS
-        && g.out_channels >= MIN_CHANNELS
-        && tiles >= MIN_TILES)
-        .then_some(WinogradVariant::F4x4)
+    if g.kernel_h != 3
+        || g.kernel_w != 3
+        || g.stride != 1
+        || g.padding != 1
+        || g.in_channels < MIN_CHANNELS
+        || g.out_channels < MIN_CHANNELS
+    {
+        return None;
+    }
+    let tiles = |side: usize| g.batch * g.height.div_ceil(side) * g.width.div_ceil(side);
+    if tiles(4) >= MIN_TILES {
+        Some(WinogradVariant::F4x4)
+    } else if tiles(2) >= MIN_TILES {
+        Some(WinogradVariant::F2x2)
+    } else {
+        None
+    }
 }
 
 /// A 3×3 convolution weight in the Winograd domain: `alpha²` matrices of `out × in`
@@ -426,56 +436,22 @@ fn transform_input<A: Algorithm>(
     threads: usize,
 ) {
     let tiles = rows * plan.tiles_x;
-    let (channels, plane) = (plan.in_channels, plan.height * plan.width);
+    let channels = plan.in_channels;
     // Padded input rows: one zero column on the left, zeros past the right edge up to the
     // last tile's reach, so every tile reads in bounds.
     let padded_width = plan.tiles_x * A::TILE + 2;
     let target = SharedMut(transformed.as_mut_ptr());
     let target_len = transformed.len();
+    let job = InputJob { input, plan, row0, rows, tiles, padded_width, target, target_len };
+    let wide = has_avx2();
     for_each_index(channels, threads, |channel| {
-        let mut padded = [const { Vec::new() }; 6];
-        for row in padded.iter_mut().take(A::ALPHA) {
-            row.resize(padded_width, 0f32);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX2 is present (checked at run time).
+            return unsafe { input_channel_avx2::<A>(&job, channel) };
         }
-        for row in 0..rows {
-            let (image, ty) = ((row0 + row) / plan.tiles_y, (row0 + row) % plan.tiles_y);
-            let source = &input[(image * channels + channel) * plane..][..plane];
-            for (i, padded_row) in padded.iter_mut().enumerate().take(A::ALPHA) {
-                let y = (ty * A::TILE + i) as isize - 1;
-                if y < 0 || y >= plan.height as isize {
-                    padded_row.fill(0.0);
-                } else {
-                    let line = &source[y as usize * plan.width..][..plan.width];
-                    padded_row[1..=plan.width].copy_from_slice(line);
-                }
-            }
-            let mut tx0 = 0;
-            while tx0 < plan.tiles_x {
-                let count = LANES.min(plan.tiles_x - tx0);
-                let mut d = [[[0f32; LANES]; 6]; 6];
-                for (i, d_row) in d.iter_mut().enumerate().take(A::ALPHA) {
-                    for (k, lanes) in d_row.iter_mut().enumerate().take(A::ALPHA) {
-                        for (l, value) in lanes.iter_mut().enumerate().take(count) {
-                            *value = padded[i][(tx0 + l) * A::TILE + k];
-                        }
-                    }
-                }
-                let v = input_tile::<A>(&d);
-                let first_tile = row * plan.tiles_x + tx0;
-                for (j, v_row) in v.iter().enumerate().take(A::ALPHA) {
-                    for (k, lanes) in v_row.iter().enumerate().take(A::ALPHA) {
-                        let offset = ((j * A::ALPHA + k) * channels + channel) * tiles + first_tile;
-                        debug_assert!(offset + count <= target_len);
-                        // SAFETY: in bounds of `transformed` ([alpha², in, tiles]); each
-                        // channel writes only its own `[.., channel, ..]` rows.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(lanes.as_ptr(), target.at(offset), count)
-                        };
-                    }
-                }
-                tx0 += count;
-            }
-        }
+        let _ = wide;
+        input_channel::<A>(&job, channel);
     });
 }
 
@@ -542,42 +518,167 @@ unsafe fn transform_output<A: Algorithm>(
     threads: usize,
 ) {
     let tiles = rows * plan.tiles_x;
-    let (channels, plane) = (plan.out_channels, plan.height * plan.width);
+    let channels = plan.out_channels;
+    let job = OutputJob { products, bias, plan, row0, rows, tiles, output };
+    let wide = has_avx2();
     for_each_index(channels, threads, |channel| {
-        let b = bias.map_or(0.0, |bias| bias[channel]);
-        for row in 0..rows {
-            let (image, ty) = ((row0 + row) / plan.tiles_y, (row0 + row) % plan.tiles_y);
-            let rows_here = A::TILE.min(plan.height - ty * A::TILE);
-            let mut tx0 = 0;
-            while tx0 < plan.tiles_x {
-                let count = LANES.min(plan.tiles_x - tx0);
-                let first_tile = row * plan.tiles_x + tx0;
-                let mut m = [[[0f32; LANES]; 6]; 6];
-                for (j, m_row) in m.iter_mut().enumerate().take(A::ALPHA) {
-                    for (k, lanes) in m_row.iter_mut().enumerate().take(A::ALPHA) {
-                        let offset = ((j * A::ALPHA + k) * channels + channel) * tiles + first_tile;
-                        lanes[..count].copy_from_slice(&products[offset..offset + count]);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX2 is present (checked at run time); the caller's bound holds.
+            return unsafe { output_channel_avx2::<A>(&job, channel) };
+        }
+        let _ = wide;
+        // SAFETY: the caller's bound on `output` holds.
+        unsafe { output_channel::<A>(&job, channel) };
+    });
+}
+
+/// What every channel's input transform reads and where it writes.
+struct InputJob<'a> {
+    input: &'a [f32],
+    plan: &'a Plan,
+    row0: usize,
+    rows: usize,
+    tiles: usize,
+    padded_width: usize,
+    target: SharedMut,
+    target_len: usize,
+}
+
+/// AVX2 build of [`input_channel`]: the lane loops become 256-bit operations.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn input_channel_avx2<A: Algorithm>(job: &InputJob, channel: usize) {
+    input_channel::<A>(job, channel)
+}
+
+/// Transforms one input channel's tiles of the job's tile rows.
+#[inline(always)]
+fn input_channel<A: Algorithm>(job: &InputJob, channel: usize) {
+    let InputJob { input, plan, row0, rows, tiles, padded_width, target, target_len } = *job;
+    let (channels, plane) = (plan.in_channels, plan.height * plan.width);
+    let mut padded = [const { Vec::new() }; 6];
+    for row in padded.iter_mut().take(A::ALPHA) {
+        row.resize(padded_width, 0f32);
+    }
+    for row in 0..rows {
+        let (image, ty) = ((row0 + row) / plan.tiles_y, (row0 + row) % plan.tiles_y);
+        let source = &input[(image * channels + channel) * plane..][..plane];
+        for (i, padded_row) in padded.iter_mut().enumerate().take(A::ALPHA) {
+            let y = (ty * A::TILE + i) as isize - 1;
+            if y < 0 || y >= plan.height as isize {
+                padded_row.fill(0.0);
+            } else {
+                let line = &source[y as usize * plan.width..][..plan.width];
+                padded_row[1..=plan.width].copy_from_slice(line);
+            }
+        }
+        let mut tx0 = 0;
+        while tx0 < plan.tiles_x {
+            let count = LANES.min(plan.tiles_x - tx0);
+            let mut d = [[[0f32; LANES]; 6]; 6];
+            for (i, d_row) in d.iter_mut().enumerate().take(A::ALPHA) {
+                for (k, lanes) in d_row.iter_mut().enumerate().take(A::ALPHA) {
+                    for (l, value) in lanes.iter_mut().enumerate().take(count) {
+                        *value = padded[i][(tx0 + l) * A::TILE + k];
                     }
                 }
-                let y = output_tile::<A>(&m);
-                let plane_start = (image * channels + channel) * plane;
-                for (r, y_row) in y.iter().enumerate().take(rows_here) {
-                    let line = plane_start + (ty * A::TILE + r) * plan.width;
-                    for l in 0..count {
-                        let x0 = (tx0 + l) * A::TILE;
-                        for (s, lanes) in y_row.iter().enumerate().take(A::TILE) {
-                            if x0 + s < plan.width {
-                                // SAFETY: inside this channel's plane (caller's bound); each
-                                // channel writes only its own planes.
-                                unsafe { *output.at(line + x0 + s) = lanes[l] + b };
-                            }
+            }
+            let v = input_tile::<A>(&d);
+            let first_tile = row * plan.tiles_x + tx0;
+            for (j, v_row) in v.iter().enumerate().take(A::ALPHA) {
+                for (k, lanes) in v_row.iter().enumerate().take(A::ALPHA) {
+                    let offset = ((j * A::ALPHA + k) * channels + channel) * tiles + first_tile;
+                    debug_assert!(offset + count <= target_len);
+                    // SAFETY: in bounds of `transformed` ([alpha², in, tiles]); each
+                    // channel writes only its own `[.., channel, ..]` rows.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(lanes.as_ptr(), target.at(offset), count)
+                    };
+                }
+            }
+            tx0 += count;
+        }
+    }
+}
+
+/// What every channel's output transform reads and where it writes.
+struct OutputJob<'a> {
+    products: &'a [f32],
+    bias: Option<&'a [f32]>,
+    plan: &'a Plan,
+    row0: usize,
+    rows: usize,
+    tiles: usize,
+    output: SharedMut,
+}
+
+/// AVX2 build of [`output_channel`].
+///
+/// # Safety
+/// The CPU must support AVX2; `output_channel`'s bound holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn output_channel_avx2<A: Algorithm>(job: &OutputJob, channel: usize) {
+    unsafe { output_channel::<A>(job, channel) }
+}
+
+/// Inverse-transforms one output channel's tiles of the job's tile rows into its planes.
+///
+/// # Safety
+/// `job.output` must point to the whole NCHW output the tile rows range over.
+#[inline(always)]
+unsafe fn output_channel<A: Algorithm>(job: &OutputJob, channel: usize) {
+    let OutputJob { products, bias, plan, row0, rows, tiles, output } = *job;
+    let (channels, plane) = (plan.out_channels, plan.height * plan.width);
+    let b = bias.map_or(0.0, |bias| bias[channel]);
+    for row in 0..rows {
+        let (image, ty) = ((row0 + row) / plan.tiles_y, (row0 + row) % plan.tiles_y);
+        let rows_here = A::TILE.min(plan.height - ty * A::TILE);
+        let mut tx0 = 0;
+        while tx0 < plan.tiles_x {
+            let count = LANES.min(plan.tiles_x - tx0);
+            let first_tile = row * plan.tiles_x + tx0;
+            let mut m = [[[0f32; LANES]; 6]; 6];
+            for (j, m_row) in m.iter_mut().enumerate().take(A::ALPHA) {
+                for (k, lanes) in m_row.iter_mut().enumerate().take(A::ALPHA) {
+                    let offset = ((j * A::ALPHA + k) * channels + channel) * tiles + first_tile;
+                    lanes[..count].copy_from_slice(&products[offset..offset + count]);
+                }
+            }
+            let y = output_tile::<A>(&m);
+            let plane_start = (image * channels + channel) * plane;
+            for (r, y_row) in y.iter().enumerate().take(rows_here) {
+                let line = plane_start + (ty * A::TILE + r) * plan.width;
+                for l in 0..count {
+                    let x0 = (tx0 + l) * A::TILE;
+                    for (s, lanes) in y_row.iter().enumerate().take(A::TILE) {
+                        if x0 + s < plan.width {
+                            // SAFETY: inside this channel's plane (caller's bound); each
+                            // channel writes only its own planes.
+                            unsafe { *output.at(line + x0 + s) = lanes[l] + b };
                         }
                     }
                 }
-                tx0 += count;
             }
+            tx0 += count;
         }
-    });
+    }
+}
+
+/// Whether the transforms may use their AVX2 builds (the crate targets baseline x86-64).
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -638,6 +739,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn preferred_variant_follows_channels_tiles_and_geometry() {
+        let g = |batch, channels, side, kernel, stride, padding| Conv2dGeometry {
+            batch,
+            in_channels: channels,
+            height: side,
+            width: side,
+            out_channels: channels,
+            kernel_h: kernel,
+            kernel_w: kernel,
+            stride,
+            padding,
+        };
+        assert_eq!(preferred_variant(&g(2, 320, 64, 3, 1, 1)), Some(WinogradVariant::F4x4));
+        assert_eq!(preferred_variant(&g(2, 1280, 16, 3, 1, 1)), Some(WinogradVariant::F4x4));
+        assert_eq!(preferred_variant(&g(2, 1280, 8, 3, 1, 1)), Some(WinogradVariant::F2x2));
+        assert_eq!(preferred_variant(&g(2, 1280, 4, 3, 1, 1)), None);
+        assert_eq!(preferred_variant(&g(1, 16, 64, 3, 1, 1)), None);
+        assert_eq!(preferred_variant(&g(2, 320, 64, 3, 2, 1)), None);
+        assert_eq!(preferred_variant(&g(2, 320, 64, 1, 1, 0)), None);
     }
 
     #[test]
