@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Module, Result, Storage, StorageRef, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use sdserve_cpu_kernels::winograd::{self, WinogradWeight};
+use sdserve_cpu_kernels::winograd::{self, WinogradVariant, WinogradWeight};
 use sdserve_cpu_kernels::Conv2dGeometry;
 use std::sync::{Arc, OnceLock};
 
@@ -41,11 +41,24 @@ fn kernels_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("SDSERVE_CPU_KERNELS").map_or(true, |v| v != "0"))
 }
 
-/// Whether 3×3 convolutions may use Winograd (when the kernels run at all):
-/// `SDSERVE_WINOGRAD=0` keeps them on im2col, for A/B timing and numerical checks.
-fn winograd_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("SDSERVE_WINOGRAD").map_or(true, |v| v != "0"))
+/// Which Winograd algorithms 3×3 convolutions may use (when the kernels run at all), from
+/// `SDSERVE_WINOGRAD`: `0` keeps them on im2col (A/B timing, numerical checks), `2` allows
+/// only F(2×2,3×3) (about 5× smaller rounding error than F(4×4), half its speed-up), anything
+/// else lets the kernels crate pick per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WinogradMode {
+    Off,
+    SmallTilesOnly,
+    Auto,
+}
+
+fn winograd_mode() -> WinogradMode {
+    static MODE: OnceLock<WinogradMode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("SDSERVE_WINOGRAD").as_deref() {
+        Ok("0") => WinogradMode::Off,
+        Ok("2") => WinogradMode::SmallTilesOnly,
+        _ => WinogradMode::Auto,
+    })
 }
 
 fn is_cpu_f32(tensor: &Tensor) -> bool {
@@ -124,7 +137,11 @@ impl Conv2d {
         let bias_values = bias.as_ref().map(CpuF32::values).transpose()?;
         let threads = candle_core::utils::get_num_threads();
         let weight_values = weight.values()?;
-        let variant = winograd::preferred_variant(&geometry).filter(|_| winograd_enabled());
+        let variant = match (winograd_mode(), winograd::preferred_variant(&geometry)) {
+            (WinogradMode::Off, _) | (_, None) => None,
+            (WinogradMode::SmallTilesOnly, Some(_)) => Some(WinogradVariant::F2x2),
+            (WinogradMode::Auto, preferred) => preferred,
+        };
         let output = match variant {
             Some(variant) => {
                 let transformed = self.winograd.get_or_init(|| {
