@@ -4,7 +4,9 @@
 
 use candle_core::{DType, Module, Result, Storage, StorageRef, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use sdserve_cpu_kernels::winograd::{self, WinogradVariant, WinogradWeight};
 use sdserve_cpu_kernels::Conv2dGeometry;
+use std::sync::{Arc, OnceLock};
 
 /// Read access to the f32 elements of a contiguous CPU tensor, holding its storage lock.
 struct CpuF32<'a> {
@@ -62,6 +64,26 @@ fn kernel_threads() -> usize {
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
+/// Which Winograd algorithms 3×3 convolutions may use (when the kernels run at all), from
+/// `SDSERVE_WINOGRAD`: `0` keeps them on im2col (A/B timing, numerical checks), `2` allows
+/// only F(2×2,3×3) (about 5× smaller rounding error than F(4×4), half its speed-up), anything
+/// else lets the kernels crate pick per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WinogradMode {
+    Off,
+    SmallTilesOnly,
+    Auto,
+}
+
+fn winograd_mode() -> WinogradMode {
+    static MODE: OnceLock<WinogradMode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("SDSERVE_WINOGRAD").as_deref() {
+        Ok("0") => WinogradMode::Off,
+        Ok("2") => WinogradMode::SmallTilesOnly,
+        _ => WinogradMode::Auto,
+    })
+}
+
 fn is_cpu_f32(tensor: &Tensor) -> bool {
     tensor.dtype() == DType::F32 && tensor.device().is_cpu() && kernels_enabled()
 }
@@ -70,12 +92,46 @@ fn is_cpu_f32(tensor: &Tensor) -> bool {
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     inner: candle_nn::Conv2d,
+    /// The weight in the Winograd domain, made on the first call that takes that path, for
+    /// the variant that call preferred (F(4×4): 4× the weight's memory, F(2×2): 16/9×; only
+    /// layers that use it pay). Later calls use it whichever variant they would prefer: one
+    /// transform per layer bounds the memory. Clones share it, as they share the weight.
+    winograd: Arc<OnceLock<Arc<WinogradWeight>>>,
+}
+
+/// Winograd-domain weights by the id of the weight tensor they were made from, so that
+/// layers rebuilt around the same tensor share them: a request with LoRAs rebuilds the
+/// networks from the base tensors plus its merged copies, and without this every 3×3
+/// layer would be transformed again (≈ 0.35 CPU-s for one 1280-channel layer). Entries are
+/// weak; the memory goes with the last layer holding it.
+fn shared_winograd_weight(
+    weight: &Tensor,
+    make: impl FnOnce() -> WinogradWeight,
+) -> Arc<WinogradWeight> {
+    type Registry =
+        std::collections::HashMap<candle_core::TensorId, std::sync::Weak<WinogradWeight>>;
+    static REGISTRY: OnceLock<std::sync::Mutex<Registry>> = OnceLock::new();
+    let registry = REGISTRY.get_or_init(Default::default);
+    if let Some(shared) = registry
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(&weight.id())
+        .and_then(std::sync::Weak::upgrade)
+    {
+        return shared;
+    }
+    // Transformed outside the lock; two layers racing on one tensor both transform once.
+    let made = Arc::new(make());
+    let mut registry = registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    registry.retain(|_, entry| entry.strong_count() > 0);
+    registry.insert(weight.id(), Arc::downgrade(&made));
+    made
 }
 
 impl Conv2d {
     /// Wraps candle's layer (whose forward is the fallback).
     pub fn new(inner: candle_nn::Conv2d) -> Self {
-        Conv2d { inner }
+        Conv2d { inner, winograd: Arc::default() }
     }
 
     /// The weight tensor `[out, in / groups, kh, kw]`.
@@ -132,13 +188,37 @@ impl Conv2d {
         };
         let bias_values = bias.as_ref().map(CpuF32::values).transpose()?;
         let threads = kernel_threads();
-        let output = sdserve_cpu_kernels::conv2d(
-            input.values()?,
-            weight.values()?,
-            bias_values,
-            &geometry,
-            threads,
-        );
+        let weight_values = weight.values()?;
+        let variant = match (winograd_mode(), winograd::preferred_variant(&geometry)) {
+            (WinogradMode::Off, _) | (_, None) => None,
+            (WinogradMode::SmallTilesOnly, Some(_)) => Some(WinogradVariant::F2x2),
+            (WinogradMode::Auto, preferred) => preferred,
+        };
+        let output = match variant {
+            Some(variant) => {
+                let transformed = self.winograd.get_or_init(|| {
+                    shared_winograd_weight(self.inner.weight(), || {
+                        WinogradWeight::new(weight_values, out_channels, in_channels, variant)
+                    })
+                });
+                winograd::conv2d_3x3(
+                    input.values()?,
+                    transformed,
+                    bias_values,
+                    batch,
+                    height,
+                    width,
+                    threads,
+                )
+            }
+            None => sdserve_cpu_kernels::conv2d(
+                input.values()?,
+                weight_values,
+                bias_values,
+                &geometry,
+                threads,
+            ),
+        };
         Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device()).map(Some)
     }
 }
@@ -325,8 +405,9 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
-    /// The kernels against candle's own ops on the shapes SD uses (3×3 pad 1, 3×3 stride 2,
-    /// 1×1, the VAE encoder's unpadded stride-2 downsampler) and odd sizes.
+    /// The kernels against candle's own ops on the shapes SD uses (3×3 pad 1 on im2col and on
+    /// Winograd, 3×3 stride 2, 1×1, the VAE encoder's unpadded stride-2 downsampler) and odd
+    /// sizes.
     #[test]
     fn conv2d_matches_candle() -> Result<()> {
         let device = Device::Cpu;
@@ -337,6 +418,11 @@ mod tests {
             (2, 7, 5, 6, 9, 1, 1, 0, true),
             (1, 4, 8, 8, 4, 1, 1, 0, false),
             (1, 4, 3, 5, 2, 3, 1, 1, false),
+            // Enough channels and tiles for Winograd F(4×4) (odd size, twice: cached weight),
+            // and few enough tiles for F(2×2).
+            (2, 40, 13, 10, 36, 3, 1, 1, true),
+            (2, 40, 13, 10, 36, 3, 1, 1, true),
+            (2, 40, 6, 5, 36, 3, 1, 1, true),
         ];
         for (batch, cin, h, w, cout, k, stride, padding, with_bias) in cases {
             let x = Tensor::randn(0f32, 1.0, (batch, cin, h, w), &device)?;

@@ -1,13 +1,48 @@
 //! f32 CPU kernels for sdserve's networks on plain slices: 2-D convolution (im2col tiles fed
-//! to the `gemm` crate, written straight into NCHW output) and group normalisation with an
-//! optional fused SiLU. They live in their own crate so that dev and test builds optimise
-//! them (the main crate builds at opt-level 1) and so they can be tested without candle.
+//! to the `gemm` crate, written straight into NCHW output; Winograd for 3×3 stride-1
+//! padding-1 layers in [`winograd`]) and group normalisation with an optional fused SiLU.
+//! They live in their own crate so that dev and test builds optimise them (the main crate
+//! builds at opt-level 1) and so they can be tested without candle.
+//!
+//! # Winograd
+//!
+//! 3×3/s1/p1 convolutions (nearly all of the SD UNet's and VAE's FLOPs) use Winograd minimal
+//! filtering (Lavin & Gray 2015, "Fast Algorithms for Convolutional Neural Networks"):
+//! F(4×4,3×3) (36 multiplies per 16 outputs instead of 144) with the transform matrices of
+//! their Toom-Cook construction on the points {0, 1, −1, 1/2, −2, ∞}, which Barabasz et al.
+//! 2020 found more accurate than Lavin & Gray's {0, ±1, ±2} (measured here: half the worst
+//! error); F(2×2,3×3) (Lavin & Gray's matrices) when an image has fewer than 16 4×4 tiles;
+//! im2col below 32 channels or 16 2×2 tiles. [`winograd::preferred_variant`] decides;
+//! sdserve's `Conv2d` layer transforms each weight once and keeps it.
+//!
+//! Measured with `cargo run -p sdserve-cpu-kernels --example winograd_bench` (2 threads, CPU
+//! seconds per call; N(0,1) activations, N(0, 1/(9·C)) weights, C in = out; Zen 4 shared
+//! with other builds, so ±10%):
+//!
+//! | shape             | im2col | F(2×2) | F(4×4) | F(4×4) max abs Δ vs im2col / vs f64 |
+//! |-------------------|--------|--------|--------|-------------------------------------|
+//! | UNet 320@64² b2   | 0.180s | 0.112s | 0.062s | 3.3e-5 / 1.5e-5                     |
+//! | UNet 640@32² b2   | 0.164s | 0.086s | 0.052s | 2.4e-5 / 2.1e-5                     |
+//! | UNet 1280@16² b2  | 0.204s | 0.082s | 0.054s | 2.5e-5 / 9.8e-6                     |
+//! | UNet 1280@8² b2   | 0.046s | 0.024s | 0.032s | (F(2×2) chosen: 3.8e-6 / 1.4e-6)    |
+//! | VAE 512@64²       | 0.234s | 0.126s | 0.074s | 3.9e-5 / 2.2e-5                     |
+//! | VAE 512@128²      | 0.940s | 0.476s | 0.306s | 4.0e-5 / 2.5e-5                     |
+//! | VAE 256@256²      | 1.074s | 0.704s | 0.410s | 2.8e-5 / 2.3e-5                     |
+//! | VAE 128@512²      | 1.272s | 1.120s | 0.606s | 2.4e-5 / 1.6e-5                     |
+//!
+//! Outputs there have standard deviation ≈ 1 and max |y| ≈ 3-5; im2col's own error against
+//! f64 is 1-3e-6 and F(2×2)'s 2-4e-6 (5e-6 vs im2col). The "vs f64" column covers two
+//! output channels of the first image. F(4×4)'s speed-up is 2.6-3.8× from 256 channels up
+//! and 2.1× at 128 channels, where the tile transforms weigh more; a 1280×1280 weight takes
+//! ≈ 0.35 CPU-seconds to transform (mostly first-touch page faults of its 236 MB).
 
 mod attention;
 pub use attention::{attention, attention_into, exp_nonpositive, AttentionGeometry};
 
 use rayon::prelude::*;
 use std::cell::RefCell;
+
+pub mod winograd;
 
 /// Geometry of one 2-D convolution over NCHW input with an OIHW weight (groups = 1,
 /// dilation = 1: the only kind Stable Diffusion networks use).
@@ -317,10 +352,10 @@ pub fn group_norm(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
         let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
@@ -330,7 +365,7 @@ mod tests {
             .collect()
     }
 
-    fn naive_conv(
+    pub(crate) fn naive_conv(
         input: &[f32],
         weight: &[f32],
         bias: Option<&[f32]>,
