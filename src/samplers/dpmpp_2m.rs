@@ -10,7 +10,10 @@ use candle_core::{Error, Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_vp_noise, alpha_sigma, as_f32, batch_noise, check_same_shape, check_step_index, lambda,
+    mul, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// A DPM++ 2M (or 2M SDE) run of a fixed number of steps.
@@ -23,17 +26,6 @@ pub struct DpmPp2m {
     s_noise: f32,
     /// The previous step's data prediction.
     previous_x0: Option<Tensor>,
-}
-
-/// diffusers' `_sigma_to_alpha_sigma_t` in float32: (alpha_t, sigma_t) of VP coordinates.
-pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
-/// lambda = log(alpha) − log(sigma), float32.
-pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
-    alpha.ln() - sigma.ln()
 }
 
 impl DpmPp2m {
@@ -67,11 +59,7 @@ impl DpmPp2m {
         sigma: f32,
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        match self.prediction_type {
-            PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t),
-            PredictionType::Sample => Ok(model_output.clone()),
-            PredictionType::VPrediction => mul(sample, alpha_t)? - mul(model_output, sigma_t)?,
-        }
+        vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)
     }
 }
 
@@ -86,10 +74,9 @@ impl Sampler for DpmPp2m {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // This solver works in VP coordinates: x_t = alpha_t x0 + sigma_t noise.
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+        add_vp_noise(original, noise, alpha_t, sigma_t)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {

@@ -10,10 +10,12 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::dpmpp_2m::{alpha_sigma, lambda};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_vp_noise, alpha_sigma, as_f32, batch_noise, check_same_shape, check_step_index, lambda,
+    mul, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// diffusers runs the second-to-last step at second order below this many steps.
@@ -39,11 +41,7 @@ fn data_prediction(
     sigma: f32,
 ) -> Result<Tensor> {
     let (alpha_t, sigma_t) = alpha_sigma(sigma);
-    match prediction_type {
-        PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t),
-        PredictionType::Sample => Ok(model_output.clone()),
-        PredictionType::VPrediction => mul(sample, alpha_t)? - mul(model_output, sigma_t)?,
-    }
+    vp_data_prediction(prediction_type, model_output, sample, alpha_t, sigma_t)
 }
 
 impl DpmPp3mSde {
@@ -93,10 +91,9 @@ impl Sampler for DpmPp3mSde {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // diffusers' `add_noise` of the class: x_t = alpha_t x0 + sigma_t noise.
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+        add_vp_noise(original, noise, alpha_t, sigma_t)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {

@@ -12,7 +12,10 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_vp_noise, alpha_sigma, as_f32, check_same_shape, check_step_index, div, lambda, mul,
+    vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// The schedules diffusers' class offers (it has no custom-sigma path for ComfyUI's).
@@ -38,9 +41,8 @@ pub struct UniPc {
 
 /// (alpha_t, sigma_t) of VP coordinates and lambda = log alpha − log sigma, float32.
 fn vp(sigma: f32) -> (f32, f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let sigma_t = sigma * alpha;
-    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
+    let (alpha, sigma_t) = alpha_sigma(sigma);
+    (alpha, sigma_t, lambda(alpha, sigma_t))
 }
 
 /// The bh2 coefficient vector b of UniPC for `order` (1 or 2) and step size `hh` = −h:
@@ -95,12 +97,8 @@ impl UniPc {
         sample: &Tensor,
         sigma: f32,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t, _) = vp(sigma);
-        match self.prediction_type {
-            PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t),
-            PredictionType::Sample => Ok(model_output.clone()),
-            PredictionType::VPrediction => mul(sample, alpha_t)? - mul(model_output, sigma_t)?,
-        }
+        let (alpha_t, sigma_t) = alpha_sigma(sigma);
+        vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)
     }
 
     /// UniC: the corrected sample at `step_index`, recomputed from `last_sample` (where the
@@ -163,12 +161,11 @@ impl Sampler for UniPc {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // diffusers' `add_noise` of the class (at the begin index): VP coordinates,
         // x_t = alpha_t x0 + sigma_t noise. A run started here has no earlier outputs, so
         // its first step is first order and uncorrected, as diffusers' fresh state.
-        let (alpha_t, sigma_t, _) = vp(self.sigmas[step_index]);
-        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
+        add_vp_noise(original, noise, alpha_t, sigma_t)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
