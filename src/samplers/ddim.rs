@@ -8,8 +8,7 @@ use super::schedule::{
     alphas_cumprod, check_epsilon_at_zero_snr, ddim_timesteps, PredictionType, SchedulerConfig,
 };
 use super::step_math::{
-    add_alpha_noise, as_f32, batch_noise, check_same_shape, check_step_index, mul,
-    vp_data_and_noise,
+    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_and_noise,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -85,11 +84,8 @@ impl Sampler for Ddim {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
 
         let timestep = self.timesteps[step_index];
         let alpha_t = self.alphas_cumprod[timestep];

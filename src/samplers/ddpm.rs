@@ -12,8 +12,7 @@ use candle_core::{Error, Result, Tensor};
 use super::schedule::{alphas_cumprod, ddim_timesteps, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
 use super::step_math::{
-    add_alpha_noise, as_f32, batch_noise, check_same_shape, check_step_index, mul,
-    vp_data_prediction,
+    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_prediction,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -79,11 +78,8 @@ impl Sampler for Ddpm {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
 
         let timestep = self.timesteps[step_index];
         let alpha_t = self.alphas_cumprod[timestep];

@@ -17,8 +17,7 @@ use candle_core::{Error, Result, Tensor};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
 use super::step_math::{
-    add_vp_noise, alpha_sigma, as_f32, check_same_shape, check_step_index, div, lambda, mul,
-    vp_data_prediction,
+    add_vp_noise, alpha_sigma, check_step_index, div, lambda, mul, step_inputs, vp_data_prediction,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -103,11 +102,8 @@ impl Sampler for Deis {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
         let m0 = self.noise_estimate(&model_output, &sample, self.sigmas[step_index])?;
 
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);

@@ -11,8 +11,8 @@ use candle_core::{Error, Result, Tensor};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
 use super::step_math::{
-    add_vp_noise, alpha_sigma, as_f32, batch_noise, check_same_shape, check_step_index, lambda,
-    mul, vp_data_prediction,
+    add_vp_noise, alpha_sigma, batch_noise, check_step_index, lambda, mul, step_inputs,
+    vp_data_prediction,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -92,11 +92,8 @@ impl Sampler for DpmPp2m {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
         let x0 = self.data_prediction(&model_output, &sample, self.sigmas[step_index])?;
         let noise = if self.sde { Some(batch_noise(generators, &x0)?) } else { None };
 

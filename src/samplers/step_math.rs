@@ -46,6 +46,20 @@ pub(crate) fn check_same_shape(model_output: &Tensor, sample: &Tensor) -> Result
     Ok(())
 }
 
+/// A step's inputs checked (`step_index` addresses one of `steps` timesteps, the shapes
+/// agree) and lifted to float32, with the dtype to hand the result back in:
+/// `(out_dtype, model_output, sample)`.
+pub(crate) fn step_inputs(
+    model_output: &Tensor,
+    step_index: usize,
+    sample: &Tensor,
+    steps: usize,
+) -> Result<(DType, Tensor, Tensor)> {
+    check_step_index(step_index, steps)?;
+    check_same_shape(model_output, sample)?;
+    Ok((sample.dtype(), as_f32(model_output)?, as_f32(sample)?))
+}
+
 /// Standard normal noise shaped like `like` (float32, on its device): batch item `i` is
 /// drawn from `generators[i]` with the per-item shape [1, ...], as diffusers' `randn_tensor`
 /// does with a list of generators.

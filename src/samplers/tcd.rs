@@ -14,8 +14,7 @@ use super::lcm::consistency_timesteps;
 use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
 use super::step_math::{
-    add_alpha_noise, as_f32, batch_noise, check_same_shape, check_step_index, mul,
-    vp_data_and_noise,
+    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_and_noise,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -81,11 +80,8 @@ impl Sampler for Tcd {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
 
         let last = step_index + 1 == steps;
         let timestep = self.timesteps[step_index];

@@ -13,8 +13,7 @@ use candle_core::{Result, Tensor};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
 use super::step_math::{
-    add_vp_noise, alpha_sigma, as_f32, check_same_shape, check_step_index, div, lambda, mul,
-    vp_data_prediction,
+    add_vp_noise, alpha_sigma, check_step_index, div, lambda, mul, step_inputs, vp_data_prediction,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -181,11 +180,8 @@ impl Sampler for UniPc {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let mut sample = as_f32(sample)?;
+        let (out_dtype, model_output, mut sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
         let x0 = self.data_prediction(&model_output, &sample, self.sigmas[step_index])?;
         if step_index > 0 {
             if let Some(last_sample) = &self.last_sample {
