@@ -352,6 +352,53 @@ mod tests {
         assert!(check_name_shape("depth.sdxl", NameShape::SingleComponent).is_ok());
     }
 
+    /// Folders keep their whole name (dots included) and resolve by it; files are named
+    /// by their stem, nested ones by their path; entries leaving the directory are skipped
+    /// in lists and refused in lookups.
+    #[test]
+    fn listing_and_lookup_agree_on_names() {
+        let root =
+            std::env::temp_dir().join(format!("sdserve-adapter-dirs-{}", std::process::id()));
+        let dir = root.join("adapters");
+        std::fs::create_dir_all(dir.join("canny.v2")).unwrap();
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::create_dir_all(root.join("outside")).unwrap();
+        std::fs::write(dir.join("canny.v2/config.json"), b"{}").unwrap();
+        std::fs::write(dir.join("depth.safetensors"), b"x").unwrap();
+        std::fs::write(dir.join("sub/style.safetensors"), b"x").unwrap();
+        std::fs::write(root.join("outside/config.json"), b"{}").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(root.join("outside"), dir.join("escape")).unwrap();
+        let dirs = std::slice::from_ref(&dir);
+        let classify = |path: &Path, real: &Path| {
+            if is_folder_or_safetensors(path) {
+                EntryKind::Adapter
+            } else if real.is_dir() {
+                EntryKind::Folder
+            } else {
+                EntryKind::Skip
+            }
+        };
+        let names: Vec<String> =
+            list_confined(dirs, 1, classify).into_iter().map(|listed| listed.name).collect();
+        assert_eq!(names, ["canny.v2", "depth", "sub/style"]);
+        assert!(list_confined(dirs, 0, classify).iter().all(|listed| listed.name != "sub/style"));
+        for name in names {
+            let candidates = folder_or_file_candidates(&name);
+            let found = find_confined(dirs, &candidates, is_folder_or_safetensors);
+            assert!(found.unwrap().is_some(), "{name} does not resolve");
+        }
+        let missing = find_confined(dirs, &folder_or_file_candidates("nope"), Path::exists);
+        assert!(missing.unwrap().is_none());
+        #[cfg(unix)]
+        assert_eq!(
+            find_confined(dirs, &folder_or_file_candidates("escape"), is_folder_or_safetensors)
+                .unwrap_err(),
+            Escaped
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn the_cache_evicts_least_recently_used_by_weight() {
         let cache: ModelCache<&str, u8, usize> = ModelCache::weighted(10, |v| *v);
