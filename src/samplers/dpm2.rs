@@ -11,7 +11,9 @@ use candle_core::{Error, Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
-use super::step_math::{add_sigma_noise, batch_noise, check_step_index, div, mul, step_inputs};
+use super::step_math::{
+    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
+};
 use super::{Sampler, TorchGenerator};
 
 /// diffusers' layout of per-step values over model evaluations:
@@ -98,9 +100,7 @@ impl Dpm2 {
             }
             (interpol, vec![0.0; n + 1], vec![0.0; n + 1], timesteps)
         };
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         Ok(Dpm2 {
             ancestral,
             timesteps,

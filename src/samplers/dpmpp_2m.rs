@@ -6,13 +6,13 @@
 //! first step and the last are first order. The SDE variant draws fresh noise at every
 //! step from the request's generators (per batch item, as diffusers' `randn_tensor`).
 
-use candle_core::{Error, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
 use super::step_math::{
-    add_vp_noise, alpha_sigma, batch_noise, check_step_index, lambda, mul, step_inputs,
-    vp_data_prediction,
+    add_vp_noise, alpha_sigma, batch_noise, check_s_noise, check_step_index, lambda, mul,
+    step_inputs, vp_data_prediction,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -37,9 +37,7 @@ impl DpmPp2m {
         sde: bool,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::DpmSolver)?;
         Ok(DpmPp2m {
             sde,

@@ -14,7 +14,9 @@ use candle_core::{Error, Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
-use super::step_math::{add_sigma_noise, batch_noise, check_step_index, div, mul, step_inputs};
+use super::step_math::{
+    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
+};
 use super::{Sampler, TorchGenerator};
 
 /// k-diffusion's `get_ancestral_step` with eta 1, in float32: (sigma_down, sigma_up).
@@ -70,9 +72,7 @@ impl DpmPp2sAncestral {
         schedule: Schedule,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         if config.prediction_type == PredictionType::Sample {
             return Err(Error::Msg(
                 "dpmpp_2s_a does not support prediction_type \"sample\"".to_string(),

@@ -8,13 +8,13 @@
 //! reproduces a run exactly. (k-diffusion's `sample_dpmpp_3m_sde`, which A1111 runs, is a
 //! different discretisation with Brownian-tree noise; this sampler is diffusers'.)
 
-use candle_core::{Error, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
 use super::step_math::{
-    add_vp_noise, alpha_sigma, batch_noise, check_step_index, lambda, mul, step_inputs,
-    vp_data_prediction,
+    add_vp_noise, alpha_sigma, batch_noise, check_s_noise, check_step_index, lambda, mul,
+    step_inputs, vp_data_prediction,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -53,9 +53,7 @@ impl DpmPp3mSde {
         schedule: Schedule,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::DpmSolver)?;
         Ok(DpmPp3mSde {
             timesteps: plan.timesteps,

@@ -28,7 +28,9 @@ use super::dpmpp_2s_ancestral::{ancestral_step, sigma_of, t_of};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
-use super::step_math::{add_sigma_noise, batch_noise, check_step_index, div, mul, step_inputs};
+use super::step_math::{
+    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
+};
 use super::{Sampler, TorchGenerator};
 
 /// What is kept between a step's two evaluations.
@@ -86,9 +88,7 @@ impl DpmPpSde {
         schedule: Schedule,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         if config.prediction_type == PredictionType::Sample {
             return Err(Error::Msg(
                 "dpmpp_sde does not support prediction_type \"sample\"".to_string(),

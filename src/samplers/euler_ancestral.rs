@@ -7,7 +7,9 @@ use candle_core::{Error, Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
-use super::step_math::{add_sigma_noise, batch_noise, check_step_index, div, mul, step_inputs};
+use super::step_math::{
+    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
+};
 use super::{Sampler, TorchGenerator};
 
 /// An Euler ancestral run of a fixed number of steps.
@@ -33,9 +35,7 @@ impl EulerAncestral {
         schedule: Schedule,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         if config.prediction_type == PredictionType::Sample {
             return Err(Error::Msg(
                 "euler_a does not support prediction_type \"sample\"; use euler or ddim"

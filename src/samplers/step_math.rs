@@ -34,6 +34,14 @@ pub(crate) fn check_step_index(step_index: usize, steps: usize) -> Result<()> {
     Ok(())
 }
 
+/// Fails unless the noise scale `s_noise` is a finite number >= 0.
+pub(crate) fn check_s_noise(s_noise: f64) -> Result<()> {
+    if !(s_noise.is_finite() && s_noise >= 0.0) {
+        return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
+    }
+    Ok(())
+}
+
 /// Fails unless `model_output` and `sample` have the same shape.
 pub(crate) fn check_same_shape(model_output: &Tensor, sample: &Tensor) -> Result<()> {
     if model_output.dims() != sample.dims() {
