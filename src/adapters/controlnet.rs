@@ -9,13 +9,14 @@
 //! tricks), and the resolved path's canonical form must stay inside the directory's
 //! (no symlink escape). Pickles are refused.
 
-use std::path::{Component as PathComponent, Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use candle_core::{DType, Device, DeviceLocation};
 use serde::Serialize;
 
+use crate::adapters::directory::{self, EntryKind, ModelCache, NameShape};
 use crate::error::ModelError;
 use crate::models::controlnet::ControlNet;
 use crate::models::loader;
@@ -58,40 +59,25 @@ pub struct AdapterEntry {
 
 /// Checks that `name` is a relative path of plain components.
 pub fn check_name(name: &str) -> Result<(), ControlNetError> {
-    let refuse =
-        |reason: &str| ControlNetError::BadName { name: name.to_string(), reason: reason.into() };
-    if name.trim().is_empty() {
-        return Err(refuse("it is empty"));
-    }
-    if name.contains('\\') || name.contains('\0') || name.contains(':') {
-        return Err(refuse("it may not contain '\\', ':' or NUL"));
-    }
-    let path = Path::new(name);
-    if path.is_absolute() || name.starts_with('/') {
-        return Err(refuse("absolute paths are not allowed; use a name from GET /v1/adapters"));
-    }
-    if !path.components().all(|c| matches!(c, PathComponent::Normal(_))) {
-        return Err(refuse("'..' and '.' path components are not allowed"));
-    }
-    if crate::adapters::lora::is_pickle(path) {
-        return Err(refuse("pickle files (.ckpt/.bin/.pt/.pth) are not loaded; use .safetensors"));
+    let refuse = |reason: String| ControlNetError::BadName { name: name.to_string(), reason };
+    let shape = NameShape::RelativePath { absolute_hint: "use a name from GET /v1/adapters" };
+    directory::check_name_shape(name, shape).map_err(refuse)?;
+    if crate::adapters::lora::is_pickle(Path::new(name)) {
+        return Err(refuse(
+            "pickle files (.ckpt/.bin/.pt/.pth) are not loaded; use .safetensors".into(),
+        ));
     }
     Ok(())
 }
 
-struct CacheEntry {
-    path: PathBuf,
-    location: DeviceLocation,
-    dtype: DType,
-    stamp: Option<SystemTime>,
-    model: Arc<ControlNet>,
-}
+/// Loaded ControlNets by path, device and dtype; valid while their files are unchanged.
+type Cache = ModelCache<(PathBuf, DeviceLocation, DType), Option<SystemTime>, ControlNet>;
 
 /// The ControlNet directories a server or CLI run knows, with the loaded-model cache.
 pub struct ControlNetLibrary {
     dirs: Vec<PathBuf>,
     capacity: usize,
-    cache: Mutex<Vec<CacheEntry>>,
+    cache: Cache,
 }
 
 impl std::fmt::Debug for ControlNetLibrary {
@@ -109,19 +95,10 @@ impl Default for ControlNetLibrary {
     }
 }
 
-/// Whether `path` is something a ControlNet loads from.
-fn is_controlnet(path: &Path) -> bool {
-    if path.is_dir() {
-        path.join("config.json").is_file()
-    } else {
-        path.is_file() && path.extension().is_some_and(|e| e == "safetensors")
-    }
-}
-
 impl ControlNetLibrary {
     /// A library over `dirs` keeping at most `capacity` loaded models.
     pub fn new(dirs: Vec<PathBuf>, capacity: usize) -> ControlNetLibrary {
-        ControlNetLibrary { dirs, capacity, cache: Mutex::new(Vec::new()) }
+        ControlNetLibrary { dirs, capacity, cache: ModelCache::with_capacity(capacity) }
     }
 
     /// The configured directories.
@@ -132,69 +109,25 @@ impl ControlNetLibrary {
     /// The folder or file `name` stands for; see the module docs for what is refused.
     pub fn resolve(&self, name: &str) -> Result<PathBuf, ControlNetError> {
         check_name(name)?;
-        let stem = name.strip_suffix(".safetensors").unwrap_or(name);
-        for dir in &self.dirs {
-            let Ok(root) = dir.canonicalize() else {
-                continue;
-            };
-            for candidate in [dir.join(stem), dir.join(format!("{stem}.safetensors"))] {
-                if !is_controlnet(&candidate) {
-                    continue;
-                }
-                let Ok(real) = candidate.canonicalize() else {
-                    continue;
-                };
-                if !real.starts_with(&root) {
-                    return Err(ControlNetError::BadName {
-                        name: name.to_string(),
-                        reason: "it links to a path outside its ControlNet directory".into(),
-                    });
-                }
-                return Ok(real);
-            }
+        let candidates = directory::folder_or_file_candidates(name);
+        match directory::find_confined(&self.dirs, &candidates, directory::is_folder_or_safetensors)
+        {
+            Ok(Some(found)) => Ok(found.real),
+            Ok(None) => Err(ControlNetError::UnknownName(name.to_string())),
+            Err(directory::Escaped) => Err(ControlNetError::BadName {
+                name: name.to_string(),
+                reason: "it links to a path outside its ControlNet directory".into(),
+            }),
         }
-        Err(ControlNetError::UnknownName(name.to_string()))
     }
 
     /// Every ControlNet the library can resolve, sorted by name (an earlier directory
     /// wins on equal names).
     pub fn list(&self) -> Vec<AdapterEntry> {
-        let mut found: std::collections::BTreeMap<String, PathBuf> = Default::default();
-        for dir in &self.dirs {
-            let Ok(root) = dir.canonicalize() else {
-                continue;
-            };
-            let mut pending = vec![(dir.clone(), 0usize)];
-            while let Some((folder, depth)) = pending.pop() {
-                let Ok(entries) = std::fs::read_dir(&folder) else {
-                    continue;
-                };
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    let Ok(real) = path.canonicalize() else {
-                        continue;
-                    };
-                    if !real.starts_with(&root) {
-                        continue;
-                    }
-                    let Ok(relative) = path.strip_prefix(dir) else {
-                        continue;
-                    };
-                    let name = relative
-                        .with_extension("")
-                        .components()
-                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                        .collect::<Vec<_>>()
-                        .join("/");
-                    if is_controlnet(&path) {
-                        found.entry(name).or_insert(path);
-                    } else if real.is_dir() && depth < MAX_LIST_DEPTH {
-                        pending.push((path, depth + 1));
-                    }
-                }
-            }
-        }
-        found.into_iter().map(|(name, path)| AdapterEntry { name, path }).collect()
+        directory::list_confined(&self.dirs, MAX_LIST_DEPTH, classify_entry)
+            .into_iter()
+            .map(|listed| AdapterEntry { name: listed.name, path: listed.path })
+            .collect()
     }
 
     /// The ControlNet `name` stands for, loaded in `dtype` on `device`; from the cache
@@ -207,38 +140,31 @@ impl ControlNetLibrary {
     ) -> Result<Arc<ControlNet>, ControlNetError> {
         let path = self.resolve(name)?;
         let stamp = modified(&path);
-        let location = device.location();
-        let same = |entry: &CacheEntry| {
-            entry.path == path && entry.location == location && entry.dtype == dtype
-        };
-        {
-            let mut cache =
-                self.cache.lock().expect("ControlNet cache lock poisoned; this is a bug");
-            if let Some(index) = cache.iter().position(|e| same(e) && e.stamp == stamp) {
-                let entry = cache.remove(index);
-                let model = entry.model.clone();
-                cache.push(entry);
-                return Ok(model);
-            }
-        }
-        let started = std::time::Instant::now();
-        let model = Arc::new(loader::load_controlnet(&path, device, dtype).map_err(|source| {
-            ControlNetError::Load { name: name.to_string(), source: Box::new(source) }
-        })?);
-        tracing::info!(
-            controlnet = name,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "ControlNet loaded"
-        );
-        let mut cache = self.cache.lock().expect("ControlNet cache lock poisoned; this is a bug");
-        cache.retain(|entry| !same(entry));
-        if self.capacity > 0 {
-            while cache.len() >= self.capacity {
-                cache.remove(0);
-            }
-            cache.push(CacheEntry { path, location, dtype, stamp, model: model.clone() });
-        }
-        Ok(model)
+        let key = (path.clone(), device.location(), dtype);
+        self.cache.get_or_load(key, stamp, || {
+            let started = std::time::Instant::now();
+            let model = loader::load_controlnet(&path, device, dtype).map_err(|source| {
+                ControlNetError::Load { name: name.to_string(), source: Box::new(source) }
+            })?;
+            tracing::info!(
+                controlnet = name,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                "ControlNet loaded"
+            );
+            Ok(model)
+        })
+    }
+}
+
+/// What a directory entry is to [`ControlNetLibrary::list`]: a ControlNet, or a folder
+/// that may hold some.
+fn classify_entry(path: &Path, real: &Path) -> EntryKind {
+    if directory::is_folder_or_safetensors(path) {
+        EntryKind::Adapter
+    } else if real.is_dir() {
+        EntryKind::Folder
+    } else {
+        EntryKind::Skip
     }
 }
 

@@ -6,13 +6,13 @@
 //! A prompt uses an embedding by writing its file stem; the text encoder then replaces
 //! the stem's tokens with the embedding's vectors (see `pipeline::text`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use crate::adapters::directory::{self, FileStamp, ModelCache};
 use crate::error::ModelError;
 use crate::models::single_file::header::{read_header, Header, MappedFile};
 
@@ -260,18 +260,14 @@ pub struct EmbeddingFile {
     pub path: PathBuf,
 }
 
-struct CachedEmbedding {
-    modified: Option<SystemTime>,
-    len: u64,
-    embedding: Arc<TextualInversion>,
-}
-
 /// The embeddings of the configured directories: found by file stem (top level of each
 /// directory, `.safetensors` only; a name in an earlier directory wins), loaded on first
 /// use and cached until the file changes. Shared by all workers.
 pub struct EmbeddingLibrary {
     directories: Vec<PathBuf>,
-    cache: Mutex<HashMap<PathBuf, CachedEmbedding>>,
+    /// Loaded embeddings by path, valid while the file and the name it was loaded
+    /// under are unchanged; unbounded (embeddings are small).
+    cache: ModelCache<PathBuf, (FileStamp, String), TextualInversion>,
 }
 
 impl std::fmt::Debug for EmbeddingLibrary {
@@ -303,7 +299,7 @@ impl EmbeddingLibrary {
                 Ok(canonical)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(EmbeddingLibrary { directories, cache: Mutex::new(HashMap::new()) })
+        Ok(EmbeddingLibrary { directories, cache: ModelCache::with_capacity(usize::MAX) })
     }
 
     /// Whether the library has no directories.
@@ -372,24 +368,11 @@ impl EmbeddingLibrary {
 
     /// Loads (or takes from the cache) the embedding in `file`.
     pub fn load(&self, file: &EmbeddingFile) -> Result<Arc<TextualInversion>, EmbeddingError> {
-        let metadata = std::fs::metadata(&file.path)
+        let stamp = directory::file_stamp(&file.path)
             .map_err(|e| bad_file(&file.name, &file.path, e.to_string()))?;
-        let (modified, len) = (metadata.modified().ok(), metadata.len());
-        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(cached) = cache.get(&file.path) {
-            if cached.modified == modified
-                && cached.len == len
-                && cached.embedding.name == file.name
-            {
-                return Ok(cached.embedding.clone());
-            }
-        }
-        let embedding = Arc::new(TextualInversion::load(&file.name, &file.path)?);
-        cache.insert(
-            file.path.clone(),
-            CachedEmbedding { modified, len, embedding: embedding.clone() },
-        );
-        Ok(embedding)
+        self.cache.get_or_load(file.path.clone(), (stamp, file.name.clone()), || {
+            TextualInversion::load(&file.name, &file.path)
+        })
     }
 
     /// Loads an embedding by name (see [`EmbeddingLibrary::resolve`]).
@@ -416,6 +399,7 @@ impl EmbeddingLibrary {
 mod tests {
     use super::*;
     use candle_core::Device;
+    use std::collections::HashMap;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

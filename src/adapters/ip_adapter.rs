@@ -11,14 +11,14 @@
 //! directory without `.safetensors` (`ip-adapter_sd15`, `models/ip-adapter-plus_sd15`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component as PathComponent, Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::directory::{self, EntryKind, FileStamp, ModelCache, NameShape};
 use crate::codec;
 use crate::error::ValidationError;
 use crate::models::clip_vision::{ClipImageProcessor, ClipVisionConfig, ClipVisionModel};
@@ -36,6 +36,8 @@ pub const MAX_IMAGES_PER_ADAPTER: usize = 8;
 pub const SCALE_RANGE: (f64, f64) = (-1.0, 5.0);
 /// The folder beside an adapter's weights that holds its image encoder.
 pub const IMAGE_ENCODER_FOLDER: &str = "image_encoder";
+/// How deep [`discover`] looks below a directory.
+const MAX_LIST_DEPTH: usize = 4;
 
 /// Why an IP-Adapter could not be found or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -163,22 +165,9 @@ pub fn validate(params: &[IpAdapterParams]) -> Result<Vec<IpAdapterChoice>, Vali
 
 /// Checks that `name` is a relative path of plain components (no traversal).
 pub fn check_name(name: &str) -> Result<(), IpAdapterError> {
-    let refuse =
-        |reason: &str| IpAdapterError::BadName { name: name.to_string(), reason: reason.into() };
-    if name.trim().is_empty() {
-        return Err(refuse("it is empty"));
-    }
-    if name.contains('\\') || name.contains('\0') || name.contains(':') {
-        return Err(refuse("it may not contain '\\', ':' or NUL"));
-    }
-    let path = Path::new(name);
-    if path.is_absolute() || name.starts_with('/') {
-        return Err(refuse("absolute paths are not allowed; use a name in an ip_adapter_dir"));
-    }
-    if !path.components().all(|c| matches!(c, PathComponent::Normal(_))) {
-        return Err(refuse("'..' and '.' path components are not allowed"));
-    }
-    Ok(())
+    let shape = NameShape::RelativePath { absolute_hint: "use a name in an ip_adapter_dir" };
+    directory::check_name_shape(name, shape)
+        .map_err(|reason| IpAdapterError::BadName { name: name.to_string(), reason })
 }
 
 /// True when `path` is an adapter weights file: a `.safetensors` file with an
@@ -193,44 +182,23 @@ fn is_adapter_file(path: &Path) -> bool {
 /// directory wins when two hold the same name. Only files inside each directory's
 /// canonical path count (no symlink escapes); `image_encoder/` folders are not searched.
 pub fn discover(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
-    let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for dir in dirs {
-        let Ok(root) = dir.canonicalize() else {
-            continue;
-        };
-        let mut pending = vec![(root.clone(), 0usize)];
-        while let Some((folder, depth)) = pending.pop() {
-            let Ok(entries) = std::fs::read_dir(&folder) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let Ok(real) = path.canonicalize() else {
-                    continue;
-                };
-                if !real.starts_with(&root) {
-                    continue;
-                }
-                if real.is_dir() {
-                    if depth < 4 && entry.file_name() != IMAGE_ENCODER_FOLDER {
-                        pending.push((path, depth + 1));
-                    }
-                } else if is_adapter_file(&path) {
-                    let Ok(relative) = path.strip_prefix(&root) else {
-                        continue;
-                    };
-                    let name = relative
-                        .with_extension("")
-                        .components()
-                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                        .collect::<Vec<_>>()
-                        .join("/");
-                    found.entry(name).or_insert(real);
-                }
+    let classify = |path: &Path, real: &Path| {
+        if real.is_dir() {
+            if path.file_name().is_some_and(|n| n == IMAGE_ENCODER_FOLDER) {
+                EntryKind::Skip
+            } else {
+                EntryKind::Folder
             }
+        } else if is_adapter_file(path) {
+            EntryKind::Adapter
+        } else {
+            EntryKind::Skip
         }
-    }
-    found.into_iter().collect()
+    };
+    directory::list_confined(dirs, MAX_LIST_DEPTH, classify)
+        .into_iter()
+        .map(|listed| (listed.name, listed.real))
+        .collect()
 }
 
 /// The IP-Adapter directories (and files the CLI registered) names resolve in.
@@ -253,11 +221,7 @@ impl IpAdapterLibrary {
                 "not a .safetensors file with an image_encoder/ folder beside it",
             ));
         }
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| bad_file(path, "the file name is not valid UTF-8"))?
-            .to_string();
+        let name = directory::stem_name(path).map_err(|reason| bad_file(path, reason))?;
         self.files.insert(name.clone(), path.to_path_buf());
         Ok(name)
     }
@@ -282,33 +246,23 @@ impl IpAdapterLibrary {
             return Ok(path.clone());
         }
         check_name(name)?;
-        let file_name = if name.ends_with(".safetensors") {
-            name.to_string()
-        } else {
-            format!("{name}.safetensors")
+        let candidates = [directory::safetensors_file_name(name)];
+        let escaped = || IpAdapterError::BadName {
+            name: name.to_string(),
+            reason: "it (or its image_encoder) links outside its directory, or it has no \
+                     image_encoder/ folder beside it"
+                .into(),
         };
-        for dir in &self.dirs {
-            let candidate = dir.join(&file_name);
-            if !candidate.is_file() {
-                continue;
-            }
-            let (Ok(real), Ok(root)) = (candidate.canonicalize(), dir.canonicalize()) else {
-                continue;
-            };
-            let encoder = candidate.parent().map(|p| p.join(IMAGE_ENCODER_FOLDER));
-            let encoder_inside =
-                encoder.and_then(|e| e.canonicalize().ok()).is_some_and(|e| e.starts_with(&root));
-            if !real.starts_with(&root) || !encoder_inside {
-                return Err(IpAdapterError::BadName {
-                    name: name.to_string(),
-                    reason: "it (or its image_encoder) links outside its directory, or it has \
-                             no image_encoder/ folder beside it"
-                        .into(),
-                });
-            }
-            return Ok(real);
+        let found = directory::find_confined(&self.dirs, &candidates, Path::is_file)
+            .map_err(|directory::Escaped| escaped())?
+            .ok_or_else(|| IpAdapterError::UnknownName(name.to_string()))?;
+        let encoder = found.candidate.parent().map(|p| p.join(IMAGE_ENCODER_FOLDER));
+        let encoder_inside =
+            encoder.and_then(|e| e.canonicalize().ok()).is_some_and(|e| e.starts_with(&found.root));
+        if !encoder_inside {
+            return Err(escaped());
         }
-        Err(IpAdapterError::UnknownName(name.to_string()))
+        Ok(found.real)
     }
 }
 
@@ -430,36 +384,8 @@ impl IpAdapter {
     }
 }
 
-type Stamp = (Option<SystemTime>, u64);
-
-fn stamp(path: &Path) -> Result<Stamp, IpAdapterError> {
-    let metadata = std::fs::metadata(path).map_err(|e| bad_file(path, e))?;
-    Ok((metadata.modified().ok(), metadata.len()))
-}
-
-/// A small least-recently-used list keyed by path and file stamp.
-#[derive(Debug)]
-struct Recent<T> {
-    entries: Vec<(PathBuf, Stamp, Arc<T>)>,
-    capacity: usize,
-}
-
-impl<T> Recent<T> {
-    fn get(&mut self, path: &Path, stamp: Stamp) -> Option<Arc<T>> {
-        let index = self.entries.iter().position(|(p, s, _)| p == path && *s == stamp)?;
-        let entry = self.entries.remove(index);
-        let value = entry.2.clone();
-        self.entries.push(entry);
-        Some(value)
-    }
-
-    fn insert(&mut self, path: &Path, stamp: Stamp, value: Arc<T>) {
-        self.entries.retain(|(p, _, _)| p != path);
-        if self.entries.len() >= self.capacity {
-            self.entries.remove(0);
-        }
-        self.entries.push((path.to_path_buf(), stamp, value));
-    }
+fn stamp(path: &Path) -> Result<FileStamp, IpAdapterError> {
+    directory::file_stamp(path).map_err(|e| bad_file(path, e))
 }
 
 /// Loaded adapters and image encoders kept per pipeline (they live on its device):
@@ -467,15 +393,15 @@ impl<T> Recent<T> {
 /// encoder, and a changed file is reloaded.
 #[derive(Debug)]
 pub struct IpAdapterCache {
-    adapters: Mutex<Recent<IpAdapter>>,
-    encoders: Mutex<Recent<ImageEncoder>>,
+    adapters: ModelCache<PathBuf, FileStamp, IpAdapter>,
+    encoders: ModelCache<PathBuf, FileStamp, ImageEncoder>,
 }
 
 impl Default for IpAdapterCache {
     fn default() -> Self {
         IpAdapterCache {
-            adapters: Mutex::new(Recent { entries: Vec::new(), capacity: 4 }),
-            encoders: Mutex::new(Recent { entries: Vec::new(), capacity: 2 }),
+            adapters: ModelCache::with_capacity(4),
+            encoders: ModelCache::with_capacity(2),
         }
     }
 }
@@ -488,30 +414,18 @@ impl IpAdapterCache {
         device: &Device,
         dtype: DType,
     ) -> Result<Arc<IpAdapter>, IpAdapterError> {
-        const POISONED: &str = "IP-Adapter cache poisoned; this is a bug";
         let adapter_stamp = stamp(path)?;
-        if let Some(adapter) = self.adapters.lock().expect(POISONED).get(path, adapter_stamp) {
+        if let Some(adapter) = self.adapters.get(&path.to_path_buf(), &adapter_stamp) {
             return Ok(adapter);
         }
         let folder = encoder_folder(path)?;
-        let encoder_weights = folder.join("model.safetensors");
-        let encoder_stamp = stamp(&encoder_weights)?;
-        let cached = self.encoders.lock().expect(POISONED).get(&folder, encoder_stamp);
-        let encoder = match cached {
-            Some(encoder) => encoder,
-            None => {
-                let encoder = Arc::new(ImageEncoder::load(&folder, device, dtype)?);
-                self.encoders.lock().expect(POISONED).insert(
-                    &folder,
-                    encoder_stamp,
-                    encoder.clone(),
-                );
-                encoder
-            }
-        };
-        let adapter = Arc::new(IpAdapter::load_with_encoder(path, encoder, device, dtype)?);
-        self.adapters.lock().expect(POISONED).insert(path, adapter_stamp, adapter.clone());
-        Ok(adapter)
+        let encoder_stamp = stamp(&folder.join("model.safetensors"))?;
+        let encoder = self.encoders.get_or_load(folder.clone(), encoder_stamp, || {
+            ImageEncoder::load(&folder, device, dtype)
+        })?;
+        self.adapters.get_or_load(path.to_path_buf(), adapter_stamp, || {
+            IpAdapter::load_with_encoder(path, encoder, device, dtype)
+        })
     }
 }
 

@@ -8,14 +8,14 @@
 //! config comes from a sidecar `<stem>.config.json` when there is one, otherwise from the
 //! tensor shapes (see [`infer_config`]).
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Component as PathComponent, Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, DeviceLocation, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::adapters::directory::{self, EntryKind, FileStamp, ModelCache, NameShape};
 use crate::models::t2i_adapter::{T2IAdapter, T2IAdapterConfig};
 
 /// Most T2I-Adapters one request may use.
@@ -46,19 +46,8 @@ fn bad_file(path: &Path, reason: impl std::fmt::Display) -> T2IAdapterError {
 /// Checks that `name` is one plain path component (adapters live directly inside their
 /// directory).
 pub fn check_name(name: &str) -> Result<(), T2IAdapterError> {
-    let refuse =
-        |reason: &str| T2IAdapterError::BadName { name: name.to_string(), reason: reason.into() };
-    if name.trim().is_empty() {
-        return Err(refuse("it is empty"));
-    }
-    if name.contains(['/', '\\', ':', '\0']) {
-        return Err(refuse("it may not contain '/', '\\', ':' or NUL"));
-    }
-    let mut components = Path::new(name).components();
-    match (components.next(), components.next()) {
-        (Some(PathComponent::Normal(_)), None) => Ok(()),
-        _ => Err(refuse("'.' and '..' are not allowed")),
-    }
+    directory::check_name_shape(name, NameShape::SingleComponent)
+        .map_err(|reason| T2IAdapterError::BadName { name: name.to_string(), reason })
 }
 
 /// Every adapter directly inside `dirs`, as `(name, path)` sorted by name: folders with
@@ -66,80 +55,40 @@ pub fn check_name(name: &str) -> Result<(), T2IAdapterError> {
 /// An earlier directory wins on equal names; entries whose real path leaves their
 /// directory (symlinks) are skipped.
 pub fn discover(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
-    let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for dir in dirs {
-        let Ok(root) = dir.canonicalize() else {
-            continue;
-        };
-        let Ok(entries) = std::fs::read_dir(&root) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(real) = path.canonicalize() else {
-                continue;
-            };
-            if !real.starts_with(&root) {
-                continue;
-            }
-            let name = if real.is_dir() && real.join("config.json").is_file() {
-                path.file_name()
-            } else if real.is_file() && path.extension().is_some_and(|e| e == "safetensors") {
-                path.file_stem()
-            } else {
-                None
-            };
-            if let Some(name) = name.and_then(|n| n.to_str()) {
-                found.entry(name.to_string()).or_insert(real);
-            }
+    let classify = |path: &Path, _: &Path| {
+        if directory::is_folder_or_safetensors(path) {
+            EntryKind::Adapter
+        } else {
+            EntryKind::Skip
         }
-    }
-    found.into_iter().collect()
+    };
+    directory::list_confined(dirs, 0, classify)
+        .into_iter()
+        .map(|listed| (listed.name, listed.real))
+        .collect()
 }
 
 /// The folder or file `name` stands for in `dirs` (see [`check_name`] and the module
 /// docs for what is refused).
 pub fn resolve(dirs: &[PathBuf], name: &str) -> Result<PathBuf, T2IAdapterError> {
     check_name(name)?;
-    let stem = name.strip_suffix(".safetensors").unwrap_or(name);
-    for dir in dirs {
-        let folder = dir.join(stem);
-        let file = dir.join(format!("{stem}.safetensors"));
-        let candidate = if folder.join("config.json").is_file() {
-            folder
-        } else if file.is_file() {
-            file
-        } else {
-            continue;
-        };
-        let (Ok(real), Ok(root)) = (candidate.canonicalize(), dir.canonicalize()) else {
-            continue;
-        };
-        if !real.starts_with(&root) {
-            return Err(T2IAdapterError::BadName {
-                name: name.to_string(),
-                reason: "it links outside its T2I-Adapter directory".into(),
-            });
-        }
-        return Ok(real);
+    let candidates = directory::folder_or_file_candidates(name);
+    match directory::find_confined(dirs, &candidates, directory::is_folder_or_safetensors) {
+        Ok(Some(found)) => Ok(found.real),
+        Ok(None) => Err(T2IAdapterError::UnknownName(name.to_string())),
+        Err(directory::Escaped) => Err(T2IAdapterError::BadName {
+            name: name.to_string(),
+            reason: "it links outside its T2I-Adapter directory".into(),
+        }),
     }
-    Err(T2IAdapterError::UnknownName(name.to_string()))
-}
-
-struct CacheEntry {
-    path: PathBuf,
-    stamp: (Option<SystemTime>, u64),
-    device: candle_core::DeviceLocation,
-    dtype: DType,
-    adapter: Arc<T2IAdapter>,
 }
 
 /// The T2I-Adapter directories of a server or CLI run, with the loaded-adapter cache.
 /// Shared by every worker (each loads onto its own device).
 pub struct T2IAdapterLibrary {
     dirs: Vec<PathBuf>,
-    /// Loaded adapters, least recently used first.
-    cache: Mutex<Vec<CacheEntry>>,
+    /// Loaded adapters by weights file, device and dtype.
+    cache: ModelCache<(PathBuf, DeviceLocation, DType), FileStamp, T2IAdapter>,
 }
 
 impl std::fmt::Debug for T2IAdapterLibrary {
@@ -156,7 +105,7 @@ impl Default for T2IAdapterLibrary {
 
 impl T2IAdapterLibrary {
     pub fn new(dirs: Vec<PathBuf>) -> T2IAdapterLibrary {
-        T2IAdapterLibrary { dirs, cache: Mutex::new(Vec::new()) }
+        T2IAdapterLibrary { dirs, cache: ModelCache::with_capacity(CACHE_ENTRIES) }
     }
 
     /// The configured directories.
@@ -179,37 +128,9 @@ impl T2IAdapterLibrary {
     ) -> Result<Arc<T2IAdapter>, T2IAdapterError> {
         let path = resolve(&self.dirs, name)?;
         let weights = weight_file(&path, dtype)?;
-        let stamp = std::fs::metadata(&weights)
-            .map(|m| (m.modified().ok(), m.len()))
-            .map_err(|e| bad_file(&weights, e))?;
-        let location = device.location();
-        {
-            let mut cache =
-                self.cache.lock().expect("T2I-Adapter cache lock poisoned; this is a bug");
-            let hit = cache.iter().position(|e| {
-                e.path == weights && e.stamp == stamp && e.device == location && e.dtype == dtype
-            });
-            if let Some(index) = hit {
-                let entry = cache.remove(index);
-                let adapter = entry.adapter.clone();
-                cache.push(entry);
-                return Ok(adapter);
-            }
-        }
-        let adapter = Arc::new(load_adapter(&path, &weights, device, dtype)?);
-        let mut cache = self.cache.lock().expect("T2I-Adapter cache lock poisoned; this is a bug");
-        cache.retain(|e| !(e.path == weights && e.device == location && e.dtype == dtype));
-        if cache.len() >= CACHE_ENTRIES {
-            cache.remove(0);
-        }
-        cache.push(CacheEntry {
-            path: weights,
-            stamp,
-            device: location,
-            dtype,
-            adapter: adapter.clone(),
-        });
-        Ok(adapter)
+        let stamp = directory::file_stamp(&weights).map_err(|e| bad_file(&weights, e))?;
+        let key = (weights.clone(), device.location(), dtype);
+        self.cache.get_or_load(key, stamp, || load_adapter(&path, &weights, device, dtype))
     }
 }
 

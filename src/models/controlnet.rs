@@ -7,62 +7,26 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::backbone_config::BackboneConfig;
 use super::common::{conv2d, timestep_embedding, Conv2d, PerBlock, TimestepMlp};
 use super::unet::{
     AddedConditions, AttentionShape, DownBlock, DownBlockShape, MidBlock, UNetResiduals,
 };
 
-/// The fields of a diffusers `ControlNetModel` config that shape the network.
+/// The fields of a diffusers `ControlNetModel` config that shape the network: those it
+/// shares with the UNet (read through `Deref`) and its own.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ControlNetConfig {
-    #[serde(default = "default_in_channels")]
-    pub in_channels: usize,
+    #[serde(flatten)]
+    pub backbone: BackboneConfig,
     #[serde(default = "default_conditioning_channels")]
     pub conditioning_channels: usize,
-    #[serde(default = "default_true")]
-    pub flip_sin_to_cos: bool,
-    #[serde(default)]
-    pub freq_shift: f64,
-    pub down_block_types: Vec<String>,
-    #[serde(default)]
-    pub mid_block_type: Option<String>,
-    pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_layers_per_block")]
-    pub layers_per_block: PerBlock,
-    #[serde(default)]
-    pub downsample_padding: Option<usize>,
     #[serde(default = "default_scale_factor")]
     pub mid_block_scale_factor: f64,
-    #[serde(default = "default_norm_groups")]
-    pub norm_num_groups: usize,
-    #[serde(default = "default_norm_eps")]
-    pub norm_eps: f64,
     #[serde(default = "default_cross_attention_dim")]
     pub cross_attention_dim: PerBlock,
-    #[serde(default = "default_one")]
-    pub transformer_layers_per_block: PerBlock,
-    /// diffusers' historical name for the number of heads (used when
-    /// `num_attention_heads` is absent).
-    #[serde(default = "default_attention_head_dim")]
-    pub attention_head_dim: PerBlock,
-    #[serde(default)]
-    pub num_attention_heads: Option<PerBlock>,
-    #[serde(default)]
-    pub use_linear_projection: bool,
-    #[serde(default)]
-    pub upcast_attention: bool,
-    #[serde(default)]
-    pub only_cross_attention: serde_json::Value,
-    #[serde(default)]
-    pub class_embed_type: Option<String>,
     #[serde(default)]
     pub num_class_embeds: Option<usize>,
-    #[serde(default)]
-    pub addition_embed_type: Option<String>,
-    #[serde(default)]
-    pub addition_time_embed_dim: Option<usize>,
-    #[serde(default)]
-    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
     #[serde(default)]
@@ -79,35 +43,22 @@ pub struct ControlNetConfig {
     pub global_pool_conditions: bool,
 }
 
-fn default_in_channels() -> usize {
-    4
+impl std::ops::Deref for ControlNetConfig {
+    type Target = BackboneConfig;
+
+    fn deref(&self) -> &BackboneConfig {
+        &self.backbone
+    }
 }
+
 fn default_conditioning_channels() -> usize {
     3
-}
-fn default_true() -> bool {
-    true
-}
-fn default_layers_per_block() -> PerBlock {
-    PerBlock::One(2)
 }
 fn default_scale_factor() -> f64 {
     1.0
 }
-fn default_norm_groups() -> usize {
-    32
-}
-fn default_norm_eps() -> f64 {
-    1e-5
-}
 fn default_cross_attention_dim() -> PerBlock {
     PerBlock::One(1280)
-}
-fn default_one() -> PerBlock {
-    PerBlock::One(1)
-}
-fn default_attention_head_dim() -> PerBlock {
-    PerBlock::One(8)
 }
 fn default_embedding_channels() -> Vec<usize> {
     vec![16, 32, 96, 256]
@@ -124,11 +75,7 @@ impl ControlNetConfig {
                 self.down_block_types.len()
             ));
         }
-        for kind in &self.down_block_types {
-            if kind != "CrossAttnDownBlock2D" && kind != "DownBlock2D" {
-                return Err(format!("unsupported down block type {kind}"));
-            }
-        }
+        self.check_down_block_types()?;
         match self.mid_block_type.as_deref() {
             None | Some("UNetMidBlock2DCrossAttn") | Some("UNetMidBlock2D") => {}
             Some(other) => return Err(format!("unsupported mid block type {other}")),
@@ -136,18 +83,7 @@ impl ControlNetConfig {
         if self.conditioning_embedding_out_channels.is_empty() {
             return Err("conditioning_embedding_out_channels is empty".into());
         }
-        let text_time = self.addition_embed_type.as_deref() == Some("text_time");
-        if let Some(other) = self.addition_embed_type.as_deref().filter(|_| !text_time) {
-            return Err(format!("unsupported addition_embed_type {other}"));
-        }
-        if text_time
-            && (self.addition_time_embed_dim.is_none()
-                || self.projection_class_embeddings_input_dim.is_none())
-        {
-            return Err("text_time needs addition_time_embed_dim and \
-                        projection_class_embeddings_input_dim"
-                .into());
-        }
+        self.check_addition_embedding()?;
         if self.class_embed_type.is_some() || self.num_class_embeds.is_some() {
             return Err("class embeddings are not supported".into());
         }
@@ -166,19 +102,7 @@ impl ControlNetConfig {
             None | Some("rgb") | Some("bgr") => {}
             Some(other) => return Err(format!("unknown conditioning channel order {other}")),
         }
-        if matches!(self.only_cross_attention, serde_json::Value::Bool(true)) {
-            return Err("only_cross_attention is not supported".into());
-        }
-        Ok(())
-    }
-
-    fn heads(&self) -> &PerBlock {
-        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim)
-    }
-
-    /// True for SDXL ControlNets, which take pooled text embeddings and time ids.
-    pub fn uses_text_time(&self) -> bool {
-        self.addition_embed_type.as_deref() == Some("text_time")
+        self.check_attention()
     }
 
     /// The width of the text context the network attends to (its first block's).

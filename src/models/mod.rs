@@ -1,6 +1,7 @@
 //! The networks (CLIP text encoders, UNet, VAE, T2I-Adapter), configured from each component's
 //! diffusers `config.json`, and the loaders for the layouts users have on disk.
 
+pub mod backbone_config;
 pub mod clip;
 pub mod clip_vision;
 pub mod common;

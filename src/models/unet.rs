@@ -6,63 +6,35 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use super::backbone_config::BackboneConfig;
 pub use super::common::ExtraKeyValues;
 use super::common::{
     conv2d, group_norm, timestep_embedding, Attention, Conv2d, GroupNorm, PerBlock, ResnetBlock,
     TimestepMlp,
 };
 
-/// The fields of a diffusers `UNet2DConditionModel` config that shape the network.
+/// The fields of a diffusers `UNet2DConditionModel` config that shape the network: those
+/// a ControlNet shares (read through `Deref`) and the UNet's own.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfig {
+    #[serde(flatten)]
+    pub backbone: BackboneConfig,
     #[serde(default = "default_sample_size")]
     pub sample_size: usize,
     #[serde(default = "default_channels")]
-    pub in_channels: usize,
-    #[serde(default = "default_channels")]
     pub out_channels: usize,
-    #[serde(default = "default_true")]
-    pub flip_sin_to_cos: bool,
-    #[serde(default)]
-    pub freq_shift: f64,
-    pub down_block_types: Vec<String>,
-    #[serde(default)]
-    pub mid_block_type: Option<String>,
     pub up_block_types: Vec<String>,
-    pub block_out_channels: Vec<usize>,
-    #[serde(default = "default_layers_per_block")]
-    pub layers_per_block: PerBlock,
-    #[serde(default = "default_norm_groups")]
-    pub norm_num_groups: usize,
-    #[serde(default = "default_norm_eps")]
-    pub norm_eps: f64,
     pub cross_attention_dim: PerBlock,
-    #[serde(default = "default_one")]
-    pub transformer_layers_per_block: PerBlock,
-    /// diffusers' historical name for the number of heads (used when
-    /// `num_attention_heads` is absent).
-    #[serde(default = "default_attention_head_dim")]
-    pub attention_head_dim: PerBlock,
-    #[serde(default)]
-    pub num_attention_heads: Option<PerBlock>,
-    #[serde(default)]
-    pub use_linear_projection: bool,
-    #[serde(default)]
-    pub upcast_attention: bool,
-    #[serde(default)]
-    pub only_cross_attention: serde_json::Value,
-    #[serde(default)]
-    pub addition_embed_type: Option<String>,
-    #[serde(default)]
-    pub addition_time_embed_dim: Option<usize>,
-    #[serde(default)]
-    pub projection_class_embeddings_input_dim: Option<usize>,
-    #[serde(default)]
-    pub class_embed_type: Option<String>,
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
-    #[serde(default)]
-    pub downsample_padding: Option<usize>,
+}
+
+impl std::ops::Deref for UNetConfig {
+    type Target = BackboneConfig;
+
+    fn deref(&self) -> &BackboneConfig {
+        &self.backbone
+    }
 }
 
 fn default_sample_size() -> usize {
@@ -70,24 +42,6 @@ fn default_sample_size() -> usize {
 }
 fn default_channels() -> usize {
     4
-}
-fn default_true() -> bool {
-    true
-}
-fn default_layers_per_block() -> PerBlock {
-    PerBlock::One(2)
-}
-fn default_norm_groups() -> usize {
-    32
-}
-fn default_norm_eps() -> f64 {
-    1e-5
-}
-fn default_one() -> PerBlock {
-    PerBlock::One(1)
-}
-fn default_attention_head_dim() -> PerBlock {
-    PerBlock::One(8)
 }
 
 impl UNetConfig {
@@ -105,11 +59,7 @@ impl UNetConfig {
                 blocks
             ));
         }
-        for kind in &self.down_block_types {
-            if kind != "CrossAttnDownBlock2D" && kind != "DownBlock2D" {
-                return Err(format!("unsupported down block type {kind}"));
-            }
-        }
+        self.check_down_block_types()?;
         for kind in &self.up_block_types {
             if kind != "CrossAttnUpBlock2D" && kind != "UpBlock2D" {
                 return Err(format!("unsupported up block type {kind}"));
@@ -119,37 +69,14 @@ impl UNetConfig {
             None | Some("UNetMidBlock2DCrossAttn") => {}
             Some(other) => return Err(format!("unsupported mid block type {other}")),
         }
-        let text_time = self.addition_embed_type.as_deref() == Some("text_time");
-        if let Some(other) = self.addition_embed_type.as_deref().filter(|_| !text_time) {
-            return Err(format!("unsupported addition_embed_type {other}"));
-        }
-        if text_time
-            && (self.addition_time_embed_dim.is_none()
-                || self.projection_class_embeddings_input_dim.is_none())
-        {
-            return Err("text_time needs addition_time_embed_dim and \
-                        projection_class_embeddings_input_dim"
-                .into());
-        }
+        self.check_addition_embedding()?;
         if let Some(kind) = &self.class_embed_type {
             return Err(format!("unsupported class_embed_type {kind}"));
         }
         if self.time_cond_proj_dim.is_some() {
             return Err("time_cond_proj_dim (LCM-distilled UNets) is not supported yet".into());
         }
-        if matches!(self.only_cross_attention, serde_json::Value::Bool(true)) {
-            return Err("only_cross_attention is not supported".into());
-        }
-        Ok(())
-    }
-
-    fn heads(&self) -> &PerBlock {
-        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim)
-    }
-
-    /// True for SDXL-style UNets that take pooled text embeddings and time ids.
-    pub fn uses_text_time(&self) -> bool {
-        self.addition_embed_type.as_deref() == Some("text_time")
+        self.check_attention()
     }
 }
 

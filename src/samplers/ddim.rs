@@ -7,7 +7,9 @@ use candle_core::{Error, Result, Tensor};
 use super::schedule::{
     alphas_cumprod, check_epsilon_at_zero_snr, ddim_timesteps, PredictionType, SchedulerConfig,
 };
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_and_noise,
+};
 use super::{Sampler, TorchGenerator};
 
 /// A DDIM run of a fixed number of steps.
@@ -67,9 +69,7 @@ impl Sampler for Ddim {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
-        let alpha = self.alphas_cumprod[self.timesteps[step_index]];
-        mul(&as_f32(original)?, alpha.sqrt())? + mul(&as_f32(noise)?, (1.0 - alpha).sqrt())?
+        add_alpha_noise(original, noise, self.alphas_cumprod[self.timesteps[step_index]])
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
@@ -84,11 +84,8 @@ impl Sampler for Ddim {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
 
         let timestep = self.timesteps[step_index];
         let alpha_t = self.alphas_cumprod[timestep];
@@ -98,24 +95,13 @@ impl Sampler for Ddim {
         };
         let beta_t = 1.0 - alpha_t;
 
-        let (pred_original, pred_epsilon) = match self.prediction_type {
-            PredictionType::Epsilon => {
-                let original =
-                    div(&(&sample - mul(&model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?;
-                (original, model_output)
-            }
-            PredictionType::Sample => {
-                let epsilon =
-                    div(&(&sample - mul(&model_output, alpha_t.sqrt())?)?, beta_t.sqrt())?;
-                (model_output, epsilon)
-            }
-            PredictionType::VPrediction => {
-                let original =
-                    (mul(&sample, alpha_t.sqrt())? - mul(&model_output, beta_t.sqrt())?)?;
-                let epsilon = (mul(&model_output, alpha_t.sqrt())? + mul(&sample, beta_t.sqrt())?)?;
-                (original, epsilon)
-            }
-        };
+        let (pred_original, pred_epsilon) = vp_data_and_noise(
+            self.prediction_type,
+            model_output,
+            &sample,
+            alpha_t.sqrt(),
+            beta_t.sqrt(),
+        )?;
         let pred_original = match self.clip_range {
             Some(range) => pred_original.clamp(-range, range)?,
             None => pred_original,

@@ -11,7 +11,9 @@ use candle_core::{Error, Result, Tensor};
 
 use super::schedule::{alphas_cumprod, ddim_timesteps, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// Only the model's own timesteps.
@@ -60,10 +62,8 @@ impl Sampler for Ddpm {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // diffusers' `add_noise` of the class: sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) noise.
-        let alpha = self.alphas_cumprod[self.timesteps[step_index]];
-        mul(&as_f32(original)?, alpha.sqrt())? + mul(&as_f32(noise)?, (1.0 - alpha).sqrt())?
+        add_alpha_noise(original, noise, self.alphas_cumprod[self.timesteps[step_index]])
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
@@ -78,11 +78,8 @@ impl Sampler for Ddpm {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
 
         let timestep = self.timesteps[step_index];
         let alpha_t = self.alphas_cumprod[timestep];
@@ -95,15 +92,13 @@ impl Sampler for Ddpm {
         let current_alpha = alpha_t / alpha_prev;
         let current_beta = 1.0 - current_alpha;
 
-        let original = match self.prediction_type {
-            PredictionType::Epsilon => {
-                div(&(&sample - mul(&model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?
-            }
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => {
-                (mul(&sample, alpha_t.sqrt())? - mul(&model_output, beta_t.sqrt())?)?
-            }
-        };
+        let original = vp_data_prediction(
+            self.prediction_type,
+            &model_output,
+            &sample,
+            alpha_t.sqrt(),
+            beta_t.sqrt(),
+        )?;
         let original = match self.clip_range {
             Some(range) => original.clamp(-range, range)?,
             None => original,

@@ -16,7 +16,9 @@ use candle_core::{Error, Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_vp_noise, alpha_sigma, check_step_index, div, lambda, mul, step_inputs, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// The schedules diffusers' class offers.
@@ -34,12 +36,6 @@ pub struct Deis {
     prediction_type: PredictionType,
     /// The previous step's noise estimate, with the step index it was made at.
     previous: Option<(usize, Tensor)>,
-}
-
-/// diffusers' `_sigma_to_alpha_sigma_t` in float32: (alpha_t, sigma_t) of VP coordinates.
-fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
 }
 
 /// The log-rho integral of DEIS's second-order Lagrange basis (diffusers' `ind_fn`):
@@ -72,11 +68,7 @@ impl Deis {
     /// noise estimate (sample − alpha_t x0) / sigma_t that DEIS integrates.
     fn noise_estimate(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        let x0 = match self.prediction_type {
-            PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t)?,
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => (mul(sample, alpha_t)? - mul(model_output, sigma_t)?)?,
-        };
+        let x0 = vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)?;
         div(&(sample - mul(&x0, alpha_t)?)?, sigma_t)
     }
 }
@@ -92,10 +84,9 @@ impl Sampler for Deis {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // diffusers' DEIS `add_noise` (DPM-Solver's): x_t = alpha_t x0 + sigma_t noise.
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+        add_vp_noise(original, noise, alpha_t, sigma_t)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
@@ -111,11 +102,8 @@ impl Sampler for Deis {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
         let m0 = self.noise_estimate(&model_output, &sample, self.sigmas[step_index])?;
 
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
@@ -129,8 +117,8 @@ impl Sampler for Deis {
         };
         let next = match previous {
             None => {
-                let lambda_t = alpha_t.ln() - sigma_t.ln();
-                let lambda_s = alpha_s0.ln() - sigma_s0.ln();
+                let lambda_t = lambda(alpha_t, sigma_t);
+                let lambda_s = lambda(alpha_s0, sigma_s0);
                 let h = lambda_t - lambda_s;
                 (mul(&sample, alpha_t / alpha_s0)? - mul(&m0, sigma_t * (h.exp() - 1.0))?)?
             }

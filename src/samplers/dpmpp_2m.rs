@@ -6,11 +6,14 @@
 //! first step and the last are first order. The SDE variant draws fresh noise at every
 //! step from the request's generators (per batch item, as diffusers' `randn_tensor`).
 
-use candle_core::{Error, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_vp_noise, alpha_sigma, batch_noise, check_s_noise, check_step_index, lambda, mul,
+    step_inputs, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// A DPM++ 2M (or 2M SDE) run of a fixed number of steps.
@@ -25,17 +28,6 @@ pub struct DpmPp2m {
     previous_x0: Option<Tensor>,
 }
 
-/// diffusers' `_sigma_to_alpha_sigma_t` in float32: (alpha_t, sigma_t) of VP coordinates.
-pub(super) fn alpha_sigma(sigma: f32) -> (f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
-/// lambda = log(alpha) − log(sigma), float32.
-pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
-    alpha.ln() - sigma.ln()
-}
-
 impl DpmPp2m {
     /// DPM++ 2M (`sde` false) or 2M SDE for `steps` steps; `s_noise` scales the SDE noise.
     pub fn new(
@@ -45,9 +37,7 @@ impl DpmPp2m {
         sde: bool,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::DpmSolver)?;
         Ok(DpmPp2m {
             sde,
@@ -67,11 +57,7 @@ impl DpmPp2m {
         sigma: f32,
     ) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        match self.prediction_type {
-            PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t),
-            PredictionType::Sample => Ok(model_output.clone()),
-            PredictionType::VPrediction => mul(sample, alpha_t)? - mul(model_output, sigma_t)?,
-        }
+        vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)
     }
 }
 
@@ -86,10 +72,9 @@ impl Sampler for DpmPp2m {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // This solver works in VP coordinates: x_t = alpha_t x0 + sigma_t noise.
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+        add_vp_noise(original, noise, alpha_t, sigma_t)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
@@ -105,11 +90,8 @@ impl Sampler for DpmPp2m {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
         let x0 = self.data_prediction(&model_output, &sample, self.sigmas[step_index])?;
         let noise = if self.sde { Some(batch_noise(generators, &x0)?) } else { None };
 

@@ -15,7 +15,7 @@ use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
 use super::step_math::{
-    add_sigma_noise, as_f32, batch_noise, check_same_shape, check_step_index, div, mul,
+    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
 };
 use super::{Sampler, TorchGenerator};
 
@@ -72,9 +72,7 @@ impl DpmPp2sAncestral {
         schedule: Schedule,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         if config.prediction_type == PredictionType::Sample {
             return Err(Error::Msg(
                 "dpmpp_2s_a does not support prediction_type \"sample\"".to_string(),
@@ -155,11 +153,8 @@ impl Sampler for DpmPp2sAncestral {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
         let (step, second) = self.locate(step_index);
         let plan = self.plans[step];
         let t = t_of(plan.sigma);

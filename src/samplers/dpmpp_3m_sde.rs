@@ -8,12 +8,14 @@
 //! reproduces a run exactly. (k-diffusion's `sample_dpmpp_3m_sde`, which A1111 runs, is a
 //! different discretisation with Brownian-tree noise; this sampler is diffusers'.)
 
-use candle_core::{Error, Result, Tensor};
+use candle_core::{Result, Tensor};
 
-use super::dpmpp_2m::{alpha_sigma, lambda};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_vp_noise, alpha_sigma, batch_noise, check_s_noise, check_step_index, lambda, mul,
+    step_inputs, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// diffusers runs the second-to-last step at second order below this many steps.
@@ -39,11 +41,7 @@ fn data_prediction(
     sigma: f32,
 ) -> Result<Tensor> {
     let (alpha_t, sigma_t) = alpha_sigma(sigma);
-    match prediction_type {
-        PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t),
-        PredictionType::Sample => Ok(model_output.clone()),
-        PredictionType::VPrediction => mul(sample, alpha_t)? - mul(model_output, sigma_t)?,
-    }
+    vp_data_prediction(prediction_type, model_output, sample, alpha_t, sigma_t)
 }
 
 impl DpmPp3mSde {
@@ -55,9 +53,7 @@ impl DpmPp3mSde {
         schedule: Schedule,
         s_noise: f64,
     ) -> Result<Self> {
-        if !(s_noise.is_finite() && s_noise >= 0.0) {
-            return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
-        }
+        check_s_noise(s_noise)?;
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::DpmSolver)?;
         Ok(DpmPp3mSde {
             timesteps: plan.timesteps,
@@ -93,10 +89,9 @@ impl Sampler for DpmPp3mSde {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // diffusers' `add_noise` of the class: x_t = alpha_t x0 + sigma_t noise.
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+        add_vp_noise(original, noise, alpha_t, sigma_t)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
@@ -111,11 +106,8 @@ impl Sampler for DpmPp3mSde {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
         let m0 =
             data_prediction(self.prediction_type, &model_output, &sample, self.sigmas[step_index])?;
         let noise = batch_noise(generators, &m0)?;

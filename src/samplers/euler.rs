@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
-use super::step_math::{add_sigma_noise, as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{add_sigma_noise, as_f32, check_step_index, div, mul, step_inputs};
 use super::{Sampler, TorchGenerator};
 
 /// An Euler run of a fixed number of steps.
@@ -92,11 +92,8 @@ impl Sampler for Euler {
         sample: &Tensor,
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
         let sigma = self.schedule.sigmas[step_index];
         let original = predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
         let derivative = div(&(&sample - original)?, sigma)?;

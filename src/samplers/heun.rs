@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 use super::euler::{predicted_original, scale_for_sigma};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{add_sigma_noise, as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{add_sigma_noise, check_step_index, div, mul, step_inputs};
 use super::{Sampler, TorchGenerator};
 
 /// State kept between the predictor and the corrector evaluation of one step.
@@ -94,11 +94,8 @@ impl Sampler for Heun {
         sample: &Tensor,
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
         let first_order = self.predictor.is_none();
         let (sigma, sigma_next) = if first_order {
             (self.sigmas[step_index], self.sigmas[step_index + 1])

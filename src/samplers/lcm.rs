@@ -14,7 +14,9 @@ use candle_core::{Error, Result, Tensor};
 
 use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// Only the distillation schedule.
@@ -69,18 +71,6 @@ pub(crate) fn clip_range(config: &SchedulerConfig) -> Result<Option<f32>> {
         )));
     }
     Ok(Some(range as f32))
-}
-
-/// diffusers' DDPM-style `add_noise` at training timestep `timestep`:
-/// sqrt(ᾱ) x0 + sqrt(1 − ᾱ) noise, float32.
-pub(crate) fn add_alpha_noise(
-    original: &Tensor,
-    noise: &Tensor,
-    alpha_cumprod: f32,
-) -> Result<Tensor> {
-    check_same_shape(noise, original)?;
-    mul(&as_f32(original)?, alpha_cumprod.sqrt())?
-        + mul(&as_f32(noise)?, (1.0 - alpha_cumprod).sqrt())?
 }
 
 /// An LCM run of a fixed number of steps.
@@ -153,25 +143,20 @@ impl Sampler for Lcm {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
 
         let timestep = self.timesteps[step_index];
         let alpha_t = self.alphas_cumprod[timestep];
         let beta_t = 1.0 - alpha_t;
         let (c_skip, c_out) = self.boundary_scalings(timestep);
-        let original = match self.prediction_type {
-            PredictionType::Epsilon => {
-                div(&(&sample - mul(&model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?
-            }
-            PredictionType::Sample => model_output,
-            PredictionType::VPrediction => {
-                (mul(&sample, alpha_t.sqrt())? - mul(&model_output, beta_t.sqrt())?)?
-            }
-        };
+        let original = vp_data_prediction(
+            self.prediction_type,
+            &model_output,
+            &sample,
+            alpha_t.sqrt(),
+            beta_t.sqrt(),
+        )?;
         let original = match self.clip_range {
             Some(range) => original.clamp(-range, range)?,
             None => original,

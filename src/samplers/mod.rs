@@ -31,6 +31,8 @@ mod step_math;
 #[cfg(test)]
 mod add_noise_tests;
 #[cfg(test)]
+mod parity_harness;
+#[cfg(test)]
 mod parity_tests;
 #[cfg(test)]
 mod samplers2_parity_tests;

@@ -12,7 +12,7 @@ use super::schedule::{
     SchedulerConfig, TimestepSpacing,
 };
 use super::sigmas::Schedule;
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul, step_inputs};
 use super::{Sampler, TorchGenerator};
 
 /// Only the model's own timesteps.
@@ -153,11 +153,8 @@ impl Sampler for Pndm {
         sample: &Tensor,
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let mut sample = as_f32(sample)?;
+        let (out_dtype, model_output, mut sample) =
+            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
         // diffusers counts calls, not positions: an img2img run that starts part-way (at
         // `timesteps[start]`, as its pipeline slices them) takes its first two calls as the
         // warm-up pair, whatever timesteps they carry.

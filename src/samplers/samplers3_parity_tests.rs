@@ -8,86 +8,20 @@
 //! deterministic part). DPM++ SDE's noise (a Brownian tree in the reference) is checked
 //! statistically against torchsde runs.
 
-use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use super::schedule_parity_tests::{max_abs, LoopRecord, References, LOOP_TOLERANCE};
-use super::{SamplerKind, SamplerOptions, Schedule, SchedulerConfig, TorchGenerator};
+use super::parity_harness::{read_references, replay, replay_reference_loops, References};
+use super::{SamplerKind, SamplerOptions, Schedule};
 
-fn references() -> (References, Vec<NoiseStatistics>) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/samplers/samplers3.json");
-    let text = std::fs::read_to_string(path).expect("read references");
-    #[derive(Deserialize)]
-    struct Statistics {
-        noise_statistics: Vec<NoiseStatistics>,
-    }
-    let statistics: Statistics = serde_json::from_str(&text).unwrap();
-    (serde_json::from_str(&text).unwrap(), statistics.noise_statistics)
-}
+const REFERENCES: &str = "samplers3.json";
 
-/// The fake loop of the reference script: sample0 = randn(seed 7) × init_noise_sigma,
-/// "model" = 0.9 × scaled input + 0.01 t / 1000.
-fn fake_loop(
-    config: &SchedulerConfig,
-    kind: SamplerKind,
-    run: &LoopRecord,
-    s_noise: Option<f64>,
-    seeds: [u64; 2],
-) -> (Vec<f64>, f64, Tensor) {
-    let schedule = Schedule::from_name(&run.schedule).unwrap();
-    let options = SamplerOptions { schedule, s_noise, ..Default::default() };
-    let mut sampler = kind.build_with(config, run.steps, &options).unwrap();
-    let init = sampler.init_noise_sigma();
-    let noise = TorchGenerator::new(7).randn_tensor((2, 4, 4, 4), &Device::Cpu).unwrap();
-    let mut sample = noise.affine(init, 0.0).unwrap();
-    let mut generators = seeds.map(TorchGenerator::new);
-    let timesteps = sampler.timesteps().to_vec();
-    for (index, &t) in timesteps.iter().enumerate() {
-        let scaled = sampler.scale_model_input(&sample, index).unwrap();
-        let model_output = scaled.affine(0.9, 0.01 * t / 1000.0).unwrap();
-        sample = sampler.step(&model_output, index, &sample, &mut generators).unwrap();
-    }
-    (timesteps, init, sample)
-}
-
+/// Midpoint timesteps are fractional: diffusers computes them in float64 from float64
+/// sigmas, we from the float32 sigmas (hence 1e-3). Final samples within
+/// [`super::parity_harness::LOOP_TOLERANCE`] of their scale.
 #[test]
 fn third_batch_samplers_match_their_references() {
-    let (refs, _) = references();
-    let mut report = Vec::new();
-    let mut failures = Vec::new();
-    let mut checked = 0;
-    for (config_name, runs) in &refs.loops {
-        let config = &refs.configs[config_name];
-        for run in runs {
-            let context =
-                format!("{config_name} {} {} {} steps", run.sampler, run.schedule, run.steps);
-            let kind = SamplerKind::from_name(&run.sampler).unwrap();
-            let (timesteps, init, sample) = fake_loop(config, kind, run, run.s_noise, [100, 101]);
-            // Midpoint timesteps are fractional: diffusers computes them in float64 from
-            // float64 sigmas, we from the float32 sigmas.
-            let timestep_error = timesteps
-                .iter()
-                .zip(&run.timesteps)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
-            if timesteps.len() != run.timesteps.len() || timestep_error > 1e-3 {
-                failures.push(format!("{context}: timesteps {timesteps:?} vs {:?}", run.timesteps));
-                continue;
-            }
-            if (init - run.init_noise_sigma).abs() > 1e-5 * run.init_noise_sigma.max(1.0) {
-                failures.push(format!("{context}: init {init} vs {}", run.init_noise_sigma));
-            }
-            let scale = run.final_sample.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-            let diff = max_abs(&sample, &run.final_sample);
-            report.push(format!("{context}: max |diff| {diff:e} (scale {scale})"));
-            if diff > LOOP_TOLERANCE * scale || diff.is_nan() {
-                failures.push(format!("{context}: final max |diff| {diff:e}"));
-            }
-            checked += 1;
-        }
-    }
-    println!("{}", report.join("\n"));
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    let (outcome, checked) = replay_reference_loops(REFERENCES, 1e-3);
+    outcome.finish();
     assert_eq!(checked, 2 * 3 * 4 * 2, "configs × samplers × schedules × step counts");
 }
 
@@ -120,26 +54,25 @@ const OUR_RUNS: u64 = 64;
 /// 11 % lower (karras, 20 steps: 0.438 vs 0.494), measured with diffusers' scheduler.
 #[test]
 fn dpmpp_sde_noise_matches_the_brownian_reference_statistically() {
-    let (refs, statistics) = references();
+    let refs: References = read_references(REFERENCES);
+    #[derive(Deserialize)]
+    struct Statistics {
+        noise_statistics: Vec<NoiseStatistics>,
+    }
+    let statistics = read_references::<Statistics>(REFERENCES).noise_statistics;
     assert!(!statistics.is_empty());
     let mut failures = Vec::new();
     for stat in &statistics {
         let config = &refs.configs[&stat.config];
-        let run = LoopRecord {
-            schedule: stat.schedule.clone(),
-            sampler: "dpmpp_sde".into(),
-            steps: stat.steps,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            init_noise_sigma: 0.0,
-            s_noise: None,
-            final_sample: Vec::new(),
-        };
-        let (_, _, base) = fake_loop(config, SamplerKind::DpmPpSde, &run, Some(0.0), [100, 101]);
+        let schedule = Schedule::from_name(&stat.schedule).unwrap();
+        let options =
+            |s_noise| SamplerOptions { schedule, s_noise: Some(s_noise), ..Default::default() };
+        let sde = SamplerKind::DpmPpSde;
+        let base = replay(config, sde, stat.steps, &options(0.0), [100, 101]).sample;
         let mut values = Vec::new();
         for index in 0..OUR_RUNS {
             let seeds = [1000 + 2 * index, 1001 + 2 * index];
-            let (_, _, noisy) = fake_loop(config, SamplerKind::DpmPpSde, &run, Some(1.0), seeds);
+            let noisy = replay(config, sde, stat.steps, &options(1.0), seeds).sample;
             let residual = (noisy - &base).unwrap().flatten_all().unwrap();
             values.extend(residual.to_vec1::<f32>().unwrap().into_iter().map(f64::from));
         }

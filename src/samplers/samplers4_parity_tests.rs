@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::Device;
 use serde::Deserialize;
 
-use super::schedule_parity_tests::{max_abs, LoopRecord, LOOP_TOLERANCE};
+use super::parity_harness::{max_abs, read_references, replay, LoopRecord, Outcome};
 use super::{
     PredictionType, SamplerKind, SamplerOptions, Schedule, SchedulerConfig, SchedulerOverrides,
     TimestepSpacing, TorchGenerator,
@@ -35,8 +35,7 @@ struct AddNoiseRecord {
 }
 
 fn references() -> References {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/samplers/samplers4.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("read references")).unwrap()
+    read_references("samplers4.json")
 }
 
 #[derive(Deserialize)]
@@ -60,9 +59,7 @@ struct Run {
 #[test]
 fn third_batch_samplers_and_overrides_match_diffusers() {
     let refs = references();
-    let device = Device::Cpu;
-    let mut report = Vec::new();
-    let mut failures = Vec::new();
+    let mut outcome = Outcome::default();
     let mut overridden_runs = 0;
     for (set_name, runs) in &refs.loops {
         let (config, overrides) = match refs.overrides.get(set_name) {
@@ -85,41 +82,13 @@ fn third_batch_samplers_and_overrides_match_diffusers() {
             let schedule = Schedule::from_name(&run.schedule).unwrap();
             let options = SamplerOptions { schedule, eta: *eta, s_noise: None, overrides };
             overridden_runs += usize::from(!overrides.is_empty());
-            let mut sampler = kind.build_with(config, run.steps, &options).unwrap();
-            let timesteps = sampler.timesteps().to_vec();
+            let replayed = replay(config, kind, run.steps, &options, [100, 101]);
             // Fractional (Euler linspace) timesteps may lose the last f64 bit in JSON.
-            let timestep_error = timesteps
-                .iter()
-                .zip(&run.timesteps)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max);
-            if timesteps.len() != run.timesteps.len() || timestep_error > 1e-9 {
-                failures.push(format!("{context}: timesteps {timesteps:?} vs {:?}", run.timesteps));
-                continue;
-            }
-            let init = sampler.init_noise_sigma();
-            if (init - run.init_noise_sigma).abs() > 1e-5 * run.init_noise_sigma.max(1.0) {
-                failures.push(format!("{context}: init {init} vs {}", run.init_noise_sigma));
-            }
-            let noise = TorchGenerator::new(7).randn_tensor((2, 4, 4, 4), &device).unwrap();
-            let mut sample = noise.affine(init, 0.0).unwrap();
-            let mut generators = [TorchGenerator::new(100), TorchGenerator::new(101)];
-            for (index, &t) in timesteps.iter().enumerate() {
-                let scaled = sampler.scale_model_input(&sample, index).unwrap();
-                let model_output = scaled.affine(0.9, 0.01 * t / 1000.0).unwrap();
-                sample = sampler.step(&model_output, index, &sample, &mut generators).unwrap();
-            }
-            let scale = run.final_sample.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-            let diff = max_abs(&sample, &run.final_sample);
-            report.push(format!("{context}: max |diff| {diff:e} (scale {scale})"));
-            if diff > LOOP_TOLERANCE * scale || diff.is_nan() {
-                failures.push(format!("{context}: final max |diff| {diff:e}"));
-            }
+            outcome.compare(&context, run, &replayed, 1e-9);
         }
     }
-    println!("{}", report.join("\n"));
     assert!(overridden_runs >= 30, "only {overridden_runs} runs with overrides");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    outcome.finish();
 }
 
 /// The consistency samplers refuse more steps than their distillation schedule has, and

@@ -1,10 +1,11 @@
 //! Tensor helpers shared by the samplers: float32 scalar arithmetic that rounds like
-//! torch's (tensor ⊗ 0-d float32 tensor) ops, batch noise from per-item generators, and
-//! argument checks.
+//! torch's (tensor ⊗ 0-d float32 tensor) ops, batch noise from per-item generators,
+//! argument checks, and the variance-preserving (VP) arithmetic the DDPM family and the
+//! DPM-Solver family share (noising, and x0 / noise predictions from the model output).
 
 use candle_core::{DType, Error, Result, Tensor};
 
-use super::TorchGenerator;
+use super::{PredictionType, TorchGenerator};
 
 /// `tensor * scalar`, one float32 rounding per element (as torch's mul with a 0-d tensor).
 pub(crate) fn mul(tensor: &Tensor, scalar: f32) -> Result<Tensor> {
@@ -33,6 +34,14 @@ pub(crate) fn check_step_index(step_index: usize, steps: usize) -> Result<()> {
     Ok(())
 }
 
+/// Fails unless the noise scale `s_noise` is a finite number >= 0.
+pub(crate) fn check_s_noise(s_noise: f64) -> Result<()> {
+    if !(s_noise.is_finite() && s_noise >= 0.0) {
+        return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
+    }
+    Ok(())
+}
+
 /// Fails unless `model_output` and `sample` have the same shape.
 pub(crate) fn check_same_shape(model_output: &Tensor, sample: &Tensor) -> Result<()> {
     if model_output.dims() != sample.dims() {
@@ -43,6 +52,20 @@ pub(crate) fn check_same_shape(model_output: &Tensor, sample: &Tensor) -> Result
         )));
     }
     Ok(())
+}
+
+/// A step's inputs checked (`step_index` addresses one of `steps` timesteps, the shapes
+/// agree) and lifted to float32, with the dtype to hand the result back in:
+/// `(out_dtype, model_output, sample)`.
+pub(crate) fn step_inputs(
+    model_output: &Tensor,
+    step_index: usize,
+    sample: &Tensor,
+    steps: usize,
+) -> Result<(DType, Tensor, Tensor)> {
+    check_step_index(step_index, steps)?;
+    check_same_shape(model_output, sample)?;
+    Ok((sample.dtype(), as_f32(model_output)?, as_f32(sample)?))
 }
 
 /// Standard normal noise shaped like `like` (float32, on its device): batch item `i` is
@@ -64,6 +87,84 @@ pub(crate) fn batch_noise(generators: &mut [TorchGenerator], like: &Tensor) -> R
         .map(|generator| generator.randn_tensor(item_shape.as_slice(), like.device()))
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&items, 0)
+}
+
+/// diffusers' `_sigma_to_alpha_sigma_t` in float32: (alpha_t, sigma_t) of VP coordinates
+/// for the Karras-style noise level `sigma`.
+pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// lambda = log(alpha) − log(sigma), float32 (the DPM-Solvers' log-SNR / 2).
+pub(crate) fn lambda(alpha: f32, sigma: f32) -> f32 {
+    alpha.ln() - sigma.ln()
+}
+
+/// VP `add_noise`: `alpha * original + sigma * noise`, in float32 (diffusers' DPM-Solver
+/// family at a sigma, see [`alpha_sigma`]).
+pub(crate) fn add_vp_noise(
+    original: &Tensor,
+    noise: &Tensor,
+    alpha: f32,
+    sigma: f32,
+) -> Result<Tensor> {
+    check_same_shape(noise, original)?;
+    mul(&as_f32(original)?, alpha)? + mul(&as_f32(noise)?, sigma)?
+}
+
+/// diffusers' DDPM-style `add_noise` at a training timestep with cumulative alpha ᾱ:
+/// sqrt(ᾱ) x0 + sqrt(1 − ᾱ) noise, float32.
+pub(crate) fn add_alpha_noise(
+    original: &Tensor,
+    noise: &Tensor,
+    alpha_cumprod: f32,
+) -> Result<Tensor> {
+    add_vp_noise(original, noise, alpha_cumprod.sqrt(), (1.0 - alpha_cumprod).sqrt())
+}
+
+/// The data prediction x0 from the model output at VP coordinates (`alpha`, `sigma`):
+/// (sample − sigma·ε) / alpha, the sample itself, or alpha·sample − sigma·v (diffusers'
+/// DDIM/DDPM step and DPM-Solver `convert_model_output`; for the DDPM family alpha =
+/// sqrt(ᾱ_t), sigma = sqrt(1 − ᾱ_t)).
+pub(crate) fn vp_data_prediction(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    alpha: f32,
+    sigma: f32,
+) -> Result<Tensor> {
+    match prediction_type {
+        PredictionType::Epsilon => div(&(sample - mul(model_output, sigma)?)?, alpha),
+        PredictionType::Sample => Ok(model_output.clone()),
+        PredictionType::VPrediction => mul(sample, alpha)? - mul(model_output, sigma)?,
+    }
+}
+
+/// The data prediction x0 and the noise prediction ε from the model output at VP
+/// coordinates (`alpha`, `sigma`), as diffusers' DDIM and TCD steps compute them.
+pub(crate) fn vp_data_and_noise(
+    prediction_type: PredictionType,
+    model_output: Tensor,
+    sample: &Tensor,
+    alpha: f32,
+    sigma: f32,
+) -> Result<(Tensor, Tensor)> {
+    Ok(match prediction_type {
+        PredictionType::Epsilon => {
+            let original = div(&(sample - mul(&model_output, sigma)?)?, alpha)?;
+            (original, model_output)
+        }
+        PredictionType::Sample => {
+            let epsilon = div(&(sample - mul(&model_output, alpha)?)?, sigma)?;
+            (model_output, epsilon)
+        }
+        PredictionType::VPrediction => {
+            let original = (mul(sample, alpha)? - mul(&model_output, sigma)?)?;
+            let epsilon = (mul(&model_output, alpha)? + mul(sample, sigma)?)?;
+            (original, epsilon)
+        }
+    })
 }
 
 /// The sigma samplers' `add_noise`: `original + noise * sigma`, in float32.

@@ -10,10 +10,12 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::lcm::{add_alpha_noise, consistency_timesteps};
+use super::lcm::consistency_timesteps;
 use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
-use super::step_math::{as_f32, batch_noise, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_and_noise,
+};
 use super::{Sampler, TorchGenerator};
 
 /// Only the distillation schedule.
@@ -78,11 +80,8 @@ impl Sampler for Tcd {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let sample = as_f32(sample)?;
+        let (out_dtype, model_output, sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
 
         let last = step_index + 1 == steps;
         let timestep = self.timesteps[step_index];
@@ -94,24 +93,13 @@ impl Sampler for Tcd {
         let alpha_prev = self.alphas_cumprod[previous_timestep];
         let alpha_s = self.alphas_cumprod[intermediate];
         let beta_s = 1.0 - alpha_s;
-        let (original, epsilon) = match self.prediction_type {
-            PredictionType::Epsilon => {
-                let original =
-                    div(&(&sample - mul(&model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?;
-                (original, model_output)
-            }
-            PredictionType::Sample => {
-                let epsilon =
-                    div(&(&sample - mul(&model_output, alpha_t.sqrt())?)?, beta_t.sqrt())?;
-                (model_output, epsilon)
-            }
-            PredictionType::VPrediction => {
-                let original =
-                    (mul(&sample, alpha_t.sqrt())? - mul(&model_output, beta_t.sqrt())?)?;
-                let epsilon = (mul(&model_output, alpha_t.sqrt())? + mul(&sample, beta_t.sqrt())?)?;
-                (original, epsilon)
-            }
-        };
+        let (original, epsilon) = vp_data_and_noise(
+            self.prediction_type,
+            model_output,
+            &sample,
+            alpha_t.sqrt(),
+            beta_t.sqrt(),
+        )?;
         let noised = (mul(&original, alpha_s.sqrt())? + mul(&epsilon, beta_s.sqrt())?)?;
         if self.gamma == 0.0 || last {
             return noised.to_dtype(out_dtype);

@@ -12,7 +12,9 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul};
+use super::step_math::{
+    add_vp_noise, alpha_sigma, check_step_index, div, lambda, mul, step_inputs, vp_data_prediction,
+};
 use super::{Sampler, TorchGenerator};
 
 /// The schedules diffusers' class offers (it has no custom-sigma path for ComfyUI's).
@@ -38,9 +40,8 @@ pub struct UniPc {
 
 /// (alpha_t, sigma_t) of VP coordinates and lambda = log alpha − log sigma, float32.
 fn vp(sigma: f32) -> (f32, f32, f32) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    let sigma_t = sigma * alpha;
-    (alpha, sigma_t, alpha.ln() - sigma_t.ln())
+    let (alpha, sigma_t) = alpha_sigma(sigma);
+    (alpha, sigma_t, lambda(alpha, sigma_t))
 }
 
 /// The bh2 coefficient vector b of UniPC for `order` (1 or 2) and step size `hh` = −h:
@@ -95,12 +96,8 @@ impl UniPc {
         sample: &Tensor,
         sigma: f32,
     ) -> Result<Tensor> {
-        let (alpha_t, sigma_t, _) = vp(sigma);
-        match self.prediction_type {
-            PredictionType::Epsilon => div(&(sample - mul(model_output, sigma_t)?)?, alpha_t),
-            PredictionType::Sample => Ok(model_output.clone()),
-            PredictionType::VPrediction => mul(sample, alpha_t)? - mul(model_output, sigma_t)?,
-        }
+        let (alpha_t, sigma_t) = alpha_sigma(sigma);
+        vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)
     }
 
     /// UniC: the corrected sample at `step_index`, recomputed from `last_sample` (where the
@@ -163,12 +160,11 @@ impl Sampler for UniPc {
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
         // diffusers' `add_noise` of the class (at the begin index): VP coordinates,
         // x_t = alpha_t x0 + sigma_t noise. A run started here has no earlier outputs, so
         // its first step is first order and uncorrected, as diffusers' fresh state.
-        let (alpha_t, sigma_t, _) = vp(self.sigmas[step_index]);
-        mul(&as_f32(original)?, alpha_t)? + mul(&as_f32(noise)?, sigma_t)?
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
+        add_vp_noise(original, noise, alpha_t, sigma_t)
     }
 
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
@@ -184,11 +180,8 @@ impl Sampler for UniPc {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let steps = self.timesteps.len();
-        check_step_index(step_index, steps)?;
-        check_same_shape(model_output, sample)?;
-        let out_dtype = sample.dtype();
-        let model_output = as_f32(model_output)?;
-        let mut sample = as_f32(sample)?;
+        let (out_dtype, model_output, mut sample) =
+            step_inputs(model_output, step_index, sample, steps)?;
         let x0 = self.data_prediction(&model_output, &sample, self.sigmas[step_index])?;
         if step_index > 0 {
             if let Some(last_sample) = &self.last_sample {

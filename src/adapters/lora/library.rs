@@ -7,13 +7,13 @@
 //! CLI may also register individual files, named by their stem.
 
 use std::collections::BTreeMap;
-use std::path::{Component as PathComponent, Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::{is_pickle, read_metadata, LoraError, LoraFile};
+use crate::adapters::directory::{self, EntryKind, FileStamp, ModelCache, NameShape};
 
 /// A LoRA that requests can name, as `GET /v1/loras` lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -24,25 +24,16 @@ pub struct LoraInfo {
     pub metadata: BTreeMap<String, String>,
 }
 
-struct CacheEntry {
-    path: PathBuf,
-    stamp: (Option<SystemTime>, u64),
-    file: Arc<LoraFile>,
-}
-
-/// Parsed files, least recently used first.
-#[derive(Default)]
-struct Cache {
-    entries: Vec<CacheEntry>,
-    bytes: usize,
-}
+/// How deep [`LoraLibrary::list`] looks below a directory.
+const MAX_LIST_DEPTH: usize = 8;
 
 /// The LoRA directories and files a server or CLI run knows, with the parsed-file cache.
 pub struct LoraLibrary {
     dirs: Vec<PathBuf>,
     files: BTreeMap<String, PathBuf>,
     cache_limit_bytes: usize,
-    cache: Mutex<Cache>,
+    /// Parsed files by path, weighed by their tensors' bytes.
+    cache: ModelCache<PathBuf, FileStamp, LoraFile>,
 }
 
 impl std::fmt::Debug for LoraLibrary {
@@ -63,21 +54,10 @@ impl Default for LoraLibrary {
 
 /// Checks that `name` is a relative path of plain components.
 pub fn check_name(name: &str) -> Result<(), LoraError> {
-    let refuse =
-        |reason: &str| LoraError::BadName { name: name.to_string(), reason: reason.into() };
-    if name.trim().is_empty() {
-        return Err(refuse("it is empty"));
-    }
-    if name.contains('\\') || name.contains('\0') || name.contains(':') {
-        return Err(refuse("it may not contain '\\', ':' or NUL"));
-    }
+    let shape = NameShape::RelativePath { absolute_hint: "use a name inside a LoRA directory" };
+    directory::check_name_shape(name, shape)
+        .map_err(|reason| LoraError::BadName { name: name.to_string(), reason })?;
     let path = Path::new(name);
-    if path.is_absolute() || name.starts_with('/') {
-        return Err(refuse("absolute paths are not allowed; use a name inside a LoRA directory"));
-    }
-    if !path.components().all(|c| matches!(c, PathComponent::Normal(_))) {
-        return Err(refuse("'..' and '.' path components are not allowed"));
-    }
     if is_pickle(path) {
         return Err(LoraError::PickleRefused(path.to_path_buf()));
     }
@@ -87,11 +67,12 @@ pub fn check_name(name: &str) -> Result<(), LoraError> {
 impl LoraLibrary {
     /// A library over `dirs` whose cache holds at most `cache_mb` MiB of parsed tensors.
     pub fn new(dirs: Vec<PathBuf>, cache_mb: usize) -> LoraLibrary {
+        let cache_limit_bytes = cache_mb.saturating_mul(1024 * 1024);
         LoraLibrary {
             dirs,
             files: BTreeMap::new(),
-            cache_limit_bytes: cache_mb.saturating_mul(1024 * 1024),
-            cache: Mutex::new(Cache::default()),
+            cache_limit_bytes,
+            cache: ModelCache::weighted(cache_limit_bytes, |file: &LoraFile| file.bytes),
         }
     }
 
@@ -100,20 +81,12 @@ impl LoraLibrary {
         if is_pickle(path) {
             return Err(LoraError::PickleRefused(path.to_path_buf()));
         }
+        let bad_file =
+            |reason: &str| LoraError::BadFile { path: path.to_path_buf(), reason: reason.into() };
         if !path.is_file() {
-            return Err(LoraError::BadFile {
-                path: path.to_path_buf(),
-                reason: "no such file".into(),
-            });
+            return Err(bad_file("no such file"));
         }
-        let name = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .ok_or_else(|| LoraError::BadFile {
-                path: path.to_path_buf(),
-                reason: "the file name is not valid UTF-8".into(),
-            })?
-            .to_string();
+        let name = directory::stem_name(path).map_err(bad_file)?;
         self.files.insert(name.clone(), path.to_path_buf());
         Ok(name)
     }
@@ -129,69 +102,33 @@ impl LoraLibrary {
             return Ok(path.clone());
         }
         check_name(name)?;
-        let file_name = if name.ends_with(".safetensors") {
-            name.to_string()
-        } else {
-            format!("{name}.safetensors")
-        };
-        for dir in &self.dirs {
-            let candidate = dir.join(&file_name);
-            if !candidate.is_file() {
-                continue;
-            }
-            let (Ok(real), Ok(root)) = (candidate.canonicalize(), dir.canonicalize()) else {
-                continue;
-            };
-            if !real.starts_with(&root) {
-                return Err(LoraError::BadName {
-                    name: name.to_string(),
-                    reason: "it links to a file outside its LoRA directory".into(),
-                });
-            }
-            return Ok(real);
+        let candidates = [directory::safetensors_file_name(name)];
+        match directory::find_confined(&self.dirs, &candidates, Path::is_file) {
+            Ok(Some(found)) => Ok(found.real),
+            Ok(None) => Err(LoraError::UnknownName(name.to_string())),
+            Err(directory::Escaped) => Err(LoraError::BadName {
+                name: name.to_string(),
+                reason: "it links to a file outside its LoRA directory".into(),
+            }),
         }
-        Err(LoraError::UnknownName(name.to_string()))
     }
 
     /// Every LoRA the library can resolve, sorted by name, with its metadata.
     pub fn list(&self) -> Vec<LoraInfo> {
-        let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for dir in &self.dirs {
-            let Ok(root) = dir.canonicalize() else {
-                continue;
-            };
-            let mut pending = vec![(root.clone(), 0usize)];
-            while let Some((folder, depth)) = pending.pop() {
-                let Ok(entries) = std::fs::read_dir(&folder) else {
-                    continue;
-                };
-                for entry in entries.flatten() {
-                    let Ok(real) = entry.path().canonicalize() else {
-                        continue;
-                    };
-                    if !real.starts_with(&root) {
-                        continue;
-                    }
-                    if real.is_dir() && depth < 8 {
-                        pending.push((entry.path(), depth + 1));
-                    } else if real.is_file()
-                        && entry.path().extension().is_some_and(|e| e == "safetensors")
-                    {
-                        let relative = entry.path().strip_prefix(&root).map(Path::to_path_buf);
-                        let Ok(relative) = relative else {
-                            continue;
-                        };
-                        let name = relative
-                            .with_extension("")
-                            .components()
-                            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                            .collect::<Vec<_>>()
-                            .join("/");
-                        found.entry(name).or_insert(real);
-                    }
-                }
+        let classify = |path: &Path, real: &Path| {
+            if real.is_dir() {
+                EntryKind::Folder
+            } else if real.is_file() && directory::has_safetensors_extension(path) {
+                EntryKind::Adapter
+            } else {
+                EntryKind::Skip
             }
-        }
+        };
+        let mut found: BTreeMap<String, PathBuf> =
+            directory::list_confined(&self.dirs, MAX_LIST_DEPTH, classify)
+                .into_iter()
+                .map(|listed| (listed.name, listed.real))
+                .collect();
         for (name, path) in &self.files {
             found.entry(name.clone()).or_insert(path.clone());
         }
@@ -207,40 +144,14 @@ impl LoraLibrary {
     /// The parsed file `name` stands for, from the cache when its file is unchanged.
     pub fn load(&self, name: &str) -> Result<Arc<LoraFile>, LoraError> {
         let path = self.resolve(name)?;
-        let stamp = std::fs::metadata(&path)
-            .map(|m| (m.modified().ok(), m.len()))
+        let stamp = directory::file_stamp(&path)
             .map_err(|e| LoraError::BadFile { path: path.clone(), reason: e.to_string() })?;
-        {
-            let mut cache = self.cache.lock().expect("LoRA cache lock poisoned; this is a bug");
-            if let Some(index) =
-                cache.entries.iter().position(|e| e.path == path && e.stamp == stamp)
-            {
-                let entry = cache.entries.remove(index);
-                let file = entry.file.clone();
-                cache.entries.push(entry);
-                return Ok(file);
-            }
-        }
-        let file = Arc::new(LoraFile::read(&path)?);
-        let mut cache = self.cache.lock().expect("LoRA cache lock poisoned; this is a bug");
-        if let Some(index) = cache.entries.iter().position(|e| e.path == path) {
-            let stale = cache.entries.remove(index);
-            cache.bytes -= stale.file.bytes;
-        }
-        if file.bytes <= self.cache_limit_bytes {
-            while cache.bytes + file.bytes > self.cache_limit_bytes && !cache.entries.is_empty() {
-                let evicted = cache.entries.remove(0);
-                cache.bytes -= evicted.file.bytes;
-            }
-            cache.bytes += file.bytes;
-            cache.entries.push(CacheEntry { path, stamp, file: file.clone() });
-        }
-        Ok(file)
+        self.cache.get_or_load(path.clone(), stamp, || LoraFile::read(&path))
     }
 
     /// Bytes of parsed tensors the cache holds now.
     pub fn cached_bytes(&self) -> usize {
-        self.cache.lock().expect("LoRA cache lock poisoned; this is a bug").bytes
+        self.cache.held()
     }
 }
 
