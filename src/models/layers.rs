@@ -443,6 +443,30 @@ mod tests {
         Ok(())
     }
 
+    /// Layers built around the same weight tensor (as a LoRA request's rebuilt networks are
+    /// for the layers its LoRAs leave alone) share one Winograd transform; a new tensor
+    /// gets its own.
+    #[test]
+    fn winograd_weights_are_shared_by_tensor() -> Result<()> {
+        if !kernels_enabled() || winograd_mode() == WinogradMode::Off {
+            return Ok(()); // switched off by the environment: nothing to share
+        }
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 0.3, (36, 40, 3, 3), &device)?;
+        let config = Conv2dConfig { padding: 1, ..Default::default() };
+        let x = Tensor::randn(0f32, 1.0, (1, 40, 16, 16), &device)?;
+        let layer = |weight: &Tensor| {
+            let layer = Conv2d::new(candle_nn::Conv2d::new(weight.clone(), None, config));
+            layer.forward(&x).map(|_| layer)
+        };
+        let (first, second) = (layer(&weight)?, layer(&weight)?);
+        let transformed = |layer: &Conv2d| layer.winograd.get().cloned().expect("Winograd ran");
+        assert!(Arc::ptr_eq(&transformed(&first), &transformed(&second)));
+        let other = layer(&(weight + 1.0)?)?;
+        assert!(!Arc::ptr_eq(&transformed(&first), &transformed(&other)));
+        Ok(())
+    }
+
     #[test]
     fn group_norm_matches_candle_with_and_without_silu() -> Result<()> {
         let device = Device::Cpu;
