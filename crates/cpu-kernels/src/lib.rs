@@ -3,6 +3,11 @@
 //! optional fused SiLU. They live in their own crate so that dev and test builds optimise
 //! them (the main crate builds at opt-level 1) and so they can be tested without candle.
 
+mod dense;
+pub use dense::{
+    erf, geglu, gelu_erf, layer_norm, linear, matmul, pixels_to_tokens, tokens_to_pixels, MatrixRef,
+};
+
 use rayon::prelude::*;
 use std::cell::RefCell;
 
