@@ -335,77 +335,128 @@ const ERF_NEAR_ZERO: [f64; 8] = [
     -9.667043741501402e-06,
 ];
 
-/// Polynomials in `u = |x| - (i + 0.5)` for `erf(|x|)` on `i ≤ |x| < i + 1` (`i` = 1, 2,
-/// 3), lowest power first: degree-9 Chebyshev interpolants (fitted the same way; absolute
-/// error below 3.1e-09). Beyond 4, `erf` is 1 to within 1.6e-08.
-const ERF_PIECES: [[f64; 10]; 3] = [
-    [
-        0.9661051463841246,
-        0.11893028875994789,
-        -0.17839541546612558,
-        0.13875209686529752,
-        -0.04459946849671041,
-        -0.014869260673256236,
-        0.01933355873916299,
-        -0.004709593938696345,
-        -0.0024021882440138143,
-        0.0015553907913272269,
-    ],
-    [
-        0.9995930481161882,
-        0.0021782842454360777,
-        -0.005445737329076028,
-        0.008350086541303129,
-        -0.00862151451485147,
-        0.0061174431036367894,
-        -0.0028082390397003117,
-        0.0005413816017608042,
-        0.00030636600313300734,
-        -0.0002459379902575165,
-    ],
-    [
-        0.9999992568933486,
-        5.399427265816106e-06,
-        -1.8896336908191812e-05,
-        4.22954118070482e-05,
-        -6.777098937504887e-05,
-        8.211951261891389e-05,
-        -7.714470871178494e-05,
-        5.815416343466494e-05,
-        -3.7039438757346944e-05,
-        1.5531734970863908e-05,
-    ],
+/// `erfcx(a) = exp(a²) · erfc(a)` for `1 ≤ a ≤ 6` as a polynomial in `u = (a - 3.5) / 2.5`,
+/// lowest power first: a degree-14 Chebyshev interpolant (fitted the same way against
+/// scipy's `erfcx`; relative error 3.2e-8, so `erfc` is within 5e-9 for `a ≥ 1`). Beyond
+/// 6, `erfc` is below 2e-17 and `erfcx(6)` stands in.
+const ERFCX_BEYOND_ONE: [f64; 15] = [
+    0.15529365560889435,
+    -0.10330901064354875,
+    0.06663211379776976,
+    -0.041764336551111,
+    0.0254943962446919,
+    -0.015208601891492562,
+    0.008845809640900216,
+    -0.004907038394473297,
+    0.002745833591268668,
+    -0.001815590305867451,
+    0.0009568690484742806,
+    -9.069665793314622e-05,
+    6.126744766371928e-05,
+    -0.0003082240908459729,
+    0.0001501239390563569,
 ];
 
-/// The error function in f64 from the polynomials above (absolute error below 4e-9).
-fn erf_f64(x: f64) -> f64 {
-    let a = x.abs();
-    if a.is_nan() {
+/// Taylor coefficients `1/k!` of `exp(r)`, `k = 0..=11`: for `|r| ≤ ln 2 / 2` the
+/// truncation error is below 1e-14.
+const EXP_TAYLOR: [f64; 12] = {
+    let mut coefficients = [1.0; 12];
+    let mut k = 1;
+    while k < 12 {
+        coefficients[k] = coefficients[k - 1] / k as f64;
+        k += 1;
+    }
+    coefficients
+};
+
+/// `Σ coefficients[i] · x^i` by Horner's rule, fused multiply-adds when `FMA` (only where
+/// the CPU has them: otherwise `mul_add` is a slow library call).
+#[inline(always)]
+fn horner<const FMA: bool>(coefficients: &[f64], x: f64) -> f64 {
+    coefficients.iter().rev().fold(0.0, |acc, &c| if FMA { acc.mul_add(x, c) } else { acc * x + c })
+}
+
+/// `exp(y)` for `-700 ≤ y ≤ 0` without branches (so loops of it vectorise): `y = n·ln 2 + r`
+/// with integer `n` from the "add 1.5·2⁵², read the low bits" rounding, `exp(r)` from its
+/// Taylor polynomial, `2ⁿ` written straight into the exponent bits.
+#[inline(always)]
+fn exp_non_positive<const FMA: bool>(y: f64) -> f64 {
+    const ROUNDING: f64 = 6_755_399_441_055_744.0;
+    let shifted = y * std::f64::consts::LOG2_E + ROUNDING;
+    let n = shifted - ROUNDING;
+    let r = y - n * std::f64::consts::LN_2;
+    let n_bits = shifted.to_bits().wrapping_sub(ROUNDING.to_bits());
+    let scale = f64::from_bits(n_bits.wrapping_add(1023) << 52);
+    horner::<FMA>(&EXP_TAYLOR, r) * scale
+}
+
+/// `(erf(a), erfc(a))` for `a ≥ 0`, each exact to 5e-9, without branches: the near-zero
+/// polynomial and the `exp(-a²) · erfcx(a)` form are both evaluated and one is selected.
+#[inline(always)]
+fn erf_erfc_of_magnitude<const FMA: bool>(a: f64) -> (f64, f64) {
+    let near = a * horner::<FMA>(&ERF_NEAR_ZERO, a * a);
+    let clamped = a.clamp(1.0, 6.0);
+    let limited = a.min(26.0);
+    let far = exp_non_positive::<FMA>(-limited * limited)
+        * horner::<FMA>(&ERFCX_BEYOND_ONE, (clamped - 3.5) * 0.4);
+    if a < 1.0 {
+        (near, 1.0 - near)
+    } else {
+        (1.0 - far, far)
+    }
+}
+
+/// The error function of an f32, computed in f64 and rounded once (absolute error below
+/// 1e-7: 5e-9 of approximation plus the final rounding).
+pub fn erf(x: f32) -> f32 {
+    if x.is_nan() {
         return x;
     }
-    if a < 1.0 {
-        let t = x * x;
-        return x * ERF_NEAR_ZERO.iter().rev().fold(0.0, |acc, &c| acc * t + c);
-    }
-    if a >= 4.0 {
-        return 1f64.copysign(x);
-    }
-    let piece = a as usize;
-    let u = a - (piece as f64 + 0.5);
-    let value = ERF_PIECES[piece - 1].iter().rev().fold(0.0, |acc, &c| acc * u + c);
-    value.copysign(x)
+    let (erf, _) = erf_erfc_of_magnitude::<false>((x as f64).abs());
+    erf.copysign(x as f64) as f32
 }
 
-/// The error function of an f32 (absolute error below 1e-7: the polynomial's 4e-9 plus the
-/// final rounding).
-pub fn erf(x: f32) -> f32 {
-    erf_f64(x as f64) as f32
-}
-
-/// torch's exact GELU, `x · Φ(x) = x/2 · (1 + erf(x/√2))`, evaluated in f64 and rounded once.
-pub fn gelu_erf(x: f32) -> f32 {
+/// torch's exact GELU, `x · Φ(x) = x/2 · (1 + erf(x/√2))`, evaluated in f64 and rounded
+/// once; for negative `x` the `1 + erf` is taken as `erfc(|x|/√2)`, which keeps its
+/// relative accuracy far into the tail.
+#[inline(always)]
+fn gelu_erf_in<const FMA: bool>(x: f32) -> f32 {
     let x = x as f64;
-    (0.5 * x * (1.0 + erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
+    let (erf, erfc) = erf_erfc_of_magnitude::<FMA>((x * std::f64::consts::FRAC_1_SQRT_2).abs());
+    let one_plus_erf = if x >= 0.0 { 1.0 + erf } else { erfc };
+    (0.5 * x * one_plus_erf) as f32
+}
+
+/// torch's exact GELU of one value (see [`geglu`] for the vectorised loop).
+pub fn gelu_erf(x: f32) -> f32 {
+    gelu_erf_in::<false>(x)
+}
+
+/// `out = hidden · gelu(gate)` element-wise, written so LLVM vectorises it.
+#[inline(always)]
+fn gate_rows<const FMA: bool>(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
+    for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
+        *o = h * gelu_erf_in::<FMA>(g);
+    }
+}
+
+/// [`gate_rows`] compiled for AVX2 + FMA (four f64 lanes, fused multiply-adds).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gate_rows_avx2(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
+    gate_rows::<true>(out, hidden, gate)
+}
+
+fn gate_rows_dispatch(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: both features were just detected.
+        return unsafe { gate_rows_avx2(out, hidden, gate) };
+    }
+    gate_rows::<false>(out, hidden, gate)
 }
 
 /// GEGLU as diffusers' `GEGLU` (exact GELU): each row of `projected` (`2 · inner` wide)
@@ -422,9 +473,7 @@ pub fn geglu(projected: &[f32], inner: usize) -> Vec<f32> {
         |(out, input)| {
             for (out, row) in out.chunks_exact_mut(inner).zip(input.chunks_exact(2 * inner)) {
                 let (hidden, gate) = row.split_at(inner);
-                for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
-                    *o = h * gelu_erf(g);
-                }
+                gate_rows_dispatch(out, hidden, gate);
             }
         },
     );
