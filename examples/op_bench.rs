@@ -110,6 +110,39 @@ fn main() -> Result<()> {
             "{name:<33} {gflop:6.2} GFLOP  candle cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s"
         );
     }
+    if "proj in/out 320 b2".contains(&filter) {
+        let image = Tensor::randn(0f32, 1.0, (2, 320, 32, 32), &device)?;
+        let weight = Tensor::randn(0f32, 0.05, (320, 320, 1, 1), &device)?;
+        let bias = Tensor::randn(0f32, 0.05, 320, &device)?;
+        let conv = Conv2d::new(candle_nn::Conv2d::new(
+            weight.clone(),
+            Some(bias.clone()),
+            Default::default(),
+        ));
+        let reference = || {
+            let tokens = conv.forward(&image)?.permute((0, 2, 3, 1))?.reshape((2, tokens, 320))?;
+            let back = tokens.reshape((2, 32, 32, 320))?.permute((0, 3, 1, 2))?.contiguous()?;
+            conv.forward(&back)? + &image
+        };
+        let ours = || {
+            let tokens =
+                sdserve::models::layers::project_pixels_to_tokens(&image, &weight, Some(&bias))?
+                    .expect("kernel path");
+            Ok(sdserve::models::layers::project_tokens_to_pixels_add(
+                &tokens,
+                &weight,
+                Some(&bias),
+                &image,
+            )?
+            .expect("kernel path"))
+        };
+        let (cc, cw) = measure(repeats, reference)?;
+        let (oc, ow) = measure(repeats, ours)?;
+        println!(
+            "{:<33} conv+permute cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s",
+            "proj in/out 320 b2"
+        );
+    }
     if "layer norm 320 b2".contains(&filter) {
         let x = Tensor::randn(0f32, 1.0, (2, tokens, 320), &device)?;
         let vb = candle_nn::VarBuilder::from_tensors(
