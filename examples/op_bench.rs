@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::Conv2dConfig;
-use sdserve::models::layers::{Conv2d, GroupNorm};
+use sdserve::models::layers::{Conv2d, GroupNorm, Linear};
 use std::time::Instant;
 
 /// utime + stime of this process, in seconds (clock ticks of 10 ms).
@@ -127,6 +127,93 @@ fn main() -> Result<()> {
         println!(
             "{name:<33} {gflop:6.2} GFLOP  candle cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s ({:5.1} GF per cpu-s)",
             gflop / oc
+        );
+    }
+    // The transformer blocks' dense ops at the UNet's 32×32 level of a 256² batch of 2.
+    let tokens = 1024;
+    for (name, inputs, outputs) in
+        [("linear ff-in 320->2560 b2", 320, 2560), ("linear ff-out 1280->320 b2", 1280, 320)]
+    {
+        if !name.contains(&filter) {
+            continue;
+        }
+        let x = Tensor::randn(0f32, 1.0, (2, tokens, inputs), &device)?;
+        let w = Tensor::randn(0f32, 0.05, (outputs, inputs), &device)?;
+        let b = Tensor::randn(0f32, 0.05, outputs, &device)?;
+        let candle = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let ours = Linear::new(w, Some(b));
+        let gflop = 2.0 * (2 * tokens * inputs * outputs) as f64 / 1e9;
+        let (cc, cw) = measure(repeats, || candle.forward(&x))?;
+        let (oc, ow) = measure(repeats, || ours.forward(&x))?;
+        println!(
+            "{name:<33} {gflop:6.2} GFLOP  candle cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s"
+        );
+    }
+    if "proj in/out 320 b2".contains(&filter) {
+        let image = Tensor::randn(0f32, 1.0, (2, 320, 32, 32), &device)?;
+        let weight = Tensor::randn(0f32, 0.05, (320, 320, 1, 1), &device)?;
+        let bias = Tensor::randn(0f32, 0.05, 320, &device)?;
+        let conv = Conv2d::new(candle_nn::Conv2d::new(
+            weight.clone(),
+            Some(bias.clone()),
+            Default::default(),
+        ));
+        let reference = || {
+            let tokens = conv.forward(&image)?.permute((0, 2, 3, 1))?.reshape((2, tokens, 320))?;
+            let back = tokens.reshape((2, 32, 32, 320))?.permute((0, 3, 1, 2))?.contiguous()?;
+            conv.forward(&back)? + &image
+        };
+        let ours = || {
+            let tokens =
+                sdserve::models::layers::project_pixels_to_tokens(&image, &weight, Some(&bias))?
+                    .expect("kernel path");
+            Ok(sdserve::models::layers::project_tokens_to_pixels_add(
+                &tokens,
+                &weight,
+                Some(&bias),
+                &image,
+            )?
+            .expect("kernel path"))
+        };
+        let (cc, cw) = measure(repeats, reference)?;
+        let (oc, ow) = measure(repeats, ours)?;
+        println!(
+            "{:<33} conv+permute cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s",
+            "proj in/out 320 b2"
+        );
+    }
+    if "layer norm 320 b2".contains(&filter) {
+        let x = Tensor::randn(0f32, 1.0, (2, tokens, 320), &device)?;
+        let vb = candle_nn::VarBuilder::from_tensors(
+            [
+                ("weight".to_string(), Tensor::randn(1f32, 0.1, 320, &device)?),
+                ("bias".to_string(), Tensor::randn(0f32, 0.1, 320, &device)?),
+            ]
+            .into_iter()
+            .collect(),
+            candle_core::DType::F32,
+            &device,
+        );
+        let candle = candle_nn::layer_norm(320, 1e-5, vb.clone())?;
+        let ours = sdserve::models::layers::layer_norm(320, 1e-5, vb)?;
+        let (cc, cw) = measure(repeats, || candle.forward(&x))?;
+        let (oc, ow) = measure(repeats, || ours.forward(&x))?;
+        println!(
+            "{:<33} candle cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s",
+            "layer norm 320 b2"
+        );
+    }
+    if "geglu 2560 b2".contains(&filter) {
+        let x = Tensor::randn(0f32, 1.0, (2, tokens, 2560), &device)?;
+        let candle = || {
+            let hidden = x.narrow(2, 0, 1280)?;
+            hidden * x.narrow(2, 1280, 1280)?.gelu_erf()?
+        };
+        let (cc, cw) = measure(repeats, candle)?;
+        let (oc, ow) = measure(repeats, || sdserve::models::layers::geglu(&x))?;
+        println!(
+            "{:<33} candle cpu {cc:7.3}s wall {cw:7.3}s   ours cpu {oc:7.3}s wall {ow:7.3}s",
+            "geglu 2560 b2"
         );
     }
     Ok(())

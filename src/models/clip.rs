@@ -7,6 +7,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use super::common::{merge_heads, scaled_dot_product_attention, split_heads};
+use super::layers;
 
 /// The fields of a transformers `CLIPTextConfig` that shape the network.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,14 +65,14 @@ impl Activation {
 /// One pre-norm transformer layer of a CLIP encoder (text or vision).
 #[derive(Debug, Clone)]
 pub(crate) struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    layer_norm1: layers::LayerNorm,
+    q_proj: layers::Linear,
+    k_proj: layers::Linear,
+    v_proj: layers::Linear,
+    out_proj: layers::Linear,
+    layer_norm2: layers::LayerNorm,
+    fc1: layers::Linear,
+    fc2: layers::Linear,
     heads: usize,
     activation: Activation,
 }
@@ -99,14 +100,14 @@ impl EncoderLayer {
     ) -> Result<Self> {
         let attention = vb.pp("self_attn");
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(hidden, layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: candle_nn::linear(hidden, hidden, attention.pp("q_proj"))?,
-            k_proj: candle_nn::linear(hidden, hidden, attention.pp("k_proj"))?,
-            v_proj: candle_nn::linear(hidden, hidden, attention.pp("v_proj"))?,
-            out_proj: candle_nn::linear(hidden, hidden, attention.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(hidden, layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(hidden, intermediate, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(intermediate, hidden, vb.pp("mlp.fc2"))?,
+            layer_norm1: layers::layer_norm(hidden, layer_norm_eps, vb.pp("layer_norm1"))?,
+            q_proj: layers::linear(hidden, hidden, attention.pp("q_proj"))?,
+            k_proj: layers::linear(hidden, hidden, attention.pp("k_proj"))?,
+            v_proj: layers::linear(hidden, hidden, attention.pp("v_proj"))?,
+            out_proj: layers::linear(hidden, hidden, attention.pp("out_proj"))?,
+            layer_norm2: layers::layer_norm(hidden, layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: layers::linear(hidden, intermediate, vb.pp("mlp.fc1"))?,
+            fc2: layers::linear(intermediate, hidden, vb.pp("mlp.fc2"))?,
             heads,
             activation,
         })
@@ -120,10 +121,9 @@ impl EncoderLayer {
         let key = split_heads(&self.k_proj.forward(&normed)?, self.heads)?;
         let value = split_heads(&self.v_proj.forward(&normed)?, self.heads)?;
         let attended = scaled_dot_product_attention(&query, &key, &value, mask, false)?;
-        let x = (x + self.out_proj.forward(&merge_heads(&attended)?)?)?;
+        let x = self.out_proj.forward_add(&merge_heads(&attended)?, x)?;
         let normed = self.layer_norm2.forward(&x)?;
-        let mlp = self.fc2.forward(&self.activation.apply(&self.fc1.forward(&normed)?)?)?;
-        x + mlp
+        self.fc2.forward_add(&self.activation.apply(&self.fc1.forward(&normed)?)?, &x)
     }
 }
 

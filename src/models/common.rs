@@ -3,9 +3,9 @@
 //! sinusoidal timestep embeddings and config helpers.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
-pub use super::layers::{conv2d, group_norm, Conv2d, GroupNorm};
+pub use super::layers::{conv2d, group_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear};
 use serde::Deserialize;
 
 /// A config value diffusers allows as one number for all blocks or a list per block.
@@ -157,16 +157,16 @@ impl Attention {
         let inner = heads * head_dim;
         let make = |name: &str, input: usize| {
             if qkv_bias {
-                candle_nn::linear(input, inner, vb.pp(name))
+                linear(input, inner, vb.pp(name))
             } else {
-                candle_nn::linear_no_bias(input, inner, vb.pp(name))
+                linear_no_bias(input, inner, vb.pp(name))
             }
         };
         Ok(Attention {
             to_q: make("to_q", query_dim)?,
             to_k: make("to_k", context_dim)?,
             to_v: make("to_v", context_dim)?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"))?,
             heads,
             upcast,
         })
@@ -237,7 +237,7 @@ pub struct ExtraKeyValues {
 pub struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Option<Linear>,
+    time_emb_proj: Option<candle_nn::Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
@@ -323,8 +323,8 @@ pub fn timestep_embedding(
 /// diffusers' `TimestepEmbedding`: linear → SiLU → linear.
 #[derive(Debug, Clone)]
 pub struct TimestepMlp {
-    linear_1: Linear,
-    linear_2: Linear,
+    linear_1: candle_nn::Linear,
+    linear_2: candle_nn::Linear,
 }
 
 impl TimestepMlp {
@@ -345,7 +345,7 @@ impl TimestepMlp {
 /// (the batch of a time embedding), gemm's accumulation order depends on the row count,
 /// so one product over all rows would make a row's result depend on its batch; row by
 /// row it does not, and requests batched together get exactly what they get alone.
-pub fn linear_per_row(linear: &Linear, x: &Tensor) -> Result<Tensor> {
+pub fn linear_per_row(linear: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     let rows = x.dim(0)?;
     if x.rank() != 2 || rows <= 1 {
         return linear.forward(x);

@@ -1,4 +1,5 @@
-//! Convolution and group-norm layers (and multi-head attention) that run sdserve's own f32 CPU kernels
+//! Convolution, group-norm, linear and layer-norm layers (plus GEGLU, the transformer's
+//! per-pixel projections and multi-head attention) that run sdserve's own f32 CPU kernels
 //! (`sdserve-cpu-kernels`) when the tensors allow it and candle's ops otherwise (GPU, f16,
 //! bf16, grouped or dilated convolutions), with the same weights and results.
 
@@ -396,6 +397,291 @@ pub fn blocked_attention(
     Tensor::from_vec(output, (batch, query_tokens, width), query.device()).map(Some)
 }
 
+/// `tensor` made contiguous when it is an f32 CPU tensor and the kernels are on; `None`
+/// hands over to candle.
+fn contiguous_cpu_f32(tensor: &Tensor) -> Result<Option<Tensor>> {
+    if is_cpu_f32(tensor) {
+        tensor.contiguous().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// [`contiguous_cpu_f32`] of an optional tensor: `Some(None)` when absent, `None` when
+/// present but not usable by the kernels.
+fn optional_cpu_f32(tensor: Option<&Tensor>) -> Result<Option<Option<Tensor>>> {
+    match tensor {
+        None => Ok(Some(None)),
+        Some(tensor) => Ok(contiguous_cpu_f32(tensor)?.map(Some)),
+    }
+}
+
+/// The values of a tensor [`contiguous_cpu_f32`] returned (always a contiguous f32 CPU one).
+fn values_of(tensor: &Tensor) -> Result<CpuF32<'_>> {
+    CpuF32::of(tensor).ok_or_else(|| {
+        candle_core::Error::Msg("kernel input is not contiguous f32 on CPU: this is a bug".into())
+    })
+}
+
+/// A linear layer (`weight [out, in]`, optional bias), torch semantics: `x · weightᵀ + bias`
+/// over the last dimension. On CPU f32 it is one product per leading batch item with the
+/// bias pre-filled into the output and the weight read in place.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// A layer over `weight` (`[out, in]`) and `bias` (`[out]`).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { inner: candle_nn::Linear::new(weight, bias) }
+    }
+
+    /// The weight tensor `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// `self.forward(x) + residual` (same shapes); on the kernel path the residual is
+    /// pre-filled into the product's output instead of added in a second pass.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.count_flops(x);
+        match self.forward_cpu_f32(x, Some(residual))? {
+            Some(output) => Ok(output),
+            None => self.inner.forward(x)? + residual,
+        }
+    }
+
+    /// Adds this layer's 2 · rows · in · out operations on `x` to the process-wide count.
+    fn count_flops(&self, x: &Tensor) {
+        add_flops(2 * (x.elem_count() * self.weight().dim(0).unwrap_or(0)) as u64);
+    }
+
+    fn forward_cpu_f32(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let Ok((out_features, in_features)) = self.weight().dims2() else {
+            return Ok(None);
+        };
+        let dims = x.dims();
+        if dims.last() != Some(&in_features) {
+            return Ok(None);
+        }
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank checked above") = out_features;
+        // One product per item of the first dimension keeps an item's rounding independent
+        // of how many items are batched with it.
+        let (batch, rows) = match dims.len() {
+            1 => (1, 1),
+            2 => (1, dims[0]),
+            _ => (dims[0], dims[1..dims.len() - 1].iter().product()),
+        };
+        if residual.is_some_and(|r| r.dims() != out_dims.as_slice()) {
+            return Ok(None);
+        }
+        let (Some(x), Some(weight), Some(bias), Some(residual)) = (
+            contiguous_cpu_f32(x)?,
+            contiguous_cpu_f32(self.weight())?,
+            optional_cpu_f32(self.bias())?,
+            optional_cpu_f32(residual)?,
+        ) else {
+            return Ok(None);
+        };
+        let (input, weight_values) = (values_of(&x)?, values_of(&weight)?);
+        let bias = bias.as_ref().map(values_of).transpose()?;
+        let residual = residual.as_ref().map(values_of).transpose()?;
+        let output = sdserve_cpu_kernels::linear(
+            input.values()?,
+            batch,
+            rows,
+            in_features,
+            weight_values.values()?,
+            bias.as_ref().map(CpuF32::values).transpose()?,
+            residual.as_ref().map(CpuF32::values).transpose()?,
+            kernel_threads(),
+        );
+        Tensor::from_vec(output, out_dims, x.device()).map(Some)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.count_flops(x);
+        match self.forward_cpu_f32(x, None)? {
+            Some(output) => Ok(output),
+            None => self.inner.forward(x),
+        }
+    }
+}
+
+/// A linear layer loaded from `vb` (`weight`, `bias`), as `candle_nn::linear`.
+pub fn linear(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear(in_features, out_features, vb)?;
+    Ok(Linear { inner })
+}
+
+/// A linear layer without bias loaded from `vb` (`weight`), as `candle_nn::linear_no_bias`.
+pub fn linear_no_bias(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
+    let inner = candle_nn::linear_no_bias(in_features, out_features, vb)?;
+    Ok(Linear { inner })
+}
+
+/// torch's `LayerNorm` over the last dimension (with affine weight and bias).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    inner: candle_nn::LayerNorm,
+}
+
+impl LayerNorm {
+    fn forward_cpu_f32(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let inner = &self.inner;
+        if !inner.remove_mean() || x.dims().last() != Some(&inner.weight().elem_count()) {
+            return Ok(None);
+        }
+        let (Some(x), Some(gamma), Some(beta)) = (
+            contiguous_cpu_f32(x)?,
+            contiguous_cpu_f32(inner.weight())?,
+            optional_cpu_f32(inner.bias())?,
+        ) else {
+            return Ok(None);
+        };
+        let (input, gamma) = (values_of(&x)?, values_of(&gamma)?);
+        let beta = beta.as_ref().map(values_of).transpose()?;
+        let output = sdserve_cpu_kernels::layer_norm(
+            input.values()?,
+            gamma.values()?,
+            beta.as_ref().map(CpuF32::values).transpose()?,
+            inner.eps() as f32,
+        );
+        Tensor::from_vec(output, x.dims(), x.device()).map(Some)
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.forward_cpu_f32(x)? {
+            Some(output) => Ok(output),
+            None => self.inner.forward(x),
+        }
+    }
+}
+
+/// A layer norm loaded from `vb` (`weight`, `bias`), as `candle_nn::layer_norm`.
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm { inner: candle_nn::layer_norm(size, eps, vb)? })
+}
+
+/// diffusers' `GEGLU` after its projection: the last dimension of `projected` is a hidden
+/// half then a gate half; the result is `hidden · gelu_erf(gate)` (exact GELU).
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    let width = projected.dim(candle_core::D::Minus1)?;
+    let half = width / 2;
+    if let (Some(contiguous), true) = (contiguous_cpu_f32(projected)?, half > 0 && width % 2 == 0) {
+        let output = sdserve_cpu_kernels::geglu(values_of(&contiguous)?.values()?, half);
+        let mut dims = projected.dims().to_vec();
+        *dims.last_mut().expect("a dimension was read above") = half;
+        return Tensor::from_vec(output, dims, projected.device());
+    }
+    let hidden = projected.narrow(candle_core::D::Minus1, 0, half)?;
+    let gate = projected.narrow(candle_core::D::Minus1, half, half)?;
+    hidden * gate.gelu_erf()?
+}
+
+/// A per-pixel projection's weight as `[out, in]` values (a linear weight or a 1×1
+/// convolution's `[out, in, 1, 1]`), with its bias; `None` when the kernels cannot run.
+#[allow(clippy::type_complexity)]
+fn pixel_projection(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    in_channels: usize,
+) -> Result<Option<(usize, Tensor, Option<Tensor>)>> {
+    let out_channels = weight.dim(0)?;
+    if weight.elem_count() != out_channels * in_channels
+        || bias.is_some_and(|b| b.dims() != [out_channels])
+    {
+        return Ok(None);
+    }
+    let (Some(weight), Some(bias)) = (contiguous_cpu_f32(weight)?, optional_cpu_f32(bias)?) else {
+        return Ok(None);
+    };
+    Ok(Some((out_channels, weight, bias)))
+}
+
+/// An NCHW image `x` through a per-pixel projection (`weight` `[out, in]` or
+/// `[out, in, 1, 1]`, `bias` `[out]`) straight into tokens `[batch, h·w, out]`: the
+/// transformer's `proj_in` with its permute folded into the product's strides. `None`
+/// when the kernels cannot run (the caller falls back to candle's ops).
+pub fn project_pixels_to_tokens(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let Ok((batch, channels, height, width)) = x.dims4() else {
+        return Ok(None);
+    };
+    let (Some((out_channels, weight, bias)), Some(x)) =
+        (pixel_projection(weight, bias, channels)?, contiguous_cpu_f32(x)?)
+    else {
+        return Ok(None);
+    };
+    let bias = bias.as_ref().map(values_of).transpose()?;
+    let output = sdserve_cpu_kernels::pixels_to_tokens(
+        values_of(&x)?.values()?,
+        batch,
+        height * width,
+        values_of(&weight)?.values()?,
+        bias.as_ref().map(CpuF32::values).transpose()?,
+        kernel_threads(),
+    );
+    add_flops(2 * (x.elem_count() * out_channels) as u64);
+    Tensor::from_vec(output, (batch, height * width, out_channels), x.device()).map(Some)
+}
+
+/// Tokens `[batch, h·w, in]` through a per-pixel projection (as in
+/// [`project_pixels_to_tokens`]) straight into an NCHW image plus `residual`
+/// (`[batch, out, h, w]`, which also gives the image's size): the transformer's `proj_out`
+/// and residual add in one product. `None` when the kernels cannot run.
+pub fn project_tokens_to_pixels_add(
+    tokens: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Option<Tensor>> {
+    let (Ok((batch, pixels, channels)), Ok((res_batch, res_channels, height, width))) =
+        (tokens.dims3(), residual.dims4())
+    else {
+        return Ok(None);
+    };
+    if res_batch != batch || height * width != pixels {
+        return Ok(None);
+    }
+    let (Some((out_channels, weight, bias)), Some(tokens), Some(residual)) = (
+        pixel_projection(weight, bias, channels)?,
+        contiguous_cpu_f32(tokens)?,
+        contiguous_cpu_f32(residual)?,
+    ) else {
+        return Ok(None);
+    };
+    if out_channels != res_channels {
+        return Ok(None);
+    }
+    let bias = bias.as_ref().map(values_of).transpose()?;
+    let output = sdserve_cpu_kernels::tokens_to_pixels(
+        values_of(&tokens)?.values()?,
+        batch,
+        pixels,
+        values_of(&weight)?.values()?,
+        bias.as_ref().map(CpuF32::values).transpose()?,
+        Some(values_of(&residual)?.values()?),
+        kernel_threads(),
+    );
+    add_flops(2 * (tokens.elem_count() * out_channels) as u64);
+    Tensor::from_vec(output, residual.dims(), residual.device()).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +770,94 @@ mod tests {
             let want_silu = candle_nn::ops::silu(&want)?;
             assert!(max_abs_diff(&ours.forward_silu(&x)?, &want_silu) < 1e-5);
         }
+        Ok(())
+    }
+
+    /// The linear layer against candle's on 2-D and 3-D inputs, with and without bias,
+    /// with a residual, and on a non-contiguous input.
+    #[test]
+    fn linear_matches_candle() -> Result<()> {
+        let device = Device::Cpu;
+        for (dims, inputs, outputs, with_bias) in [
+            (vec![2, 70, 24], 24, 80, true),
+            (vec![3, 24], 24, 5, false),
+            (vec![1, 2, 3, 9], 9, 7, true),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, dims.as_slice(), &device)?;
+            let weight = Tensor::randn(0f32, 0.3, (outputs, inputs), &device)?;
+            let bias = with_bias.then(|| Tensor::randn(0f32, 1.0, outputs, &device)).transpose()?;
+            let reference = candle_nn::Linear::new(weight.clone(), bias.clone());
+            let ours = Linear::new(weight, bias);
+            let want = reference.forward(&x)?;
+            let fast = ours.forward_cpu_f32(&x, None)?.expect("kernel path taken");
+            assert_eq!(fast.dims(), want.dims());
+            assert!(max_abs_diff(&fast, &want) < 1e-5);
+            let residual = Tensor::randn(0f32, 1.0, want.dims(), &device)?;
+            assert!(max_abs_diff(&ours.forward_add(&x, &residual)?, &(&want + &residual)?) < 1e-5);
+        }
+        // A transposed input is made contiguous first (compared with candle on the
+        // contiguous copy: candle_nn::Linear gives a different, wrong-looking result on this
+        // strided layout in candle 0.11).
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 5), &device)?.transpose(1, 2)?;
+        let weight = Tensor::randn(0f32, 0.3, (4, 6), &device)?;
+        let want = candle_nn::Linear::new(weight.clone(), None).forward(&x.contiguous()?)?;
+        assert!(max_abs_diff(&Linear::new(weight, None).forward(&x)?, &want) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_and_geglu_match_candle() -> Result<()> {
+        let device = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2.0, (2, 9, 40), &device)? + 0.7)?;
+        let vb = VarBuilder::from_tensors(
+            [
+                ("weight".to_string(), Tensor::randn(1f32, 0.2, 40, &device)?),
+                ("bias".to_string(), Tensor::randn(0f32, 0.2, 40, &device)?),
+            ]
+            .into_iter()
+            .collect(),
+            DType::F32,
+            &device,
+        );
+        let reference = candle_nn::layer_norm(40, 1e-5, vb.clone())?;
+        let ours = layer_norm(40, 1e-5, vb)?;
+        let fast = ours.forward_cpu_f32(&x)?.expect("kernel path taken");
+        assert!(max_abs_diff(&fast, &reference.forward(&x)?) < 1e-5);
+
+        let projected = Tensor::randn(0f32, 3.0, (2, 9, 40), &device)?;
+        let want = (projected.narrow(2, 0, 20)? * projected.narrow(2, 20, 20)?.gelu_erf()?)?;
+        let got = geglu(&projected)?;
+        assert_eq!(got.dims(), [2, 9, 20]);
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        Ok(())
+    }
+
+    /// The transformer's projections against "1×1 conv, permute" and "permute, 1×1 conv,
+    /// add residual".
+    #[test]
+    fn pixel_projections_match_conv_and_permute() -> Result<()> {
+        let device = Device::Cpu;
+        let (batch, channels, h, w, out) = (2, 12, 5, 7, 9);
+        let image = Tensor::randn(0f32, 1.0, (batch, channels, h, w), &device)?;
+        let weight = Tensor::randn(0f32, 0.3, (out, channels, 1, 1), &device)?;
+        let bias = Tensor::randn(0f32, 1.0, out, &device)?;
+        let conv = candle_nn::Conv2d::new(weight.clone(), Some(bias.clone()), Default::default());
+        let want = conv.forward(&image)?.permute((0, 2, 3, 1))?.reshape((batch, h * w, out))?;
+        let got = project_pixels_to_tokens(&image, &weight, Some(&bias))?.expect("kernel path");
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+
+        let tokens = Tensor::randn(0f32, 1.0, (batch, h * w, channels), &device)?;
+        let residual = Tensor::randn(0f32, 1.0, (batch, out, h, w), &device)?;
+        let as_image = tokens.reshape((batch, h, w, channels))?.permute((0, 3, 1, 2))?;
+        let want = (conv.forward(&as_image.contiguous()?)? + &residual)?;
+        let got = project_tokens_to_pixels_add(&tokens, &weight, Some(&bias), &residual)?
+            .expect("kernel path");
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        // A linear weight `[out, in]` is the same projection.
+        let linear_weight = weight.reshape((out, channels))?;
+        let got = project_tokens_to_pixels_add(&tokens, &linear_weight, Some(&bias), &residual)?
+            .expect("kernel path");
+        assert!(max_abs_diff(&got, &want) < 1e-5);
         Ok(())
     }
 

@@ -3,14 +3,17 @@
 //! `text_time` additional embedding.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::backbone_config::BackboneConfig;
 pub use super::common::ExtraKeyValues;
 use super::common::{
-    conv2d, group_norm, timestep_embedding, Attention, Conv2d, GroupNorm, PerBlock, ResnetBlock,
-    TimestepMlp,
+    conv2d, group_norm, linear, timestep_embedding, Attention, Conv2d, GroupNorm, Linear, PerBlock,
+    ResnetBlock, TimestepMlp,
+};
+use super::layers::{
+    geglu, layer_norm, project_pixels_to_tokens, project_tokens_to_pixels_add, LayerNorm,
 };
 
 /// The fields of a diffusers `UNet2DConditionModel` config that shape the network: those
@@ -141,18 +144,16 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(FeedForward {
-            project_in: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            project_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            project_in: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            project_out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
-    /// GEGLU: half of the projection gates the other half through an exact GELU.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let projected = self.project_in.forward(x)?;
-        let half = projected.dim(D::Minus1)? / 2;
-        let hidden = projected.narrow(D::Minus1, 0, half)?;
-        let gate = projected.narrow(D::Minus1, half, half)?;
-        self.project_out.forward(&(hidden * gate.gelu_erf()?)?)
+    /// GEGLU (half of the projection gates the other half through an exact GELU), then
+    /// the output projection with `residual` added.
+    fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let gated = geglu(&self.project_in.forward(x)?)?;
+        self.project_out.forward_add(&gated, residual)
     }
 }
 
@@ -178,9 +179,9 @@ impl TransformerBlock {
     ) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(TransformerBlock {
-            norm1: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, false, upcast)?,
-            norm2: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             attn2: Attention::new(
                 vb.pp("attn2"),
                 dim,
@@ -190,7 +191,7 @@ impl TransformerBlock {
                 false,
                 upcast,
             )?,
-            norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
             cross_index: 0,
         })
@@ -209,7 +210,7 @@ impl TransformerBlock {
         let cross =
             self.attn2.forward_with_extras(&self.norm2.forward(&x)?, Some(context), extra)?;
         let x = (cross + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+        self.ff.forward_add(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -218,6 +219,53 @@ impl TransformerBlock {
 enum Projection {
     Conv(Conv2d),
     Linear(Linear),
+}
+
+impl Projection {
+    /// The per-pixel weight (`[out, in, 1, 1]` or `[out, in]`) and bias.
+    fn weight_and_bias(&self) -> (&Tensor, Option<&Tensor>) {
+        match self {
+            Projection::Conv(conv) => (conv.weight(), conv.bias()),
+            Projection::Linear(linear) => (linear.weight(), linear.bias()),
+        }
+    }
+
+    /// An NCHW image into tokens `[batch, h·w, channels]`: one product with the permute in
+    /// its strides on CPU f32, else the reference's projection and permute.
+    fn image_to_tokens(&self, image: &Tensor) -> Result<Tensor> {
+        let (weight, bias) = self.weight_and_bias();
+        if let Some(tokens) = project_pixels_to_tokens(image, weight, bias)? {
+            return Ok(tokens);
+        }
+        let (batch, _, height, width) = image.dims4()?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            let channels = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((batch, height * width, channels))
+        };
+        match self {
+            Projection::Conv(conv) => to_tokens(conv.forward(image)?),
+            Projection::Linear(linear) => linear.forward(&to_tokens(image.clone())?),
+        }
+    }
+
+    /// Tokens `[batch, h·w, channels]` back into an NCHW image shaped like `residual`, plus
+    /// `residual`: one product on CPU f32, else the reference's permute, projection, add.
+    fn tokens_to_image_add(&self, tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (weight, bias) = self.weight_and_bias();
+        if let Some(image) = project_tokens_to_pixels_add(tokens, weight, bias, residual)? {
+            return Ok(image);
+        }
+        let (batch, _, height, width) = residual.dims4()?;
+        let to_image = |t: Tensor| -> Result<Tensor> {
+            let channels = t.dim(2)?;
+            t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let image = match self {
+            Projection::Conv(conv) => conv.forward(&to_image(tokens.clone())?)?,
+            Projection::Linear(linear) => to_image(linear.forward(tokens)?)?,
+        };
+        image + residual
+    }
 }
 
 /// diffusers' `Transformer2DModel`: group norm, projection in, transformer blocks,
@@ -244,7 +292,7 @@ impl SpatialTransformer {
     ) -> Result<Self> {
         let projection = |name: &str| -> Result<Projection> {
             if linear_projection {
-                Ok(Projection::Linear(candle_nn::linear(channels, channels, vb.pp(name))?))
+                Ok(Projection::Linear(linear(channels, channels, vb.pp(name))?))
             } else {
                 Ok(Projection::Conv(conv2d(vb.pp(name), channels, channels, 1, 0, 1)?))
             }
@@ -296,27 +344,11 @@ impl SpatialTransformer {
         context: &Tensor,
         extras: Option<&CrossAttentionExtras>,
     ) -> Result<Tensor> {
-        let (batch, channels, height, width) = x.dims4()?;
-        let residual = x;
-        let h = self.norm.forward(x)?;
-        let to_tokens = |t: Tensor| -> Result<Tensor> {
-            t.permute((0, 2, 3, 1))?.reshape((batch, height * width, channels))
-        };
-        let mut h = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(&h)?)?,
-            Projection::Linear(linear) => linear.forward(&to_tokens(h)?)?,
-        };
+        let mut h = self.proj_in.image_to_tokens(&self.norm.forward(x)?)?;
         for block in &self.blocks {
             h = block.forward_with_extras(&h, context, extras)?;
         }
-        let to_image = |t: Tensor| -> Result<Tensor> {
-            t.reshape((batch, height, width, channels))?.permute((0, 3, 1, 2))?.contiguous()
-        };
-        let h = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(h)?)?,
-            Projection::Linear(linear) => to_image(linear.forward(&h)?)?,
-        };
-        h + residual
+        self.proj_out.tokens_to_image_add(&h, x)
     }
 }
 

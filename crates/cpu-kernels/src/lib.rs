@@ -39,6 +39,11 @@
 mod attention;
 pub use attention::{attention, attention_into, exp_nonpositive, AttentionGeometry};
 
+mod dense;
+pub use dense::{
+    erf, geglu, gelu_erf, layer_norm, linear, matmul, pixels_to_tokens, tokens_to_pixels, MatrixRef,
+};
+
 use rayon::prelude::*;
 use std::cell::RefCell;
 
