@@ -508,7 +508,8 @@ pub struct BenchArgs {
     /// VAE tiling of the timed decodes: auto, on or off.
     #[arg(long, default_value = "auto", value_name = "auto|on|off")]
     pub vae_tiling: String,
-    /// Time only one VAE decode per size (no warm-up) and report its peak memory.
+    /// Time only one VAE decode per size (after one 64×64 warm-up decode) and report the
+    /// memory it added.
     #[arg(long)]
     pub decode_only: bool,
     /// VAE tile side in pixels (default: the VAE config's sample_size, as diffusers).
@@ -630,6 +631,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--size: {}", e.message))
     };
     if args.decode_only {
+        // One small decode first, so that one-time work (the Winograd weight transforms,
+        // scratch buffers) is not counted as the measured decode's memory.
+        pipeline.bench_vae_decode(&request(64, 1)?)?;
         for &size in &args.sizes {
             let one = request(size, 1)?;
             let tiled = pipeline.vae_tile_layout(one.vae_tiling, size, size).is_some();
