@@ -313,16 +313,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..count)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::tests::pseudo_random as values;
 
     /// The textbook form in f64: all scores, softmax, weighted sum.
     fn reference(q: &[f32], k: &[f32], v: &[f32], g: &AttentionGeometry, scale: f32) -> Vec<f64> {

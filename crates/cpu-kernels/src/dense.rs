@@ -484,15 +484,7 @@ pub fn geglu(projected: &[f32], inner: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::tests::pseudo_random;
 
     fn max_diff(a: &[f32], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
