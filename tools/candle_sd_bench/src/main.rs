@@ -42,7 +42,7 @@ fn parse_options() -> Result<Options> {
             "--model" => model = Some(PathBuf::from(value()?)),
             "--size" => {
                 let size: usize = value()?.parse().context("--size: not a whole number")?;
-                if size == 0 || size % 8 != 0 {
+                if size == 0 || !size.is_multiple_of(8) {
                     bail!("--size: {size} is not a positive multiple of 8");
                 }
                 sizes.push(size);
