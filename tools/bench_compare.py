@@ -9,9 +9,14 @@ Parts: text encoder (one prompt), UNet step at batch 1 and 2 (2 = one image with
 guidance) and VAE decode, at each --size. Nothing is downloaded; the model folder comes
 from tools/make_random_sd15.py (random weights are fine for timing).
 
+With --candle-bench PATH (the binary of tools/candle_sd_bench, candle-transformers' own
+SD 1.5 UNet and VAE) a third side joins the same rounds (UNet steps and VAE decodes only;
+it has no text encoder part) and the table adds its times and its ratios to diffusers.
+
 Usage:
   python tools/bench_compare.py --model /tmp/sd15-random --sdserve target/release/sdserve \
-      --size 256 --size 512 --rounds 3 --threads 2
+      --size 256 --size 512 --rounds 3 --threads 2 \
+      [--candle-bench /work/target-candlebench/debug/candle_sd_bench]
 """
 import argparse
 import os
@@ -31,15 +36,28 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--skip-sdserve", action="store_true")
+    parser.add_argument("--candle-bench", help="tools/candle_sd_bench binary: adds candle-transformers as a third side")
     return parser.parse_args()
 
 
 def sdserve_round(args, sizes):
     """One `sdserve bench --repeats 1` run; returns {part: (wall, cpu)}."""
     command = [args.sdserve, "bench", "--model", args.model, "--repeats", "1", "--request-steps", "0"]
+    return bench_lines_round(command, args.threads, sizes)
+
+
+def candle_round(args, sizes):
+    """One tools/candle_sd_bench run (same line format as `sdserve bench`)."""
+    command = [args.candle_bench, "--model", args.model, "--repeats", "1"]
+    return bench_lines_round(command, args.threads, sizes)
+
+
+def bench_lines_round(command, threads, sizes):
+    """Runs a binary that prints `sdserve bench` lines; returns {part: (wall, cpu)}."""
+    command = list(command)
     for size in sizes:
         command += ["--size", str(size)]
-    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
     parts = {}
     line_format = re.compile(r"^(.*?)\s+median\s+([\d.]+) s.*?cpu\s+([\d.]+) s")
@@ -118,7 +136,7 @@ class Diffusers:
 def main():
     args = parse_args()
     sizes = args.size or [256]
-    results = {"sdserve": {}, "diffusers": {}}
+    results = {"sdserve": {}, "diffusers": {}, "candle": {}}
     diffusers = None
     if not args.skip_diffusers:
         diffusers = Diffusers(args.model, args.threads)
@@ -129,6 +147,8 @@ def main():
             sides.append(("sdserve", lambda: sdserve_round(args, sizes)))
         if diffusers is not None:
             sides.append(("diffusers", lambda: diffusers.round(sizes)))
+        if args.candle_bench:
+            sides.append(("candle", lambda: candle_round(args, sizes)))
         if round_index % 2 == 1:
             sides.reverse()
         for side, run in sides:
@@ -137,10 +157,13 @@ def main():
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
 
     parts = list(results["diffusers"] or results["sdserve"])
-    for part in results["sdserve"]:
+    for part in list(results["sdserve"]) + list(results["candle"]):
         if part not in parts:
             parts.append(part)
     print(f"threads {args.threads}, rounds {args.rounds}; medians in seconds (wall / CPU of all threads)")
+    if args.candle_bench:
+        print_three_sides(results, parts)
+        return
     print(f"{'part':<28} {'sdserve wall':>12} {'sdserve cpu':>12} {'diffusers wall':>15} {'diffusers cpu':>14} {'ratio wall':>11} {'ratio cpu':>10}")
     for part in parts:
         ours = results["sdserve"].get(part)
@@ -148,6 +171,26 @@ def main():
         med = lambda runs, i: statistics.median(r[i] for r in runs) if runs else float("nan")
         ow, oc, tw, tc = med(ours, 0), med(ours, 1), med(theirs, 0), med(theirs, 1)
         print(f"{part:<28} {ow:>12.3f} {oc:>12.3f} {tw:>15.3f} {tc:>14.3f} {ow / tw:>11.2f} {oc / tc:>10.2f}")
+
+
+def print_three_sides(results, parts):
+    """The table with candle-transformers: each side's medians, then sdserve / diffusers and
+    candle / diffusers (wall and CPU)."""
+    med = lambda runs, i: statistics.median(r[i] for r in runs) if runs else float("nan")
+    ratio = lambda a, b: a / b if b == b and b != 0 else float("nan")
+    print(
+        f"{'part':<28} {'sdserve wall':>12} {'sdserve cpu':>12} {'diffusers wall':>15} {'diffusers cpu':>14}"
+        f" {'candle wall':>12} {'candle cpu':>11} {'sds/diff wall':>14} {'sds/diff cpu':>13}"
+        f" {'cndl/diff wall':>15} {'cndl/diff cpu':>14}"
+    )
+    for part in parts:
+        ow, oc = med(results["sdserve"].get(part), 0), med(results["sdserve"].get(part), 1)
+        tw, tc = med(results["diffusers"].get(part), 0), med(results["diffusers"].get(part), 1)
+        cw, cc = med(results["candle"].get(part), 0), med(results["candle"].get(part), 1)
+        print(
+            f"{part:<28} {ow:>12.3f} {oc:>12.3f} {tw:>15.3f} {tc:>14.3f} {cw:>12.3f} {cc:>11.3f}"
+            f" {ratio(ow, tw):>14.2f} {ratio(oc, tc):>13.2f} {ratio(cw, tw):>15.2f} {ratio(cc, tc):>14.2f}"
+        )
 
 
 if __name__ == "__main__":
