@@ -3,12 +3,13 @@
 //! own building blocks), and the zero convolutions that turn each skip connection into a
 //! residual for the UNet. Follows diffusers' `models/controlnets/controlnet.py`.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::backbone_config::BackboneConfig;
-use super::common::{conv2d, timestep_embedding, Conv2d, PerBlock, TimestepMlp};
+use super::common::{conv2d, Conv2d, PerBlock, TimestepMlp};
+use super::unet::embed_time;
 use super::unet::{
     AddedConditions, AttentionShape, DownBlock, DownBlockShape, MidBlock, UNetResiduals,
 };
@@ -303,39 +304,16 @@ impl ControlNet {
         embedded_condition: &Tensor,
         scale: ControlScale,
     ) -> Result<UNetResiduals> {
-        let batch = sample.dim(0)?;
         let dtype = sample.dtype();
-        let timesteps = Tensor::full(timestep as f32, batch, sample.device())?;
-        let projected = timestep_embedding(
-            &timesteps,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
-        )?
-        .to_dtype(dtype)?;
-        let mut temb = self.time_embedding.forward(&projected)?;
-        if let Some(add_embedding) = &self.add_embedding {
-            let Some(added) = added else {
-                candle_core::bail!(
-                    "this ControlNet (text_time) needs pooled text embeddings and time ids"
-                );
-            };
-            let time_dim = self
-                .config
-                .addition_time_embed_dim
-                .expect("checked in check_supported; this is a bug");
-            let time_embeds = timestep_embedding(
-                &added.time_ids.flatten_all()?,
-                time_dim,
-                self.config.flip_sin_to_cos,
-                self.config.freq_shift,
-            )?
-            .reshape((batch, ()))?
-            .to_dtype(dtype)?;
-            let add_input =
-                Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time_embeds], D::Minus1)?;
-            temb = (temb + add_embedding.forward(&add_input)?)?;
-        }
+        let temb = embed_time(
+            &self.config,
+            &self.time_embedding,
+            self.add_embedding.as_ref(),
+            timestep,
+            sample,
+            added,
+            "ControlNet",
+        )?;
 
         let mut x =
             self.conv_in.forward(sample)?.broadcast_add(&embedded_condition.to_dtype(dtype)?)?;

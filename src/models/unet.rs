@@ -736,41 +736,15 @@ impl UNet {
         residuals: &UNetResiduals,
         extras: Option<&CrossAttentionExtras>,
     ) -> Result<Tensor> {
-        let batch = sample.dim(0)?;
-        let dtype = sample.dtype();
-        let device = sample.device();
-        let timesteps = Tensor::full(timestep as f32, batch, device)?;
-        let projected = timestep_embedding(
-            &timesteps,
-            self.config.block_out_channels[0],
-            self.config.flip_sin_to_cos,
-            self.config.freq_shift,
-        )?
-        .to_dtype(dtype)?;
-        let mut temb = self.time_embedding.forward(&projected)?;
-        if let Some(add_embedding) = &self.add_embedding {
-            let Some(added) = added else {
-                candle_core::bail!(
-                    "this UNet (text_time) needs pooled text embeddings and time ids"
-                );
-            };
-            let time_dim = self
-                .config
-                .addition_time_embed_dim
-                .expect("checked in check_supported; this is a bug");
-            let ids = added.time_ids.flatten_all()?;
-            let time_embeds = timestep_embedding(
-                &ids,
-                time_dim,
-                self.config.flip_sin_to_cos,
-                self.config.freq_shift,
-            )?
-            .reshape((batch, ()))?
-            .to_dtype(dtype)?;
-            let add_input =
-                Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time_embeds], D::Minus1)?;
-            temb = (temb + add_embedding.forward(&add_input)?)?;
-        }
+        let temb = embed_time(
+            &self.config,
+            &self.time_embedding,
+            self.add_embedding.as_ref(),
+            timestep,
+            sample,
+            added,
+            "UNet",
+        )?;
 
         let mut x = self.conv_in.forward(sample)?;
         let mut skips = vec![x.clone()];
@@ -850,4 +824,49 @@ impl UNet {
         let x = self.conv_norm_out.forward_silu(&x)?;
         self.conv_out.forward(&x)
     }
+}
+
+/// The time embedding of a UNet-shaped network (the UNet and the ControlNet share it): the
+/// sinusoidal embedding of `timestep` for each row of `sample` through `time_embedding`,
+/// plus, for SDXL's `text_time` conditioning, `add_embedding` of the pooled text embeddings
+/// and the embedded size/crop ids. `network` names the model in the error when those
+/// conditions are missing.
+pub(crate) fn embed_time(
+    config: &BackboneConfig,
+    time_embedding: &TimestepMlp,
+    add_embedding: Option<&TimestepMlp>,
+    timestep: f64,
+    sample: &Tensor,
+    added: Option<&AddedConditions>,
+    network: &str,
+) -> Result<Tensor> {
+    let batch = sample.dim(0)?;
+    let dtype = sample.dtype();
+    let timesteps = Tensor::full(timestep as f32, batch, sample.device())?;
+    let projected = timestep_embedding(
+        &timesteps,
+        config.block_out_channels[0],
+        config.flip_sin_to_cos,
+        config.freq_shift,
+    )?
+    .to_dtype(dtype)?;
+    let temb = time_embedding.forward(&projected)?;
+    let Some(add_embedding) = add_embedding else {
+        return Ok(temb);
+    };
+    let Some(added) = added else {
+        candle_core::bail!("this {network} (text_time) needs pooled text embeddings and time ids");
+    };
+    let time_dim =
+        config.addition_time_embed_dim.expect("checked in check_supported; this is a bug");
+    let time_embeds = timestep_embedding(
+        &added.time_ids.flatten_all()?,
+        time_dim,
+        config.flip_sin_to_cos,
+        config.freq_shift,
+    )?
+    .reshape((batch, ()))?
+    .to_dtype(dtype)?;
+    let add_input = Tensor::cat(&[added.text_embeds.to_dtype(dtype)?, time_embeds], D::Minus1)?;
+    temb + add_embedding.forward(&add_input)?
 }
