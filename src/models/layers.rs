@@ -195,31 +195,31 @@ impl Conv2d {
             (WinogradMode::SmallTilesOnly, Some(_)) => Some(WinogradVariant::F2x2),
             (WinogradMode::Auto, preferred) => preferred,
         };
-        let output = match variant {
-            Some(variant) => {
-                let transformed = self.winograd.get_or_init(|| {
-                    shared_winograd_weight(self.inner.weight(), || {
-                        WinogradWeight::new(weight_values, out_channels, in_channels, variant)
-                    })
-                });
-                winograd::conv2d_3x3(
-                    input.values()?,
-                    transformed,
+        let transformed = variant.map(|variant| {
+            self.winograd.get_or_init(|| {
+                shared_winograd_weight(self.inner.weight(), || {
+                    WinogradWeight::new(weight_values, out_channels, in_channels, variant)
+                })
+            })
+        });
+        let input_values = input.values()?;
+        let image_len = in_channels * height * width;
+        let one_image = Conv2dGeometry { batch: 1, ..geometry };
+        let output = sdserve_cpu_kernels::per_item(batch, threads, |item, threads| {
+            let image = &input_values[item * image_len..(item + 1) * image_len];
+            match transformed {
+                Some(transformed) => {
+                    winograd::conv2d_3x3(image, transformed, bias_values, 1, height, width, threads)
+                }
+                None => sdserve_cpu_kernels::conv2d(
+                    image,
+                    weight_values,
                     bias_values,
-                    batch,
-                    height,
-                    width,
+                    &one_image,
                     threads,
-                )
+                ),
             }
-            None => sdserve_cpu_kernels::conv2d(
-                input.values()?,
-                weight_values,
-                bias_values,
-                &geometry,
-                threads,
-            ),
-        };
+        });
         Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device()).map(Some)
     }
 }

@@ -140,9 +140,7 @@ pub fn linear(
     if rows == 0 || out_features == 0 {
         return output;
     }
-    for (block, out_block) in
-        input.chunks_exact(rows * in_features).zip(output.chunks_exact_mut(rows * out_features))
-    {
+    let item = |(block, out_block): (&[f32], &mut [f32]), threads: usize| {
         matmul(
             out_block,
             out_features,
@@ -153,6 +151,18 @@ pub fn linear(
             accumulate,
             threads,
         );
+    };
+    // Several items: side by side, each single-threaded (see `crate::per_item`).
+    if threads > 1 && batch >= threads {
+        input
+            .par_chunks_exact(rows * in_features)
+            .zip(output.par_chunks_exact_mut(rows * out_features))
+            .for_each(|pair| item(pair, 1));
+    } else {
+        input
+            .chunks_exact(rows * in_features)
+            .zip(output.chunks_exact_mut(rows * out_features))
+            .for_each(|pair| item(pair, threads));
     }
     output
 }

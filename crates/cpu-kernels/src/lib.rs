@@ -81,6 +81,28 @@ fn out_size(input: usize, kernel: usize, stride: usize, padding: usize) -> Optio
     (stride > 0 && kernel > 0 && padded >= kernel).then(|| (padded - kernel) / stride + 1)
 }
 
+/// `compute(item, threads)` for each of `count` batch items, their outputs concatenated
+/// in item order. With several threads and at least as many items, the items run side by
+/// side on rayon's pool, each single-threaded: one parallel section per layer instead of
+/// several per item, which is what batches of small images spend their time on. An item's
+/// result is the same either way: no kernel's per-element arithmetic depends on its thread
+/// count (the GEMMs split rows and columns among threads, never the depth).
+pub fn per_item(
+    count: usize,
+    threads: usize,
+    compute: impl Fn(usize, usize) -> Vec<f32> + Sync,
+) -> Vec<f32> {
+    if threads > 1 && count >= threads {
+        let parts: Vec<Vec<f32>> =
+            (0..count).into_par_iter().map(|item| compute(item, 1)).collect();
+        parts.concat()
+    } else if count == 1 {
+        compute(0, threads)
+    } else {
+        (0..count).flat_map(|item| compute(item, threads)).collect()
+    }
+}
+
 /// Upper bound on the im2col tile, in floats (16 MiB): large enough that the GEMM sees
 /// wide matrices (the SD UNet's 64×64 level fits whole), small enough for a 512² VAE.
 const COLUMN_TILE_FLOATS: usize = 4 << 20;
