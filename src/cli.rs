@@ -525,6 +525,10 @@ pub struct BenchArgs {
     /// With --jobs: steps of each job.
     #[arg(long, default_value_t = 4)]
     pub job_steps: u32,
+    /// After each timed part, print where its time went by kind of layer (convolutions,
+    /// linear layers, attention, norms; "other" is candle's own ops), per run.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Median, min and max wall seconds of `repeats` timed runs of `run`, after one warm-up
@@ -535,6 +539,8 @@ fn time_runs(
     mut run: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<[f64; 5]> {
     run()?;
+    // The profile (when on) covers the timed runs only.
+    crate::models::profile::take();
     let mut seconds = Vec::with_capacity(repeats);
     let mut cpu_seconds = Vec::with_capacity(repeats);
     let mut gflop = 0.0;
@@ -550,6 +556,30 @@ fn time_runs(
     cpu_seconds.sort_by(f64::total_cmp);
     let middle = seconds.len() / 2;
     Ok([seconds[middle], seconds[0], seconds[seconds.len() - 1], cpu_seconds[middle], gflop])
+}
+
+/// The per-kind totals of `runs` timed runs as per-run rows under a part's line: wall and
+/// CPU seconds, share of the part's median wall time, GFLOP/s; "other" is the rest.
+fn print_profile(totals: Vec<crate::models::profile::KindTotals>, runs: usize, part_wall: f64) {
+    let runs = runs as f64;
+    let mut accounted = 0.0;
+    for kind in &totals {
+        let (wall, cpu) = (kind.wall_seconds / runs, kind.cpu_seconds / runs);
+        accounted += wall;
+        let rate = if kind.flops > 0 {
+            format!("{:>6.1} GFLOP/s", kind.flops as f64 / 1e9 / kind.wall_seconds)
+        } else {
+            String::new()
+        };
+        println!(
+            "    {:<28} {wall:>8.3} s  cpu {cpu:>8.3} s  {:>5.1} %  {:>5} calls  {rate}",
+            kind.kind.name(),
+            100.0 * wall / part_wall,
+            (kind.calls as f64 / runs).round(),
+        );
+    }
+    let other = part_wall - accounted;
+    println!("    {:<28} {other:>8.3} s  {:>26.1} %", "other", 100.0 * other / part_wall);
 }
 
 /// User + system CPU time of this process, all threads (Linux, 10 ms ticks). On a shared
@@ -609,12 +639,16 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         candle_core::utils::get_num_threads(),
         loading.elapsed().as_secs_f64()
     );
+    crate::models::profile::enable(args.profile);
     let report = |part: &str, [median, min, max, cpu, gflop]: [f64; 5]| {
         println!(
             "{part:<32} median {median:>8.3} s   min {min:>8.3} s   max {max:>8.3} s   \
              cpu {cpu:>8.3} s   {gflop:>8.1} GFLOP {:>6.1} GFLOP/s",
             gflop / median
         );
+        if args.profile {
+            print_profile(crate::models::profile::take(), args.repeats.max(1), median);
+        }
     };
     let request = |size: u32, steps: u32| {
         GenerationParams {

@@ -9,6 +9,8 @@ use sdserve_cpu_kernels::winograd::{self, WinogradVariant, WinogradWeight};
 use sdserve_cpu_kernels::Conv2dGeometry;
 use std::sync::{Arc, OnceLock};
 
+use super::profile::{self, LayerKind};
+
 /// Read access to the f32 elements of a contiguous CPU tensor, holding its storage lock.
 struct CpuF32<'a> {
     storage: StorageRef<'a>,
@@ -205,20 +207,31 @@ impl Conv2d {
         let input_values = input.values()?;
         let image_len = in_channels * height * width;
         let one_image = Conv2dGeometry { batch: 1, ..geometry };
-        let output = sdserve_cpu_kernels::per_item(batch, threads, |item, threads| {
-            let image = &input_values[item * image_len..(item + 1) * image_len];
-            match transformed {
-                Some(transformed) => {
-                    winograd::conv2d_3x3(image, transformed, bias_values, 1, height, width, threads)
+        let kind =
+            if transformed.is_some() { LayerKind::ConvWinograd } else { LayerKind::ConvIm2col };
+        let flops = 2 * (batch * out_channels * out_h * out_w * in_channels * kh * kw) as u64;
+        let output = profile::timed(kind, flops, || {
+            sdserve_cpu_kernels::per_item(batch, threads, |item, threads| {
+                let image = &input_values[item * image_len..(item + 1) * image_len];
+                match transformed {
+                    Some(transformed) => winograd::conv2d_3x3(
+                        image,
+                        transformed,
+                        bias_values,
+                        1,
+                        height,
+                        width,
+                        threads,
+                    ),
+                    None => sdserve_cpu_kernels::conv2d(
+                        image,
+                        weight_values,
+                        bias_values,
+                        &one_image,
+                        threads,
+                    ),
                 }
-                None => sdserve_cpu_kernels::conv2d(
-                    image,
-                    weight_values,
-                    bias_values,
-                    &one_image,
-                    threads,
-                ),
-            }
+            })
         });
         Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device()).map(Some)
     }
@@ -286,17 +299,20 @@ impl GroupNorm {
         else {
             return Ok(None);
         };
-        let output = sdserve_cpu_kernels::group_norm(
-            input.values()?,
-            batch,
-            channels,
-            spatial,
-            self.groups,
-            self.eps as f32,
-            gamma.values()?,
-            beta.values()?,
-            silu,
-        );
+        let (input, gamma, beta) = (input.values()?, gamma.values()?, beta.values()?);
+        let output = profile::timed(LayerKind::GroupNorm, 0, || {
+            sdserve_cpu_kernels::group_norm(
+                input,
+                batch,
+                channels,
+                spatial,
+                self.groups,
+                self.eps as f32,
+                gamma,
+                beta,
+                silu,
+            )
+        });
         Tensor::from_vec(output, dims, x.device()).map(Some)
     }
 }
@@ -368,31 +384,38 @@ pub fn blocked_attention(
     let attention_flops =
         |key_tokens: usize| 4 * (batch * query_tokens * key_tokens * width) as u64;
     add_flops(attention_flops(key_tokens));
-    let mut output = sdserve_cpu_kernels::attention(
-        q.values()?,
-        k.values()?,
-        v.values()?,
-        &geometry(key_tokens),
-        scale,
-        threads,
-    );
+    let (q_values, k_values, v_values) = (q.values()?, k.values()?, v.values()?);
+    let mut output = profile::timed(LayerKind::Attention, attention_flops(key_tokens), || {
+        sdserve_cpu_kernels::attention(
+            q_values,
+            k_values,
+            v_values,
+            &geometry(key_tokens),
+            scale,
+            threads,
+        )
+    });
     for (extra_key, extra_value, weight) in extras {
         let (extra_key, extra_value) = (contiguous(extra_key)?, contiguous(extra_value)?);
         let (Some(ek), Some(ev)) = (CpuF32::of(&extra_key), CpuF32::of(&extra_value)) else {
             return Ok(None);
         };
-        add_flops(attention_flops(extra_key.dim(1)?));
-        sdserve_cpu_kernels::attention_into(
-            &mut output,
-            1.0,
-            q.values()?,
-            ek.values()?,
-            ev.values()?,
-            &geometry(extra_key.dim(1)?),
-            scale,
-            *weight,
-            threads,
-        );
+        let extra_tokens = extra_key.dim(1)?;
+        add_flops(attention_flops(extra_tokens));
+        let (ek_values, ev_values) = (ek.values()?, ev.values()?);
+        profile::timed(LayerKind::Attention, attention_flops(extra_tokens), || {
+            sdserve_cpu_kernels::attention_into(
+                &mut output,
+                1.0,
+                q_values,
+                ek_values,
+                ev_values,
+                &geometry(extra_tokens),
+                scale,
+                *weight,
+                threads,
+            )
+        });
     }
     Tensor::from_vec(output, (batch, query_tokens, width), query.device()).map(Some)
 }
@@ -493,16 +516,22 @@ impl Linear {
         let (input, weight_values) = (values_of(&x)?, values_of(&weight)?);
         let bias = bias.as_ref().map(values_of).transpose()?;
         let residual = residual.as_ref().map(values_of).transpose()?;
-        let output = sdserve_cpu_kernels::linear(
-            input.values()?,
-            batch,
-            rows,
-            in_features,
-            weight_values.values()?,
-            bias.as_ref().map(CpuF32::values).transpose()?,
-            residual.as_ref().map(CpuF32::values).transpose()?,
-            kernel_threads(),
-        );
+        let (input, weight_values) = (input.values()?, weight_values.values()?);
+        let bias = bias.as_ref().map(CpuF32::values).transpose()?;
+        let residual = residual.as_ref().map(CpuF32::values).transpose()?;
+        let flops = 2 * (batch * rows * in_features * out_features) as u64;
+        let output = profile::timed(LayerKind::Linear, flops, || {
+            sdserve_cpu_kernels::linear(
+                input,
+                batch,
+                rows,
+                in_features,
+                weight_values,
+                bias,
+                residual,
+                kernel_threads(),
+            )
+        });
         Tensor::from_vec(output, out_dims, x.device()).map(Some)
     }
 }
@@ -550,12 +579,11 @@ impl LayerNorm {
         };
         let (input, gamma) = (values_of(&x)?, values_of(&gamma)?);
         let beta = beta.as_ref().map(values_of).transpose()?;
-        let output = sdserve_cpu_kernels::layer_norm(
-            input.values()?,
-            gamma.values()?,
-            beta.as_ref().map(CpuF32::values).transpose()?,
-            inner.eps() as f32,
-        );
+        let (input, gamma) = (input.values()?, gamma.values()?);
+        let beta = beta.as_ref().map(CpuF32::values).transpose()?;
+        let output = profile::timed(LayerKind::LayerNorm, 0, || {
+            sdserve_cpu_kernels::layer_norm(input, gamma, beta, inner.eps() as f32)
+        });
         Tensor::from_vec(output, x.dims(), x.device()).map(Some)
     }
 }
@@ -580,7 +608,10 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
     let width = projected.dim(candle_core::D::Minus1)?;
     let half = width / 2;
     if let (Some(contiguous), true) = (contiguous_cpu_f32(projected)?, half > 0 && width % 2 == 0) {
-        let output = sdserve_cpu_kernels::geglu(values_of(&contiguous)?.values()?, half);
+        let values = values_of(&contiguous)?;
+        let values = values.values()?;
+        let output =
+            profile::timed(LayerKind::Geglu, 0, || sdserve_cpu_kernels::geglu(values, half));
         let mut dims = projected.dims().to_vec();
         *dims.last_mut().expect("a dimension was read above") = half;
         return Tensor::from_vec(output, dims, projected.device());
@@ -628,15 +659,21 @@ pub fn project_pixels_to_tokens(
         return Ok(None);
     };
     let bias = bias.as_ref().map(values_of).transpose()?;
-    let output = sdserve_cpu_kernels::pixels_to_tokens(
-        values_of(&x)?.values()?,
-        batch,
-        height * width,
-        values_of(&weight)?.values()?,
-        bias.as_ref().map(CpuF32::values).transpose()?,
-        kernel_threads(),
-    );
-    add_flops(2 * (x.elem_count() * out_channels) as u64);
+    let (input, weight_view) = (values_of(&x)?, values_of(&weight)?);
+    let (input, weight_values) = (input.values()?, weight_view.values()?);
+    let bias = bias.as_ref().map(CpuF32::values).transpose()?;
+    let flops = 2 * (x.elem_count() * out_channels) as u64;
+    let output = profile::timed(LayerKind::Linear, flops, || {
+        sdserve_cpu_kernels::pixels_to_tokens(
+            input,
+            batch,
+            height * width,
+            weight_values,
+            bias,
+            kernel_threads(),
+        )
+    });
+    add_flops(flops);
     Tensor::from_vec(output, (batch, height * width, out_channels), x.device()).map(Some)
 }
 
@@ -669,16 +706,24 @@ pub fn project_tokens_to_pixels_add(
         return Ok(None);
     }
     let bias = bias.as_ref().map(values_of).transpose()?;
-    let output = sdserve_cpu_kernels::tokens_to_pixels(
-        values_of(&tokens)?.values()?,
-        batch,
-        pixels,
-        values_of(&weight)?.values()?,
-        bias.as_ref().map(CpuF32::values).transpose()?,
-        Some(values_of(&residual)?.values()?),
-        kernel_threads(),
-    );
-    add_flops(2 * (tokens.elem_count() * out_channels) as u64);
+    let (input, weight_view, residual_view) =
+        (values_of(&tokens)?, values_of(&weight)?, values_of(&residual)?);
+    let (input, weight_values) = (input.values()?, weight_view.values()?);
+    let (bias, residual_values) =
+        (bias.as_ref().map(CpuF32::values).transpose()?, residual_view.values()?);
+    let flops = 2 * (tokens.elem_count() * out_channels) as u64;
+    let output = profile::timed(LayerKind::Linear, flops, || {
+        sdserve_cpu_kernels::tokens_to_pixels(
+            input,
+            batch,
+            pixels,
+            weight_values,
+            bias,
+            Some(residual_values),
+            kernel_threads(),
+        )
+    });
+    add_flops(flops);
     Tensor::from_vec(output, residual.dims(), residual.device()).map(Some)
 }
 

@@ -9,6 +9,7 @@ pub mod controlnet;
 pub mod ip_adapter;
 pub mod layers;
 pub mod loader;
+pub mod profile;
 pub mod single_file;
 pub mod t2i_adapter;
 pub mod unet;

@@ -37,6 +37,8 @@
 //! ≈ 0.35 CPU-seconds to transform (mostly first-touch page faults of its 236 MB).
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
 pub use attention::{attention, attention_into, exp_nonpositive, AttentionGeometry};
 
 mod dense;
