@@ -8,12 +8,12 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::euler::predicted_original;
+use super::euler::ode_derivative;
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
 use super::step_math::{
-    batch_noise, check_s_noise, check_step_index, diffusers_ancestral_step, div, mul,
-    scale_for_sigma, step_inputs,
+    batch_noise, check_s_noise, check_step_index, diffusers_ancestral_step, mul, scale_for_sigma,
+    step_inputs,
 };
 use super::step_table::SigmaTable;
 use super::{Sampler, StepTable, TorchGenerator};
@@ -156,9 +156,8 @@ impl Sampler for Dpm2 {
                 } else {
                     self.sigmas_interpol[i + 1]
                 };
-                let original =
-                    predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
-                let derivative = div(&(&sample - original)?, sigma)?;
+                let derivative =
+                    ode_derivative(self.prediction_type, &model_output, &sample, sigma)?;
                 let previous = (&sample + mul(&derivative, interpol - sigma)?)?;
                 self.held_sample = Some(sample);
                 previous
@@ -174,9 +173,8 @@ impl Sampler for Dpm2 {
                 } else {
                     (sigmas[previous_index], self.sigmas_interpol[i], sigmas[i])
                 };
-                let original =
-                    predicted_original(self.prediction_type, &model_output, &sample, interpol)?;
-                let derivative = div(&(&sample - original)?, interpol)?;
+                let derivative =
+                    ode_derivative(self.prediction_type, &model_output, &sample, interpol)?;
                 let previous = (held + mul(&derivative, target - sigma)?)?;
                 if self.ancestral {
                     let noise = batch_noise(generators, &previous)?;

@@ -11,12 +11,10 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::euler::predicted_original;
+use super::euler::{ode_derivative, predicted_original};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
-use super::step_math::{
-    batch_noise, check_s_noise, div, kdiffusion_ancestral_step, mul, step_inputs,
-};
+use super::step_math::{batch_noise, check_s_noise, kdiffusion_ancestral_step, mul, step_inputs};
 use super::step_table::SigmaTable;
 use super::{Sampler, StepTable, TorchGenerator};
 
@@ -140,9 +138,8 @@ impl Sampler for DpmPp2sAncestral {
         let next = match (second, plan.midpoint) {
             (false, None) => {
                 // sigma_down is 0: an Euler step (the last step).
-                let denoised =
-                    predicted_original(self.prediction_type, &model_output, &sample, plan.sigma)?;
-                let derivative = div(&(&sample - denoised)?, plan.sigma)?;
+                let derivative =
+                    ode_derivative(self.prediction_type, &model_output, &sample, plan.sigma)?;
                 (&sample + mul(&derivative, plan.sigma_down - plan.sigma)?)?
             }
             (false, Some(_)) => {

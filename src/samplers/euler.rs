@@ -39,6 +39,19 @@ impl Euler {
     }
 }
 
+/// k-diffusion's `to_d` on the Euler family's x0 estimate: the probability-flow ODE
+/// derivative dx/dsigma = (x − x0) / sigma at noise level `sigma`, as diffusers' Euler,
+/// LMS and KDPM2 steps compute it. (Heun clips x0 in between, so it spells this out.)
+pub(crate) fn ode_derivative(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    let original = predicted_original(prediction_type, model_output, sample, sigma)?;
+    div(&(sample - original)?, sigma)
+}
+
 /// diffusers' x0 estimate for the Euler family at noise level `sigma`.
 pub(crate) fn predicted_original(
     prediction_type: PredictionType,
@@ -71,8 +84,7 @@ impl Sampler for Euler {
         let (out_dtype, model_output, sample) =
             step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
         let sigma = self.table.sigmas[step_index];
-        let original = predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
-        let derivative = div(&(&sample - original)?, sigma)?;
+        let derivative = ode_derivative(self.prediction_type, &model_output, &sample, sigma)?;
         let dt = self.table.sigmas[step_index + 1] - sigma;
         (sample + mul(&derivative, dt)?)?.to_dtype(out_dtype)
     }

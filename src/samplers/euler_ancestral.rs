@@ -4,12 +4,10 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::euler::predicted_original;
+use super::euler::ode_derivative;
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{
-    batch_noise, check_s_noise, diffusers_ancestral_step, div, mul, step_inputs,
-};
+use super::step_math::{batch_noise, check_s_noise, diffusers_ancestral_step, mul, step_inputs};
 use super::step_table::SigmaTable;
 use super::{Sampler, StepTable, TorchGenerator};
 
@@ -72,11 +70,9 @@ impl Sampler for EulerAncestral {
             step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
         let sigma_from = self.table.sigmas[step_index];
         let sigma_to = self.table.sigmas[step_index + 1];
-        let original =
-            predicted_original(self.prediction_type, &model_output, &sample, sigma_from)?;
+        let derivative = ode_derivative(self.prediction_type, &model_output, &sample, sigma_from)?;
         let (sigma_down, sigma_up) = diffusers_ancestral_step(sigma_from, sigma_to);
 
-        let derivative = div(&(&sample - original)?, sigma_from)?;
         let previous = (&sample + mul(&derivative, sigma_down - sigma_from)?)?;
         let noise = batch_noise(generators, &previous)?;
         (previous + mul(&noise, sigma_up * self.s_noise)?)?.to_dtype(out_dtype)

@@ -6,10 +6,10 @@
 
 use candle_core::{Result, Tensor};
 
-use super::euler::predicted_original;
+use super::euler::ode_derivative;
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{div, mul, step_inputs};
+use super::step_math::{mul, step_inputs};
 use super::step_table::SigmaTable;
 use super::{Sampler, StepTable, TorchGenerator};
 
@@ -77,8 +77,7 @@ impl Sampler for Lms {
         let (out_dtype, model_output, sample) =
             step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
         let sigma = self.table.sigmas[step_index];
-        let original = predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
-        self.derivatives.push(div(&(&sample - original)?, sigma)?);
+        self.derivatives.push(ode_derivative(self.prediction_type, &model_output, &sample, sigma)?);
         if self.derivatives.len() > ORDER {
             self.derivatives.remove(0);
         }
