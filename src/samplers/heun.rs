@@ -27,8 +27,9 @@ pub struct Heun {
     /// [s0, s1, s1, ..., s(n-1), s(n-1), 0].
     table: SigmaTable,
     prediction_type: PredictionType,
-    /// Not validated, unlike the DDIM family's ([`super::step_math::clip_range`]): diffusers'
-    /// Heun class clamps with whatever range the config gives, and so does this port.
+    /// Not validated as the DDIM family's is ([`super::step_math::clip_range`]): like
+    /// diffusers' Heun class, this clamps with whatever range the config gives, and
+    /// validating here would turn configs Heun runs today into errors.
     clip_range: Option<f32>,
     predictor: Option<Predictor>,
 }

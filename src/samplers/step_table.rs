@@ -26,7 +26,7 @@ use super::step_math::{
 
 /// What a sampler's table answers for the [`Sampler`](super::Sampler) trait. Every method
 /// that takes a `step_index` fails (never panics) unless it addresses one of `timesteps()`.
-pub trait StepTable: Send + Sync {
+pub trait StepTable {
     /// The model timesteps, one per model evaluation, in the order they are visited.
     fn timesteps(&self) -> &[f64];
 
