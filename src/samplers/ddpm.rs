@@ -7,14 +7,13 @@
 //! config (diffusers' class default, true, applies only when the config has no such key;
 //! here a missing key means false, as for every other sampler).
 
-use candle_core::{Error, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::schedule::{alphas_cumprod, ddim_timesteps, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
-use super::step_math::{
-    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_prediction,
-};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{batch_noise, clip, clip_range, mul, step_inputs, vp_data_prediction};
+use super::step_table::AlphaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// Only the model's own timesteps.
 pub const SCHEDULES: &[Schedule] = &[Schedule::Default];
@@ -22,9 +21,7 @@ pub const SCHEDULES: &[Schedule] = &[Schedule::Default];
 /// A DDPM run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Ddpm {
-    timesteps: Vec<usize>,
-    timesteps_f64: Vec<f64>,
-    alphas_cumprod: Vec<f32>,
+    table: AlphaTable,
     prediction_type: PredictionType,
     clip_range: Option<f32>,
 }
@@ -32,43 +29,19 @@ pub struct Ddpm {
 impl Ddpm {
     /// DDPM for `steps` steps.
     pub fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        if config.clip_sample
-            && !(config.clip_sample_range.is_finite() && config.clip_sample_range > 0.0)
-        {
-            return Err(Error::Msg(format!(
-                "scheduler config: clip_sample_range must be > 0, got {}",
-                config.clip_sample_range
-            )));
-        }
+        let clip_range = clip_range(config)?;
         let timesteps = ddim_timesteps(config, steps)?;
         Ok(Ddpm {
-            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
-            timesteps,
-            alphas_cumprod: alphas_cumprod(config)?,
+            table: AlphaTable::new(timesteps, alphas_cumprod(config)?),
             prediction_type: config.prediction_type,
-            clip_range: config.clip_sample.then_some(config.clip_sample_range as f32),
+            clip_range,
         })
     }
 }
 
 impl Sampler for Ddpm {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        // diffusers' `add_noise` of the class: sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) noise.
-        add_alpha_noise(original, noise, self.alphas_cumprod[self.timesteps[step_index]])
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -79,12 +52,12 @@ impl Sampler for Ddpm {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
+            step_inputs(model_output, step_index, sample, self.table.train_timesteps.len())?;
 
-        let timestep = self.timesteps[step_index];
-        let alpha_t = self.alphas_cumprod[timestep];
-        let alpha_prev = match self.timesteps.get(step_index + 1) {
-            Some(&previous) => self.alphas_cumprod[previous],
+        let timestep = self.table.train_timesteps[step_index];
+        let alpha_t = self.table.alphas_cumprod[timestep];
+        let alpha_prev = match self.table.train_timesteps.get(step_index + 1) {
+            Some(&previous) => self.table.alphas_cumprod[previous],
             None => 1.0,
         };
         let beta_t = 1.0 - alpha_t;
@@ -99,10 +72,7 @@ impl Sampler for Ddpm {
             alpha_t.sqrt(),
             beta_t.sqrt(),
         )?;
-        let original = match self.clip_range {
-            Some(range) => original.clamp(-range, range)?,
-            None => original,
-        };
+        let original = clip(original, self.clip_range)?;
         let original_coeff = (alpha_prev.sqrt() * current_beta) / beta_t;
         let sample_coeff = current_alpha.sqrt() * beta_prev / beta_t;
         let mut previous = (mul(&original, original_coeff)? + mul(&sample, sample_coeff)?)?;

@@ -16,10 +16,9 @@ use candle_core::{Error, Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{
-    add_vp_noise, alpha_sigma, check_step_index, div, lambda, mul, step_inputs, vp_data_prediction,
-};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{alpha_sigma, div, lambda, mul, step_inputs, vp_data_prediction_at_sigma};
+use super::step_table::VpSigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// The schedules diffusers' class offers.
 pub const SCHEDULES: &[Schedule] =
@@ -31,8 +30,7 @@ const LOWER_ORDER_FINAL_BELOW: usize = 15;
 /// A DEIS run (order 2) of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Deis {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    table: VpSigmaTable,
     prediction_type: PredictionType,
     /// The previous step's noise estimate, with the step index it was made at.
     previous: Option<(usize, Tensor)>,
@@ -51,47 +49,26 @@ impl Deis {
             return Err(Error::Msg(format!("deis does not support schedule {}", schedule.id())));
         }
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::Deis)?;
-        Ok(Deis {
-            timesteps: plan.timesteps,
-            sigmas: plan.sigmas,
-            prediction_type: config.prediction_type,
-            previous: None,
-        })
+        Ok(Deis { table: plan.into(), prediction_type: config.prediction_type, previous: None })
     }
 
     /// The sigmas, one per step plus the final one.
     pub fn sigmas(&self) -> &[f32] {
-        &self.sigmas
+        &self.table.sigmas
     }
 
     /// diffusers' `convert_model_output`: the data prediction x0, turned back into the
     /// noise estimate (sample − alpha_t x0) / sigma_t that DEIS integrates.
     fn noise_estimate(&self, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        let x0 = vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)?;
+        let x0 = vp_data_prediction_at_sigma(self.prediction_type, model_output, sample, sigma)?;
         div(&(sample - mul(&x0, alpha_t)?)?, sigma_t)
     }
 }
 
 impl Sampler for Deis {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        // diffusers' DEIS `add_noise` (DPM-Solver's): x_t = alpha_t x0 + sigma_t noise.
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        add_vp_noise(original, noise, alpha_t, sigma_t)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -101,13 +78,14 @@ impl Sampler for Deis {
         sample: &Tensor,
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        let steps = self.timesteps.len();
+        let VpSigmaTable { timesteps, sigmas } = &self.table;
+        let steps = timesteps.len();
         let (out_dtype, model_output, sample) =
             step_inputs(model_output, step_index, sample, steps)?;
-        let m0 = self.noise_estimate(&model_output, &sample, self.sigmas[step_index])?;
+        let m0 = self.noise_estimate(&model_output, &sample, sigmas[step_index])?;
 
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step_index]);
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas[step_index + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(sigmas[step_index]);
         let lower_order_final = step_index == steps - 1 && steps < LOWER_ORDER_FINAL_BELOW;
         // Only a previous estimate from the step just before counts: a run started
         // part-way (img2img) begins first order, as diffusers' fresh scheduler does.
@@ -123,7 +101,7 @@ impl Sampler for Deis {
                 (mul(&sample, alpha_t / alpha_s0)? - mul(&m0, sigma_t * (h.exp() - 1.0))?)?
             }
             Some(m1) => {
-                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step_index - 1]);
+                let (alpha_s1, sigma_s1) = alpha_sigma(sigmas[step_index - 1]);
                 let (rho_t, rho_s0, rho_s1) =
                     (sigma_t / alpha_t, sigma_s0 / alpha_s0, sigma_s1 / alpha_s1);
                 let coef1 = log_rho_integral(rho_t, rho_s0, rho_s1)

@@ -8,13 +8,15 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::euler::{predicted_original, scale_for_sigma};
+use super::euler::ode_derivative;
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
 use super::step_math::{
-    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
+    batch_noise, check_s_noise, check_step_index, diffusers_ancestral_step, mul, scale_for_sigma,
+    step_inputs,
 };
-use super::{Sampler, TorchGenerator};
+use super::step_table::SigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// diffusers' layout of per-step values over model evaluations:
 /// [v0, v1, v1, v2, v2, ..., vn, vn, vn].
@@ -38,12 +40,13 @@ fn log_midpoint(a: f32, b: f32) -> f32 {
 #[derive(Debug, Clone)]
 pub struct Dpm2 {
     ancestral: bool,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    /// Per model evaluation: the timesteps and diffusers' interleaved step sigmas (what
+    /// `add_noise` reads; the model input is scaled by its own rule, see
+    /// `scale_model_input`).
+    table: SigmaTable,
     sigmas_interpol: Vec<f32>,
     sigmas_up: Vec<f32>,
     sigmas_down: Vec<f32>,
-    init_noise_sigma: f32,
     prediction_type: PredictionType,
     s_noise: f32,
     /// The sample at the start of the current step, kept between its two evaluations.
@@ -71,14 +74,9 @@ impl Dpm2 {
         let n = sigmas.len() - 1;
         let to_t = |sigma: f32| sigma_to_t(sigma as f64, &logs) as f32 as f64;
         let (interpol, up, down, timesteps) = if ancestral {
-            let next: Vec<f32> = (0..=n).map(|i| if i < n { sigmas[i + 1] } else { 0.0 }).collect();
-            let up: Vec<f32> = sigmas
-                .iter()
-                .zip(&next)
-                .map(|(&s, &nx)| (nx * nx * (s * s - nx * nx) / (s * s)).sqrt())
-                .collect();
-            let mut down: Vec<f32> =
-                next.iter().zip(&up).map(|(&nx, &u)| (nx * nx - u * u).sqrt()).collect();
+            let next = (0..=n).map(|i| if i < n { sigmas[i + 1] } else { 0.0 });
+            let (mut down, up): (Vec<f32>, Vec<f32>) =
+                sigmas.iter().zip(next).map(|(&s, nx)| diffusers_ancestral_step(s, nx)).unzip();
             down[n] = 0.0;
             let mut interpol: Vec<f32> =
                 sigmas.iter().zip(&down).map(|(&s, &d)| log_midpoint(s, d)).collect();
@@ -103,12 +101,14 @@ impl Dpm2 {
         check_s_noise(s_noise)?;
         Ok(Dpm2 {
             ancestral,
-            timesteps,
-            sigmas: interleave_all(&sigmas),
+            table: SigmaTable {
+                timesteps,
+                sigmas: interleave_all(&sigmas),
+                init_noise_sigma: plan.init_noise_sigma,
+            },
             sigmas_interpol: interleave_all(&interpol),
             sigmas_up: interleave_all(&up),
             sigmas_down: interleave_all(&down),
-            init_noise_sigma: plan.init_noise_sigma,
             prediction_type: config.prediction_type,
             s_noise: s_noise as f32,
             held_sample: None,
@@ -117,27 +117,20 @@ impl Dpm2 {
 }
 
 impl Sampler for Dpm2 {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        add_sigma_noise(original, noise, self.sigmas[step_index])
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn order(&self) -> usize {
         2
     }
 
+    /// Not the table's rule: the second evaluation of a step sees the interpolated sigma,
+    /// which the two KDPM2 classes index differently.
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
+        check_step_index(step_index, self.table.timesteps.len())?;
         let sigma = match (&self.held_sample, self.ancestral) {
-            (None, _) => self.sigmas[step_index],
+            (None, _) => self.table.sigmas[step_index],
             (Some(_), false) => self.sigmas_interpol[step_index],
             (Some(_), true) => self.sigmas_interpol[step_index - 1],
         };
@@ -152,19 +145,19 @@ impl Sampler for Dpm2 {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
         let i = step_index;
+        let sigmas = &self.table.sigmas;
         let previous = match self.held_sample.take() {
             None => {
-                let sigma = self.sigmas[i];
+                let sigma = sigmas[i];
                 let interpol = if self.ancestral {
                     self.sigmas_interpol[i]
                 } else {
                     self.sigmas_interpol[i + 1]
                 };
-                let original =
-                    predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
-                let derivative = div(&(&sample - original)?, sigma)?;
+                let derivative =
+                    ode_derivative(self.prediction_type, &model_output, &sample, sigma)?;
                 let previous = (&sample + mul(&derivative, interpol - sigma)?)?;
                 self.held_sample = Some(sample);
                 previous
@@ -173,16 +166,15 @@ impl Sampler for Dpm2 {
                 let previous_index = i.checked_sub(1).expect("a held sample implies i > 0");
                 let (sigma, interpol, target) = if self.ancestral {
                     (
-                        self.sigmas[previous_index],
+                        sigmas[previous_index],
                         self.sigmas_interpol[previous_index],
                         self.sigmas_down[previous_index],
                     )
                 } else {
-                    (self.sigmas[previous_index], self.sigmas_interpol[i], self.sigmas[i])
+                    (sigmas[previous_index], self.sigmas_interpol[i], sigmas[i])
                 };
-                let original =
-                    predicted_original(self.prediction_type, &model_output, &sample, interpol)?;
-                let derivative = div(&(&sample - original)?, interpol)?;
+                let derivative =
+                    ode_derivative(self.prediction_type, &model_output, &sample, interpol)?;
                 let previous = (held + mul(&derivative, target - sigma)?)?;
                 if self.ancestral {
                     let noise = batch_noise(generators, &previous)?;

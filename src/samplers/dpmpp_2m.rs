@@ -11,17 +11,16 @@ use candle_core::{Result, Tensor};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
 use super::step_math::{
-    add_vp_noise, alpha_sigma, batch_noise, check_s_noise, check_step_index, lambda, mul,
-    step_inputs, vp_data_prediction,
+    alpha_sigma, batch_noise, check_s_noise, lambda, mul, step_inputs, vp_data_prediction_at_sigma,
 };
-use super::{Sampler, TorchGenerator};
+use super::step_table::VpSigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// A DPM++ 2M (or 2M SDE) run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct DpmPp2m {
     sde: bool,
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    table: VpSigmaTable,
     prediction_type: PredictionType,
     s_noise: f32,
     /// The previous step's data prediction.
@@ -41,45 +40,17 @@ impl DpmPp2m {
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::DpmSolver)?;
         Ok(DpmPp2m {
             sde,
-            timesteps: plan.timesteps,
-            sigmas: plan.sigmas,
+            table: plan.into(),
             prediction_type: config.prediction_type,
             s_noise: s_noise as f32,
             previous_x0: None,
         })
     }
-
-    /// The data prediction x0 from the model output (diffusers' `convert_model_output`).
-    fn data_prediction(
-        &self,
-        model_output: &Tensor,
-        sample: &Tensor,
-        sigma: f32,
-    ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)
-    }
 }
 
 impl Sampler for DpmPp2m {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        // This solver works in VP coordinates: x_t = alpha_t x0 + sigma_t noise.
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        add_vp_noise(original, noise, alpha_t, sigma_t)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -89,19 +60,25 @@ impl Sampler for DpmPp2m {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        let steps = self.timesteps.len();
+        let VpSigmaTable { timesteps, sigmas } = &self.table;
+        let steps = timesteps.len();
         let (out_dtype, model_output, sample) =
             step_inputs(model_output, step_index, sample, steps)?;
-        let x0 = self.data_prediction(&model_output, &sample, self.sigmas[step_index])?;
+        let x0 = vp_data_prediction_at_sigma(
+            self.prediction_type,
+            &model_output,
+            &sample,
+            sigmas[step_index],
+        )?;
         let noise = if self.sde { Some(batch_noise(generators, &x0)?) } else { None };
 
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step_index]);
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas[step_index + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(sigmas[step_index]);
         let h = lambda(alpha_t, sigma_t) - lambda(alpha_s0, sigma_s0);
         let lower_order_final = step_index == steps - 1;
         let second_order = match &self.previous_x0 {
             Some(previous) if !lower_order_final => {
-                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[step_index - 1]);
+                let (alpha_s1, sigma_s1) = alpha_sigma(sigmas[step_index - 1]);
                 let h_0 = lambda(alpha_s0, sigma_s0) - lambda(alpha_s1, sigma_s1);
                 let r0 = h_0 / h;
                 Some(mul(&(&x0 - previous)?, 1.0 / r0)?)

@@ -11,22 +11,12 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::euler::{predicted_original, scale_for_sigma};
+use super::euler::{ode_derivative, predicted_original};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
-use super::step_math::{
-    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
-};
-use super::{Sampler, TorchGenerator};
-
-/// k-diffusion's `get_ancestral_step` with eta 1, in float32: (sigma_down, sigma_up).
-pub(super) fn ancestral_step(sigma_from: f32, sigma_to: f32) -> (f32, f32) {
-    let up = (sigma_to * sigma_to * (sigma_from * sigma_from - sigma_to * sigma_to)
-        / (sigma_from * sigma_from))
-        .sqrt();
-    let up = sigma_to.min(up);
-    ((sigma_to * sigma_to - up * up).sqrt(), up)
-}
+use super::step_math::{batch_noise, check_s_noise, kdiffusion_ancestral_step, mul, step_inputs};
+use super::step_table::SigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// k-diffusion's `t_fn`: sigma to "time" −log(sigma).
 pub(super) fn t_of(sigma: f32) -> f32 {
@@ -52,7 +42,10 @@ struct StepPlan {
 /// A DPM++ 2S ancestral run of a fixed number of steps (2 × steps − 1 evaluations).
 #[derive(Debug, Clone)]
 pub struct DpmPp2sAncestral {
-    timesteps: Vec<f64>,
+    /// Per model evaluation: its timestep and the sigma the sample sits at there (the
+    /// step's sigma, or the midpoint for a second evaluation); the run starts from noise ×
+    /// the first sigma, as k-diffusion does (not diffusers' Euler `init_noise_sigma`).
+    table: SigmaTable,
     plans: Vec<StepPlan>,
     /// Per model evaluation: its step and whether it is the step's second evaluation.
     evaluations: Vec<(usize, bool)>,
@@ -81,12 +74,14 @@ impl DpmPp2sAncestral {
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
         let logs = log_sigmas(&train_sigmas(config)?);
         let mut timesteps = Vec::with_capacity(2 * steps);
+        let mut input_sigmas = Vec::with_capacity(2 * steps);
         let mut plans = Vec::with_capacity(steps);
         let mut evaluations = Vec::with_capacity(2 * steps);
         for (index, &timestep) in plan.timesteps.iter().enumerate() {
             let (sigma, sigma_next) = (plan.sigmas[index], plan.sigmas[index + 1]);
-            let (sigma_down, sigma_up) = ancestral_step(sigma, sigma_next);
+            let (sigma_down, sigma_up) = kdiffusion_ancestral_step(sigma, sigma_next);
             timesteps.push(timestep);
+            input_sigmas.push(sigma);
             evaluations.push((index, false));
             let midpoint = (sigma_down != 0.0).then(|| {
                 let t = t_of(sigma);
@@ -95,12 +90,13 @@ impl DpmPp2sAncestral {
             });
             if let Some(midpoint) = midpoint {
                 timesteps.push(sigma_to_t(midpoint as f64, &logs) as f32 as f64);
+                input_sigmas.push(midpoint);
                 evaluations.push((index, true));
             }
             plans.push(StepPlan { sigma, sigma_next, sigma_down, sigma_up, midpoint });
         }
         Ok(DpmPp2sAncestral {
-            timesteps,
+            table: SigmaTable { timesteps, sigmas: input_sigmas, init_noise_sigma: plan.sigmas[0] },
             plans,
             evaluations,
             prediction_type: config.prediction_type,
@@ -116,34 +112,15 @@ impl DpmPp2sAncestral {
 }
 
 impl Sampler for DpmPp2sAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.plans[0].sigma as f64
+    /// k-diffusion img2img (as A1111 runs it) noises to x0 + noise × the start sigma; the
+    /// table's sigmas are where each evaluation's sample sits, so `add_noise` and
+    /// `scale_model_input` both read them.
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn order(&self) -> usize {
         2
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        // k-diffusion img2img (as A1111 runs it): x0 + noise × the start sigma; between a
-        // step's two evaluations the sample sits at the midpoint sigma.
-        let (step, second) = self.locate(step_index);
-        let plan = &self.plans[step];
-        let sigma = if second { plan.midpoint.unwrap_or(plan.sigma) } else { plan.sigma };
-        add_sigma_noise(original, noise, sigma)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        let (step, second) = self.locate(step_index);
-        let plan = &self.plans[step];
-        let sigma = if second { plan.midpoint.unwrap_or(plan.sigma) } else { plan.sigma };
-        scale_for_sigma(sample, sigma)
     }
 
     fn step(
@@ -154,16 +131,15 @@ impl Sampler for DpmPp2sAncestral {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
         let (step, second) = self.locate(step_index);
         let plan = self.plans[step];
         let t = t_of(plan.sigma);
         let next = match (second, plan.midpoint) {
             (false, None) => {
                 // sigma_down is 0: an Euler step (the last step).
-                let denoised =
-                    predicted_original(self.prediction_type, &model_output, &sample, plan.sigma)?;
-                let derivative = div(&(&sample - denoised)?, plan.sigma)?;
+                let derivative =
+                    ode_derivative(self.prediction_type, &model_output, &sample, plan.sigma)?;
                 (&sample + mul(&derivative, plan.sigma_down - plan.sigma)?)?
             }
             (false, Some(_)) => {

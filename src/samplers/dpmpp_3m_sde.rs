@@ -13,10 +13,10 @@ use candle_core::{Result, Tensor};
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
 use super::step_math::{
-    add_vp_noise, alpha_sigma, batch_noise, check_s_noise, check_step_index, lambda, mul,
-    step_inputs, vp_data_prediction,
+    alpha_sigma, batch_noise, check_s_noise, lambda, mul, step_inputs, vp_data_prediction_at_sigma,
 };
-use super::{Sampler, TorchGenerator};
+use super::step_table::VpSigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// diffusers runs the second-to-last step at second order below this many steps.
 const LOWER_ORDER_SECOND_BELOW: usize = 15;
@@ -24,24 +24,11 @@ const LOWER_ORDER_SECOND_BELOW: usize = 15;
 /// A DPM++ 3M SDE run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct DpmPp3mSde {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    table: VpSigmaTable,
     prediction_type: PredictionType,
     s_noise: f32,
     /// Data predictions of the previous steps, oldest first (at most two).
     previous_x0: Vec<Tensor>,
-}
-
-/// The data prediction x0 from the model output (diffusers' `convert_model_output` for the
-/// dpmsolver++ family).
-fn data_prediction(
-    prediction_type: PredictionType,
-    model_output: &Tensor,
-    sample: &Tensor,
-    sigma: f32,
-) -> Result<Tensor> {
-    let (alpha_t, sigma_t) = alpha_sigma(sigma);
-    vp_data_prediction(prediction_type, model_output, sample, alpha_t, sigma_t)
 }
 
 impl DpmPp3mSde {
@@ -56,8 +43,7 @@ impl DpmPp3mSde {
         check_s_noise(s_noise)?;
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::DpmSolver)?;
         Ok(DpmPp3mSde {
-            timesteps: plan.timesteps,
-            sigmas: plan.sigmas,
+            table: plan.into(),
             prediction_type: config.prediction_type,
             s_noise: s_noise as f32,
             previous_x0: Vec::new(),
@@ -67,7 +53,7 @@ impl DpmPp3mSde {
     /// The solver order diffusers' `step` picks at `step_index` with `history` earlier
     /// data predictions stored.
     fn order_at(&self, step_index: usize, history: usize) -> usize {
-        let steps = self.timesteps.len();
+        let steps = self.table.timesteps.len();
         if step_index == steps - 1 || history < 1 {
             1
         } else if history < 2 || (step_index == steps - 2 && steps < LOWER_ORDER_SECOND_BELOW) {
@@ -79,24 +65,8 @@ impl DpmPp3mSde {
 }
 
 impl Sampler for DpmPp3mSde {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        // diffusers' `add_noise` of the class: x_t = alpha_t x0 + sigma_t noise.
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        add_vp_noise(original, noise, alpha_t, sigma_t)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -107,21 +77,26 @@ impl Sampler for DpmPp3mSde {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
-        let m0 =
-            data_prediction(self.prediction_type, &model_output, &sample, self.sigmas[step_index])?;
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
+        let sigmas = &self.table.sigmas;
+        let m0 = vp_data_prediction_at_sigma(
+            self.prediction_type,
+            &model_output,
+            &sample,
+            sigmas[step_index],
+        )?;
         let noise = batch_noise(generators, &m0)?;
         let order = self.order_at(step_index, self.previous_x0.len());
 
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index + 1]);
-        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[step_index]);
+        let (alpha_t, sigma_t) = alpha_sigma(sigmas[step_index + 1]);
+        let (alpha_s0, sigma_s0) = alpha_sigma(sigmas[step_index]);
         let (lambda_t, lambda_s0) = (lambda(alpha_t, sigma_t), lambda(alpha_s0, sigma_s0));
         let h = lambda_t - lambda_s0;
         let decay = (-2.0 * h).exp();
         let weight = alpha_t * (1.0 - decay);
         let base = (mul(&sample, sigma_t / sigma_s0 * (-h).exp())? + mul(&m0, weight)?)?;
         let lambda_back = |back: usize| {
-            let (alpha, sigma) = alpha_sigma(self.sigmas[step_index - back]);
+            let (alpha, sigma) = alpha_sigma(sigmas[step_index - back]);
             lambda(alpha, sigma)
         };
         let drift = match order {

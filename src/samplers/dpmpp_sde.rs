@@ -24,14 +24,16 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::dpmpp_2s_ancestral::{ancestral_step, sigma_of, t_of};
-use super::euler::{predicted_original, scale_for_sigma};
+use super::dpmpp_2s_ancestral::{sigma_of, t_of};
+use super::euler::predicted_original;
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{log_sigmas, sigma_schedule, sigma_to_t, train_sigmas, Schedule, SigmaFamily};
 use super::step_math::{
-    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
+    batch_noise, check_s_noise, check_step_index, div, kdiffusion_ancestral_step, mul,
+    scale_for_sigma, step_inputs,
 };
-use super::{Sampler, TorchGenerator};
+use super::step_table::SigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// What is kept between a step's two evaluations.
 #[derive(Debug, Clone)]
@@ -44,12 +46,15 @@ struct Held {
 /// A DPM++ SDE run of a fixed number of steps (2 × steps − 1 evaluations).
 #[derive(Debug, Clone)]
 pub struct DpmPpSde {
-    timesteps: Vec<f64>,
+    /// Per model evaluation: the timesteps and diffusers' interleaved sigmas
+    /// [s0, s1, s1, s2, s2, ...] (a second evaluation's entry is the next step's sigma),
+    /// which `add_noise` reads; the model input is scaled at the midpoint instead (see
+    /// `scale_model_input`).
+    table: SigmaTable,
     /// One per step plus the final 0.
     sigmas: Vec<f32>,
     /// Per model evaluation: its step and whether it is the step's second evaluation.
     evaluations: Vec<(usize, bool)>,
-    init_noise_sigma: f32,
     prediction_type: PredictionType,
     s_noise: f32,
     held: Option<Held>,
@@ -71,7 +76,7 @@ fn step_times(sigma: f32, sigma_next: f32) -> StepTimes {
 /// The ancestral DPM-Solver++(1) step of diffusers' `DPMSolverSDEScheduler.step` from time
 /// `t` towards `t_to` with data prediction `x0`: returns the deterministic part and sigma_up.
 fn ancestral_update(sample: &Tensor, x0: &Tensor, t: f32, t_to: f32) -> Result<(Tensor, f32)> {
-    let (sigma_down, sigma_up) = ancestral_step(sigma_of(t), sigma_of(t_to));
+    let (sigma_down, sigma_up) = kdiffusion_ancestral_step(sigma_of(t), sigma_of(t_to));
     let ancestral_t = t_of(sigma_down);
     let ratio = sigma_of(ancestral_t) / sigma_of(t);
     let next = (mul(sample, ratio)? - mul(x0, (t - ancestral_t).exp_m1())?)?;
@@ -97,9 +102,11 @@ impl DpmPpSde {
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
         let logs = log_sigmas(&train_sigmas(config)?);
         let mut timesteps = Vec::with_capacity(2 * steps);
+        let mut noise_sigmas = Vec::with_capacity(2 * steps);
         let mut evaluations = Vec::with_capacity(2 * steps);
         for (index, &timestep) in plan.timesteps.iter().enumerate() {
             timesteps.push(timestep);
+            noise_sigmas.push(plan.sigmas[index]);
             evaluations.push((index, false));
             let (sigma, sigma_next) = (plan.sigmas[index] as f64, plan.sigmas[index + 1] as f64);
             if sigma_next != 0.0 {
@@ -107,14 +114,18 @@ impl DpmPpSde {
                 let (t, t_next) = (-sigma.ln(), -sigma_next.ln());
                 let midpoint = (-(t + (t_next - t) * 0.5)).exp();
                 timesteps.push(sigma_to_t(midpoint, &logs) as f32 as f64);
+                noise_sigmas.push(plan.sigmas[index + 1]);
                 evaluations.push((index, true));
             }
         }
         Ok(DpmPpSde {
-            timesteps,
+            table: SigmaTable {
+                timesteps,
+                sigmas: noise_sigmas,
+                init_noise_sigma: plan.init_noise_sigma,
+            },
             sigmas: plan.sigmas,
             evaluations,
-            init_noise_sigma: plan.init_noise_sigma,
             prediction_type: config.prediction_type,
             s_noise: s_noise as f32,
             held: None,
@@ -133,28 +144,18 @@ impl DpmPpSde {
 }
 
 impl Sampler for DpmPpSde {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn order(&self) -> usize {
         2
     }
 
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        // diffusers' interleaved sigmas [s0, s1, s1, s2, s2, ...]: a second evaluation's
-        // entry is the next step's sigma.
-        let (step, second) = self.evaluations[step_index];
-        add_sigma_noise(original, noise, self.sigmas[step + usize::from(second)])
-    }
-
+    /// Not the table's rule: diffusers scales a second evaluation's input by the midpoint
+    /// sigma, while its `add_noise` reads the interleaved step sigmas.
     fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
+        check_step_index(step_index, self.table.timesteps.len())?;
         scale_for_sigma(sample, self.input_sigma(step_index))
     }
 
@@ -166,7 +167,7 @@ impl Sampler for DpmPpSde {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
         let (step, second) = self.evaluations[step_index];
         let (sigma, sigma_next) = (self.sigmas[step], self.sigmas[step + 1]);
         let times = step_times(sigma, sigma_next);

@@ -5,15 +5,15 @@
 use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
-use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
-use super::step_math::{add_sigma_noise, as_f32, check_step_index, div, mul, step_inputs};
-use super::{Sampler, TorchGenerator};
+use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
+use super::step_math::{div, mul, step_inputs};
+use super::step_table::SigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// An Euler run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Euler {
-    schedule: SigmaSchedule,
-    timesteps: Vec<f64>,
+    table: SigmaTable,
     prediction_type: PredictionType,
 }
 
@@ -30,17 +30,26 @@ impl Euler {
         schedule: Schedule,
     ) -> Result<Self> {
         let schedule = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
-        Ok(Euler {
-            timesteps: schedule.timesteps.clone(),
-            schedule,
-            prediction_type: config.prediction_type,
-        })
+        Ok(Euler { table: schedule.into(), prediction_type: config.prediction_type })
     }
 
     /// The sigmas, one per step plus the final 0.
     pub fn sigmas(&self) -> &[f32] {
-        &self.schedule.sigmas
+        &self.table.sigmas
     }
+}
+
+/// k-diffusion's `to_d` on the Euler family's x0 estimate: the probability-flow ODE
+/// derivative dx/dsigma = (x − x0) / sigma at noise level `sigma`, as diffusers' Euler,
+/// LMS and KDPM2 steps compute it. (Heun clips x0 in between, so it spells this out.)
+pub(crate) fn ode_derivative(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    let original = predicted_original(prediction_type, model_output, sample, sigma)?;
+    div(&(sample - original)?, sigma)
 }
 
 /// diffusers' x0 estimate for the Euler family at noise level `sigma`.
@@ -60,29 +69,9 @@ pub(crate) fn predicted_original(
     }
 }
 
-/// diffusers' `scale_model_input` for the Euler family: sample / sqrt(sigma² + 1).
-pub(crate) fn scale_for_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    let out_dtype = sample.dtype();
-    div(&as_f32(sample)?, (sigma * sigma + 1.0).sqrt())?.to_dtype(out_dtype)
-}
-
 impl Sampler for Euler {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        add_sigma_noise(original, noise, self.schedule.sigmas[step_index])
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        scale_for_sigma(sample, self.schedule.sigmas[step_index])
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -93,11 +82,10 @@ impl Sampler for Euler {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
-        let sigma = self.schedule.sigmas[step_index];
-        let original = predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
-        let derivative = div(&(&sample - original)?, sigma)?;
-        let dt = self.schedule.sigmas[step_index + 1] - sigma;
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
+        let sigma = self.table.sigmas[step_index];
+        let derivative = ode_derivative(self.prediction_type, &model_output, &sample, sigma)?;
+        let dt = self.table.sigmas[step_index + 1] - sigma;
         (sample + mul(&derivative, dt)?)?.to_dtype(out_dtype)
     }
 }

@@ -4,19 +4,17 @@
 
 use candle_core::{Error, Result, Tensor};
 
-use super::euler::{predicted_original, scale_for_sigma};
+use super::euler::ode_derivative;
 use super::schedule::{PredictionType, SchedulerConfig};
-use super::sigmas::{sigma_schedule, Schedule, SigmaFamily, SigmaSchedule};
-use super::step_math::{
-    add_sigma_noise, batch_noise, check_s_noise, check_step_index, div, mul, step_inputs,
-};
-use super::{Sampler, TorchGenerator};
+use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
+use super::step_math::{batch_noise, check_s_noise, diffusers_ancestral_step, mul, step_inputs};
+use super::step_table::SigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// An Euler ancestral run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct EulerAncestral {
-    schedule: SigmaSchedule,
-    timesteps: Vec<f64>,
+    table: SigmaTable,
     prediction_type: PredictionType,
     s_noise: f32,
 }
@@ -44,8 +42,7 @@ impl EulerAncestral {
         }
         let schedule = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
         Ok(EulerAncestral {
-            timesteps: schedule.timesteps.clone(),
-            schedule,
+            table: schedule.into(),
             prediction_type: config.prediction_type,
             s_noise: s_noise as f32,
         })
@@ -53,27 +50,13 @@ impl EulerAncestral {
 
     /// The sigmas, one per step plus the final 0.
     pub fn sigmas(&self) -> &[f32] {
-        &self.schedule.sigmas
+        &self.table.sigmas
     }
 }
 
 impl Sampler for EulerAncestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.schedule.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        add_sigma_noise(original, noise, self.schedule.sigmas[step_index])
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        scale_for_sigma(sample, self.schedule.sigmas[step_index])
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -84,18 +67,12 @@ impl Sampler for EulerAncestral {
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
-        let sigma_from = self.schedule.sigmas[step_index];
-        let sigma_to = self.schedule.sigmas[step_index + 1];
-        let original =
-            predicted_original(self.prediction_type, &model_output, &sample, sigma_from)?;
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
+        let sigma_from = self.table.sigmas[step_index];
+        let sigma_to = self.table.sigmas[step_index + 1];
+        let derivative = ode_derivative(self.prediction_type, &model_output, &sample, sigma_from)?;
+        let (sigma_down, sigma_up) = diffusers_ancestral_step(sigma_from, sigma_to);
 
-        let from_sq = sigma_from * sigma_from;
-        let to_sq = sigma_to * sigma_to;
-        let sigma_up = (to_sq * (from_sq - to_sq) / from_sq).sqrt();
-        let sigma_down = (to_sq - sigma_up * sigma_up).sqrt();
-
-        let derivative = div(&(&sample - original)?, sigma_from)?;
         let previous = (&sample + mul(&derivative, sigma_down - sigma_from)?)?;
         let noise = batch_noise(generators, &previous)?;
         (previous + mul(&noise, sigma_up * self.s_noise)?)?.to_dtype(out_dtype)

@@ -5,11 +5,12 @@
 
 use candle_core::{Result, Tensor};
 
-use super::euler::{predicted_original, scale_for_sigma};
+use super::euler::predicted_original;
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{add_sigma_noise, check_step_index, div, mul, step_inputs};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{clip, div, mul, step_inputs};
+use super::step_table::SigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// State kept between the predictor and the corrector evaluation of one step.
 #[derive(Debug, Clone)]
@@ -22,12 +23,13 @@ struct Predictor {
 /// A Heun run of a fixed number of steps (2 × steps − 1 model evaluations).
 #[derive(Debug, Clone)]
 pub struct Heun {
-    /// One entry per model evaluation.
-    timesteps: Vec<f64>,
-    /// diffusers' interleaved sigmas: [s0, s1, s1, ..., s(n-1), s(n-1), 0].
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
+    /// One timestep per model evaluation and diffusers' interleaved sigmas:
+    /// [s0, s1, s1, ..., s(n-1), s(n-1), 0].
+    table: SigmaTable,
     prediction_type: PredictionType,
+    /// Not validated as the DDIM family's is ([`super::step_math::clip_range`]): like
+    /// diffusers' Heun class, this clamps with whatever range the config gives, and
+    /// validating here would turn configs Heun runs today into errors.
     clip_range: Option<f32>,
     predictor: Option<Predictor>,
 }
@@ -54,9 +56,11 @@ impl Heun {
         let timesteps: Vec<f64> =
             interleave(&plan.timesteps, false).into_iter().map(|t| t as f32 as f64).collect();
         Ok(Heun {
-            timesteps,
-            sigmas: interleave(&plan.sigmas, true),
-            init_noise_sigma: plan.init_noise_sigma,
+            table: SigmaTable {
+                timesteps,
+                sigmas: interleave(&plan.sigmas, true),
+                init_noise_sigma: plan.init_noise_sigma,
+            },
             prediction_type: config.prediction_type,
             clip_range: config.clip_sample.then_some(config.clip_sample_range as f32),
             predictor: None,
@@ -65,26 +69,12 @@ impl Heun {
 }
 
 impl Sampler for Heun {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        add_sigma_noise(original, noise, self.sigmas[step_index])
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn order(&self) -> usize {
         2
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        scale_for_sigma(sample, self.sigmas[step_index])
     }
 
     fn step(
@@ -95,19 +85,19 @@ impl Sampler for Heun {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
+        let sigmas = &self.table.sigmas;
         let first_order = self.predictor.is_none();
         let (sigma, sigma_next) = if first_order {
-            (self.sigmas[step_index], self.sigmas[step_index + 1])
+            (sigmas[step_index], sigmas[step_index + 1])
         } else {
-            (self.sigmas[step_index - 1], self.sigmas[step_index])
+            (sigmas[step_index - 1], sigmas[step_index])
         };
         let sigma_input = if first_order { sigma } else { sigma_next };
-        let mut original =
-            predicted_original(self.prediction_type, &model_output, &sample, sigma_input)?;
-        if let Some(range) = self.clip_range {
-            original = original.clamp(-range, range)?;
-        }
+        let original = clip(
+            predicted_original(self.prediction_type, &model_output, &sample, sigma_input)?,
+            self.clip_range,
+        )?;
         let previous = match self.predictor.take() {
             None => {
                 let derivative = div(&(&sample - original)?, sigma)?;

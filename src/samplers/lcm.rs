@@ -14,10 +14,9 @@ use candle_core::{Error, Result, Tensor};
 
 use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
-use super::step_math::{
-    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_prediction,
-};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{batch_noise, clip, clip_range, mul, step_inputs, vp_data_prediction};
+use super::step_table::AlphaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// Only the distillation schedule.
 pub const SCHEDULES: &[Schedule] = &[Schedule::Default];
@@ -59,26 +58,10 @@ pub(crate) fn consistency_timesteps(
     Ok((0..steps).map(|i| origin[(i as f64 * interval).floor() as usize]).collect())
 }
 
-/// Validates `clip_sample_range` when clipping is on.
-pub(crate) fn clip_range(config: &SchedulerConfig) -> Result<Option<f32>> {
-    if !config.clip_sample {
-        return Ok(None);
-    }
-    let range = config.clip_sample_range;
-    if !(range.is_finite() && range > 0.0) {
-        return Err(Error::Msg(format!(
-            "scheduler config: clip_sample_range must be > 0, got {range}"
-        )));
-    }
-    Ok(Some(range as f32))
-}
-
 /// An LCM run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Lcm {
-    timesteps: Vec<usize>,
-    timesteps_f64: Vec<f64>,
-    alphas_cumprod: Vec<f32>,
+    table: AlphaTable,
     prediction_type: PredictionType,
     clip_range: Option<f32>,
     timestep_scaling: f32,
@@ -97,9 +80,7 @@ impl Lcm {
         let alphas_cumprod = alphas_cumprod(config)?;
         check_epsilon_at_zero_snr(config, &alphas_cumprod, &timesteps, "lcm")?;
         Ok(Lcm {
-            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
-            timesteps,
-            alphas_cumprod,
+            table: AlphaTable::new(timesteps, alphas_cumprod),
             prediction_type: config.prediction_type,
             clip_range: clip_range(config)?,
             timestep_scaling: scaling as f32,
@@ -117,22 +98,8 @@ impl Lcm {
 }
 
 impl Sampler for Lcm {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        add_alpha_noise(original, noise, self.alphas_cumprod[self.timesteps[step_index]])
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -142,12 +109,12 @@ impl Sampler for Lcm {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        let steps = self.timesteps.len();
+        let steps = self.table.train_timesteps.len();
         let (out_dtype, model_output, sample) =
             step_inputs(model_output, step_index, sample, steps)?;
 
-        let timestep = self.timesteps[step_index];
-        let alpha_t = self.alphas_cumprod[timestep];
+        let timestep = self.table.train_timesteps[step_index];
+        let alpha_t = self.table.alphas_cumprod[timestep];
         let beta_t = 1.0 - alpha_t;
         let (c_skip, c_out) = self.boundary_scalings(timestep);
         let original = vp_data_prediction(
@@ -157,16 +124,13 @@ impl Sampler for Lcm {
             alpha_t.sqrt(),
             beta_t.sqrt(),
         )?;
-        let original = match self.clip_range {
-            Some(range) => original.clamp(-range, range)?,
-            None => original,
-        };
+        let original = clip(original, self.clip_range)?;
         let denoised = (mul(&original, c_out)? + mul(&sample, c_skip)?)?;
         if step_index + 1 == steps {
             // No noise after the last step (and none at all for one-step sampling).
             return denoised.to_dtype(out_dtype);
         }
-        let alpha_prev = self.alphas_cumprod[self.timesteps[step_index + 1]];
+        let alpha_prev = self.table.alpha_cumprod_at_step(step_index + 1);
         let noise = batch_noise(generators, &denoised)?;
         let next = (mul(&denoised, alpha_prev.sqrt())? + mul(&noise, (1.0 - alpha_prev).sqrt())?)?;
         next.to_dtype(out_dtype)

@@ -6,11 +6,12 @@
 
 use candle_core::{Result, Tensor};
 
-use super::euler::{predicted_original, scale_for_sigma};
+use super::euler::ode_derivative;
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{add_sigma_noise, check_step_index, div, mul, step_inputs};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{mul, step_inputs};
+use super::step_table::SigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// The highest order diffusers' pipelines use (its `step(order=4)` default).
 const ORDER: usize = 4;
@@ -18,9 +19,7 @@ const ORDER: usize = 4;
 /// An LMS run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Lms {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
+    table: SigmaTable,
     prediction_type: PredictionType,
     /// The latest derivatives, oldest first.
     derivatives: Vec<Tensor>,
@@ -31,9 +30,7 @@ impl Lms {
     pub fn new(config: &SchedulerConfig, steps: usize, schedule: Schedule) -> Result<Self> {
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::KDiffusion)?;
         Ok(Lms {
-            timesteps: plan.timesteps,
-            sigmas: plan.sigmas,
-            init_noise_sigma: plan.init_noise_sigma,
+            table: plan.into(),
             prediction_type: config.prediction_type,
             derivatives: Vec::new(),
         })
@@ -42,7 +39,8 @@ impl Lms {
     /// ∫ over [sigma_t, sigma_{t+1}] of the Lagrange basis polynomial of node `current`
     /// among the nodes sigma_t, sigma_{t-1}, ..., sigma_{t-order+1}.
     fn coefficient(&self, order: usize, t: usize, current: usize) -> f64 {
-        let node = |k: usize| self.sigmas[t - k] as f64;
+        let sigmas = &self.table.sigmas;
+        let node = |k: usize| sigmas[t - k] as f64;
         // Polynomial coefficients, lowest degree first.
         let mut poly = vec![1.0f64];
         for k in (0..order).filter(|&k| k != current) {
@@ -60,27 +58,13 @@ impl Lms {
                 .map(|(d, c)| c * x.powi(d as i32 + 1) / (d + 1) as f64)
                 .sum::<f64>()
         };
-        antiderivative(self.sigmas[t + 1] as f64) - antiderivative(self.sigmas[t] as f64)
+        antiderivative(sigmas[t + 1] as f64) - antiderivative(sigmas[t] as f64)
     }
 }
 
 impl Sampler for Lms {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma as f64
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        add_sigma_noise(original, noise, self.sigmas[step_index])
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        scale_for_sigma(sample, self.sigmas[step_index])
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -91,10 +75,9 @@ impl Sampler for Lms {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
-        let sigma = self.sigmas[step_index];
-        let original = predicted_original(self.prediction_type, &model_output, &sample, sigma)?;
-        self.derivatives.push(div(&(&sample - original)?, sigma)?);
+            step_inputs(model_output, step_index, sample, self.table.timesteps.len())?;
+        let sigma = self.table.sigmas[step_index];
+        self.derivatives.push(ode_derivative(self.prediction_type, &model_output, &sample, sigma)?);
         if self.derivatives.len() > ORDER {
             self.derivatives.remove(0);
         }

@@ -27,6 +27,7 @@ pub mod lcm;
 pub mod tcd;
 
 mod step_math;
+mod step_table;
 
 #[cfg(test)]
 mod add_noise_tests;
@@ -48,6 +49,7 @@ use candle_core::{Error, Result, Tensor};
 pub use rng::TorchGenerator;
 pub use schedule::{PredictionType, SchedulerConfig, SchedulerOverrides, TimestepSpacing};
 pub use sigmas::Schedule;
+pub use step_table::StepTable;
 
 /// The samplers this build knows, by id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -373,15 +375,29 @@ pub fn resolve_sampler_name(name: &str) -> Option<(SamplerKind, Option<Schedule>
 /// Samplers that evaluate the model several times per step (Heun, DPM2) list every
 /// evaluation in `timesteps()`, as diffusers does, and keep their state between calls.
 pub trait Sampler: Send {
+    /// The table of timesteps and noise levels this sampler runs over, when it keeps one
+    /// (every sampler here does): `timesteps`, `init_noise_sigma`, `scale_model_input` and
+    /// `add_noise` read it unless the sampler overrides them. A sampler without a table
+    /// must implement the first three itself; its `add_noise` refuses img2img.
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        None
+    }
+
     /// The model timesteps, one per model evaluation, in the order they are visited.
-    fn timesteps(&self) -> &[f64];
+    fn timesteps(&self) -> &[f64] {
+        self.step_table().expect(NO_STEP_TABLE).timesteps()
+    }
 
     /// The factor the initial unit-variance noise is multiplied by.
-    fn init_noise_sigma(&self) -> f64;
+    fn init_noise_sigma(&self) -> f64 {
+        self.step_table().expect(NO_STEP_TABLE).init_noise_sigma()
+    }
 
     /// Scales the latent before it enters the model at `step_index`
     /// (identity for DDIM; divides by sqrt(sigma^2 + 1) for the Euler family).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor>;
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
+        self.step_table().expect(NO_STEP_TABLE).scale_model_input(sample, step_index)
+    }
 
     /// Takes one step: from `sample` at `step_index` and the model output there (already
     /// after classifier-free guidance; its meaning is given by the prediction type of the
@@ -409,7 +425,14 @@ pub trait Sampler: Send {
     /// index when inpainting re-noises the original after a step). A run started this way
     /// at `step_index` must then call `step` from `step_index` on with no earlier state.
     fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        let _ = (original, noise, step_index);
-        Err(Error::Msg("img2img is not supported with this sampler yet".into()))
+        match self.step_table() {
+            Some(table) => table.add_noise(original, noise, step_index),
+            None => Err(Error::Msg("img2img is not supported with this sampler yet".into())),
+        }
     }
 }
+
+/// Why a table-less sampler's default bookkeeping method cannot answer.
+const NO_STEP_TABLE: &str =
+    "a sampler without a step table must implement timesteps, init_noise_sigma and \
+     scale_model_input; this is a bug";

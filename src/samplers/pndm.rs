@@ -12,8 +12,9 @@ use super::schedule::{
     SchedulerConfig, TimestepSpacing,
 };
 use super::sigmas::Schedule;
-use super::step_math::{as_f32, check_same_shape, check_step_index, div, mul, step_inputs};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{div, mul, step_inputs};
+use super::step_table::AlphaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// Only the model's own timesteps.
 pub const SCHEDULES: &[Schedule] = &[Schedule::Default];
@@ -21,8 +22,9 @@ pub const SCHEDULES: &[Schedule] = &[Schedule::Default];
 /// A PLMS run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Pndm {
-    timesteps: Vec<f64>,
-    alphas_cumprod: Vec<f32>,
+    /// The timesteps (the second-highest twice) with the training ᾱ; `add_noise` is
+    /// diffusers' of the class, sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) noise.
+    table: AlphaTable,
     final_alpha_cumprod: f32,
     /// diffusers steps back by train/steps (integer division) whatever the spacing.
     step_back: i64,
@@ -66,17 +68,17 @@ impl Pndm {
                 config.steps_offset
             )));
         }
-        // skip_prk_steps: every timestep once, the second-highest twice, descending.
-        let mut timesteps = ascending.clone();
+        // skip_prk_steps: every timestep once, the second-highest twice, descending. They
+        // are whole numbers in 0..train (checked above), so they index ᾱ exactly.
+        let mut timesteps: Vec<usize> = ascending.iter().map(|&t| t as usize).collect();
         if steps >= 2 {
-            timesteps.insert(steps - 1, ascending[steps - 2]);
+            timesteps.insert(steps - 1, timesteps[steps - 2]);
         }
         timesteps.reverse();
         let alphas_cumprod = alphas_cumprod(config)?;
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         Ok(Pndm {
-            timesteps,
-            alphas_cumprod,
+            table: AlphaTable::new(timesteps, alphas_cumprod),
             final_alpha_cumprod,
             step_back: (train / steps) as i64,
             prediction_type: config.prediction_type,
@@ -91,7 +93,7 @@ impl Pndm {
         if timestep < 0 {
             return Ok(self.final_alpha_cumprod);
         }
-        self.alphas_cumprod.get(timestep as usize).copied().ok_or_else(|| {
+        self.table.alphas_cumprod.get(timestep as usize).copied().ok_or_else(|| {
             Error::Msg(format!(
                 "pndm reached timestep {timestep}, outside the training schedule; use another \
                  step count or spacing"
@@ -125,25 +127,8 @@ impl Pndm {
 }
 
 impl Sampler for Pndm {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        check_same_shape(noise, original)?;
-        // diffusers' `add_noise` of the class: sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) noise.
-        let alpha = self.alpha_at(self.timesteps[step_index] as i64)?;
-        mul(&as_f32(original)?, alpha.sqrt())? + mul(&as_f32(noise)?, (1.0 - alpha).sqrt())?
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -154,13 +139,13 @@ impl Sampler for Pndm {
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
         let (out_dtype, model_output, mut sample) =
-            step_inputs(model_output, step_index, sample, self.timesteps.len())?;
+            step_inputs(model_output, step_index, sample, self.table.train_timesteps.len())?;
         // diffusers counts calls, not positions: an img2img run that starts part-way (at
         // `timesteps[start]`, as its pipeline slices them) takes its first two calls as the
         // warm-up pair, whatever timesteps they carry.
         let counter = self.counter;
         self.counter += 1;
-        let mut timestep = self.timesteps[step_index] as i64;
+        let mut timestep = self.table.train_timesteps[step_index] as i64;
         let mut previous = timestep - self.step_back;
         if counter == 1 {
             // The repeated evaluation: redo the first step from its start.

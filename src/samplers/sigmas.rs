@@ -185,6 +185,17 @@ fn beta_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The sigmas a spanning schedule (Karras, exponential or beta) lays from `sigma_max`
+/// down to `sigma_min`; the families differ only in where they take those end points.
+fn spanned_sigmas(schedule: Schedule, sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    match schedule {
+        Schedule::Karras => karras(sigma_min, sigma_max, n),
+        Schedule::Exponential => exponential(sigma_min, sigma_max, n),
+        Schedule::Beta => beta_sigmas(sigma_min, sigma_max, n),
+        _ => unreachable!("only the spanning schedules get here; this is a bug"),
+    }
+}
+
 /// ln Γ(x) for x > 0 (Lanczos, g = 7; about 1e-15 relative).
 fn ln_gamma(x: f64) -> f64 {
     const COEFFICIENTS: [f64; 9] = [
@@ -393,12 +404,7 @@ pub fn sigma_schedule(
         // The end points are the interpolated inference sigmas, in float64.
         let sigma_max = numpy_interp_on_index(base.timesteps[0] as f64, &train);
         let sigma_min = numpy_interp_on_index(base.timesteps[steps - 1] as f64, &train);
-        let wide = match schedule {
-            Schedule::Karras => karras(sigma_min, sigma_max, steps),
-            Schedule::Exponential => exponential(sigma_min, sigma_max, steps),
-            Schedule::Beta => beta_sigmas(sigma_min, sigma_max, steps),
-            _ => unreachable!("handled above; this is a bug"),
-        };
+        let wide = spanned_sigmas(schedule, sigma_min, sigma_max, steps);
         let round = schedule == Schedule::Karras && family == SigmaFamily::KDiffusionRoundKarras;
         let timesteps = wide
             .iter()
@@ -447,12 +453,7 @@ pub fn sigma_schedule(
         }
         _ => {
             let (sigma_min, sigma_max) = (train[0] as f64, train[train_count - 1] as f64);
-            let wide = match schedule {
-                Schedule::Karras => karras(sigma_min, sigma_max, steps),
-                Schedule::Exponential => exponential(sigma_min, sigma_max, steps),
-                Schedule::Beta => beta_sigmas(sigma_min, sigma_max, steps),
-                _ => unreachable!("handled above; this is a bug"),
-            };
+            let wide = spanned_sigmas(schedule, sigma_min, sigma_max, steps);
             let round = schedule == Schedule::Karras && (!cosine || family == SigmaFamily::Deis);
             let timesteps = wide
                 .iter()

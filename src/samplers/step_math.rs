@@ -1,11 +1,12 @@
 //! Tensor helpers shared by the samplers: float32 scalar arithmetic that rounds like
 //! torch's (tensor ⊗ 0-d float32 tensor) ops, batch noise from per-item generators,
-//! argument checks, and the variance-preserving (VP) arithmetic the DDPM family and the
-//! DPM-Solver family share (noising, and x0 / noise predictions from the model output).
+//! argument checks, the variance-preserving (VP) arithmetic the DDPM family and the
+//! DPM-Solver family share (noising, and x0 / noise predictions from the model output),
+//! and the sigma arithmetic of the Euler family (model input scaling, ancestral splits).
 
 use candle_core::{DType, Error, Result, Tensor};
 
-use super::{PredictionType, TorchGenerator};
+use super::{PredictionType, SchedulerConfig, TorchGenerator};
 
 /// `tensor * scalar`, one float32 rounding per element (as torch's mul with a 0-d tensor).
 pub(crate) fn mul(tensor: &Tensor, scalar: f32) -> Result<Tensor> {
@@ -40,6 +41,29 @@ pub(crate) fn check_s_noise(s_noise: f64) -> Result<()> {
         return Err(Error::Msg(format!("s_noise must be a finite number >= 0, got {s_noise}")));
     }
     Ok(())
+}
+
+/// The config's `clip_sample_range` when `clip_sample` is on, validated (> 0, finite), as
+/// the DDIM-family classes clamp their x0 prediction with it.
+pub(crate) fn clip_range(config: &SchedulerConfig) -> Result<Option<f32>> {
+    if !config.clip_sample {
+        return Ok(None);
+    }
+    let range = config.clip_sample_range;
+    if !(range.is_finite() && range > 0.0) {
+        return Err(Error::Msg(format!(
+            "scheduler config: clip_sample_range must be > 0, got {range}"
+        )));
+    }
+    Ok(Some(range as f32))
+}
+
+/// diffusers' `clip_sample`: clamps the x0 prediction to ±`range` when there is one.
+pub(crate) fn clip(original: Tensor, range: Option<f32>) -> Result<Tensor> {
+    match range {
+        Some(range) => original.clamp(-range, range),
+        None => Ok(original),
+    }
 }
 
 /// Fails unless `model_output` and `sample` have the same shape.
@@ -141,6 +165,18 @@ pub(crate) fn vp_data_prediction(
     }
 }
 
+/// The DPM-Solver family's data prediction x0 at the Karras-style noise level `sigma`
+/// (diffusers' `convert_model_output` for the dpmsolver++ / UniPC / DEIS classes).
+pub(crate) fn vp_data_prediction_at_sigma(
+    prediction_type: PredictionType,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    vp_data_prediction(prediction_type, model_output, sample, alpha_t, sigma_t)
+}
+
 /// The data prediction x0 and the noise prediction ε from the model output at VP
 /// coordinates (`alpha`, `sigma`), as diffusers' DDIM and TCD steps compute them.
 pub(crate) fn vp_data_and_noise(
@@ -171,4 +207,34 @@ pub(crate) fn vp_data_and_noise(
 pub(crate) fn add_sigma_noise(original: &Tensor, noise: &Tensor, sigma: f32) -> Result<Tensor> {
     check_same_shape(noise, original)?;
     as_f32(original)? + mul(&as_f32(noise)?, sigma)?
+}
+
+/// diffusers' `scale_model_input` for the Euler family: sample / sqrt(sigma² + 1).
+pub(crate) fn scale_for_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
+    let out_dtype = sample.dtype();
+    div(&as_f32(sample)?, (sigma * sigma + 1.0).sqrt())?.to_dtype(out_dtype)
+}
+
+/// The noise sigma_up an ancestral step from `sigma_from` to `sigma_to` adds, float32:
+/// sqrt(sigma_to² (sigma_from² − sigma_to²) / sigma_from²), evaluated in the order diffusers'
+/// ancestral classes and k-diffusion's `get_ancestral_step` (eta 1) both use.
+fn ancestral_sigma_up(sigma_from: f32, sigma_to: f32) -> f32 {
+    let (from_sq, to_sq) = (sigma_from * sigma_from, sigma_to * sigma_to);
+    (to_sq * (from_sq - to_sq) / from_sq).sqrt()
+}
+
+/// diffusers' ancestral split (`EulerAncestralDiscreteScheduler`,
+/// `KDPM2AncestralDiscreteScheduler`), float32: (sigma_down, sigma_up). Unlike
+/// [`kdiffusion_ancestral_step`] it does not clamp sigma_up to sigma_to, and a float32
+/// rounding can put sigma_up an ulp above it, so the two stay apart for parity.
+pub(crate) fn diffusers_ancestral_step(sigma_from: f32, sigma_to: f32) -> (f32, f32) {
+    let up = ancestral_sigma_up(sigma_from, sigma_to);
+    ((sigma_to * sigma_to - up * up).sqrt(), up)
+}
+
+/// k-diffusion's `get_ancestral_step` with eta 1, float32: (sigma_down, sigma_up), with
+/// sigma_up clamped to sigma_to as k-diffusion does (see [`diffusers_ancestral_step`]).
+pub(crate) fn kdiffusion_ancestral_step(sigma_from: f32, sigma_to: f32) -> (f32, f32) {
+    let up = sigma_to.min(ancestral_sigma_up(sigma_from, sigma_to));
+    ((sigma_to * sigma_to - up * up).sqrt(), up)
 }

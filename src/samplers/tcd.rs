@@ -13,10 +13,9 @@ use candle_core::{Error, Result, Tensor};
 use super::lcm::consistency_timesteps;
 use super::schedule::{alphas_cumprod, check_epsilon_at_zero_snr, PredictionType, SchedulerConfig};
 use super::sigmas::Schedule;
-use super::step_math::{
-    add_alpha_noise, batch_noise, check_step_index, mul, step_inputs, vp_data_and_noise,
-};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{batch_noise, mul, step_inputs, vp_data_and_noise};
+use super::step_table::AlphaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// Only the distillation schedule.
 pub const SCHEDULES: &[Schedule] = &[Schedule::Default];
@@ -27,9 +26,7 @@ pub const DEFAULT_GAMMA: f64 = 0.3;
 /// A TCD run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct Tcd {
-    timesteps: Vec<usize>,
-    timesteps_f64: Vec<f64>,
-    alphas_cumprod: Vec<f32>,
+    table: AlphaTable,
     prediction_type: PredictionType,
     gamma: f32,
 }
@@ -44,9 +41,7 @@ impl Tcd {
         let alphas_cumprod = alphas_cumprod(config)?;
         check_epsilon_at_zero_snr(config, &alphas_cumprod, &timesteps, "tcd")?;
         Ok(Tcd {
-            timesteps_f64: timesteps.iter().map(|&t| t as f64).collect(),
-            timesteps,
-            alphas_cumprod,
+            table: AlphaTable::new(timesteps, alphas_cumprod),
             prediction_type: config.prediction_type,
             gamma: gamma as f32,
         })
@@ -54,22 +49,8 @@ impl Tcd {
 }
 
 impl Sampler for Tcd {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps_f64
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        add_alpha_noise(original, noise, self.alphas_cumprod[self.timesteps[step_index]])
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -79,19 +60,20 @@ impl Sampler for Tcd {
         sample: &Tensor,
         generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        let steps = self.timesteps.len();
+        let AlphaTable { train_timesteps, alphas_cumprod, .. } = &self.table;
+        let steps = train_timesteps.len();
         let (out_dtype, model_output, sample) =
             step_inputs(model_output, step_index, sample, steps)?;
 
         let last = step_index + 1 == steps;
-        let timestep = self.timesteps[step_index];
-        let previous_timestep = if last { 0 } else { self.timesteps[step_index + 1] };
+        let timestep = train_timesteps[step_index];
+        let previous_timestep = if last { 0 } else { train_timesteps[step_index + 1] };
         // torch: floor((1 - gamma) * prev) with a float32 product.
         let intermediate = ((1.0 - self.gamma) * previous_timestep as f32).floor() as usize;
-        let alpha_t = self.alphas_cumprod[timestep];
+        let alpha_t = alphas_cumprod[timestep];
         let beta_t = 1.0 - alpha_t;
-        let alpha_prev = self.alphas_cumprod[previous_timestep];
-        let alpha_s = self.alphas_cumprod[intermediate];
+        let alpha_prev = alphas_cumprod[previous_timestep];
+        let alpha_s = alphas_cumprod[intermediate];
         let beta_s = 1.0 - alpha_s;
         let (original, epsilon) = vp_data_and_noise(
             self.prediction_type,

@@ -12,10 +12,9 @@ use candle_core::{Result, Tensor};
 
 use super::schedule::{PredictionType, SchedulerConfig};
 use super::sigmas::{sigma_schedule, Schedule, SigmaFamily};
-use super::step_math::{
-    add_vp_noise, alpha_sigma, check_step_index, div, lambda, mul, step_inputs, vp_data_prediction,
-};
-use super::{Sampler, TorchGenerator};
+use super::step_math::{alpha_sigma, div, lambda, mul, step_inputs, vp_data_prediction_at_sigma};
+use super::step_table::VpSigmaTable;
+use super::{Sampler, StepTable, TorchGenerator};
 
 /// The schedules diffusers' class offers (it has no custom-sigma path for ComfyUI's).
 pub const SCHEDULES: &[Schedule] =
@@ -27,8 +26,7 @@ const ORDER: usize = 2;
 /// A UniPC run of a fixed number of steps.
 #[derive(Debug, Clone)]
 pub struct UniPc {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
+    table: VpSigmaTable,
     prediction_type: PredictionType,
     /// Data predictions of the latest steps, oldest first (at most `ORDER`).
     data_predictions: Vec<Tensor>,
@@ -80,8 +78,7 @@ impl UniPc {
     pub fn new(config: &SchedulerConfig, steps: usize, schedule: Schedule) -> Result<Self> {
         let plan = sigma_schedule(config, steps, schedule, SigmaFamily::DpmSolver)?;
         Ok(UniPc {
-            timesteps: plan.timesteps,
-            sigmas: plan.sigmas,
+            table: plan.into(),
             prediction_type: config.prediction_type,
             data_predictions: Vec::new(),
             last_sample: None,
@@ -89,24 +86,14 @@ impl UniPc {
         })
     }
 
-    /// The data prediction x0 from the model output (diffusers' `convert_model_output`).
-    fn data_prediction(
-        &self,
-        model_output: &Tensor,
-        sample: &Tensor,
-        sigma: f32,
-    ) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        vp_data_prediction(self.prediction_type, model_output, sample, alpha_t, sigma_t)
-    }
-
     /// UniC: the corrected sample at `step_index`, recomputed from `last_sample` (where the
     /// previous predictor started) with the new data prediction `model_t` there.
     fn correct(&self, model_t: &Tensor, last_sample: &Tensor, step_index: usize) -> Result<Tensor> {
         let order = self.last_order;
         let m0 = self.data_predictions.last().expect("a previous step exists; this is a bug");
-        let (alpha_t, sigma_t, lambda_t) = vp(self.sigmas[step_index]);
-        let (_, sigma_s0, lambda_s0) = vp(self.sigmas[step_index - 1]);
+        let sigmas = &self.table.sigmas;
+        let (alpha_t, sigma_t, lambda_t) = vp(sigmas[step_index]);
+        let (_, sigma_s0, lambda_s0) = vp(sigmas[step_index - 1]);
         let h = lambda_t - lambda_s0;
         let hh = -h;
         let h_phi_1 = hh.exp_m1();
@@ -117,7 +104,7 @@ impl UniPc {
         let correction = if order == 1 {
             mul(&d1_t, 0.5)?
         } else {
-            let (_, _, lambda_s1) = vp(self.sigmas[step_index - 2]);
+            let (_, _, lambda_s1) = vp(sigmas[step_index - 2]);
             let rk = (lambda_s1 - lambda_s0) / h;
             let m1 = &self.data_predictions[self.data_predictions.len() - 2];
             let d1 = div(&(m1 - m0)?, rk)?;
@@ -130,8 +117,9 @@ impl UniPc {
     /// UniP: predicts the sample at `step_index + 1` from `sample` with `order`.
     fn predict(&self, sample: &Tensor, step_index: usize, order: usize) -> Result<Tensor> {
         let m0 = self.data_predictions.last().expect("pushed before predicting; this is a bug");
-        let (alpha_t, sigma_t, lambda_t) = vp(self.sigmas[step_index + 1]);
-        let (_, sigma_s0, lambda_s0) = vp(self.sigmas[step_index]);
+        let sigmas = &self.table.sigmas;
+        let (alpha_t, sigma_t, lambda_t) = vp(sigmas[step_index + 1]);
+        let (_, sigma_s0, lambda_s0) = vp(sigmas[step_index]);
         let h = lambda_t - lambda_s0;
         let hh = -h;
         let h_phi_1 = hh.exp_m1();
@@ -140,7 +128,7 @@ impl UniPc {
         if order == 1 {
             return Ok(base);
         }
-        let (_, _, lambda_s1) = vp(self.sigmas[step_index - 1]);
+        let (_, _, lambda_s1) = vp(sigmas[step_index - 1]);
         let rk = (lambda_s1 - lambda_s0) / h;
         let m1 = &self.data_predictions[self.data_predictions.len() - 2];
         let d1 = div(&(m1 - m0)?, rk)?;
@@ -150,26 +138,11 @@ impl UniPc {
 }
 
 impl Sampler for UniPc {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn add_noise(&self, original: &Tensor, noise: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        // diffusers' `add_noise` of the class (at the begin index): VP coordinates,
-        // x_t = alpha_t x0 + sigma_t noise. A run started here has no earlier outputs, so
-        // its first step is first order and uncorrected, as diffusers' fresh state.
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[step_index]);
-        add_vp_noise(original, noise, alpha_t, sigma_t)
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        check_step_index(step_index, self.timesteps.len())?;
-        Ok(sample.clone())
+    /// `add_noise` is the table's (diffusers' at the begin index, VP coordinates). A run
+    /// started there has no earlier outputs, so its first step is first order and
+    /// uncorrected, as diffusers' fresh state.
+    fn step_table(&self) -> Option<&dyn StepTable> {
+        Some(&self.table)
     }
 
     fn step(
@@ -179,10 +152,15 @@ impl Sampler for UniPc {
         sample: &Tensor,
         _generators: &mut [TorchGenerator],
     ) -> Result<Tensor> {
-        let steps = self.timesteps.len();
+        let steps = self.table.timesteps.len();
         let (out_dtype, model_output, mut sample) =
             step_inputs(model_output, step_index, sample, steps)?;
-        let x0 = self.data_prediction(&model_output, &sample, self.sigmas[step_index])?;
+        let x0 = vp_data_prediction_at_sigma(
+            self.prediction_type,
+            &model_output,
+            &sample,
+            self.table.sigmas[step_index],
+        )?;
         if step_index > 0 {
             if let Some(last_sample) = &self.last_sample {
                 sample = self.correct(&x0, last_sample, step_index)?;
