@@ -35,9 +35,9 @@ const ROW_QUANTUM: usize = 24;
 /// Keys per `P V` pass: the pass's value rows (128 × 48 floats for SD 1.5) stay in L1.
 const VALUE_KEY_CHUNK: usize = 128;
 
-/// Whether this CPU runs the kernels of this module.
+/// Whether this CPU runs the kernels of this module (see [`crate::gemm_avx512`]'s switch).
 pub(crate) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    crate::gemm_avx512::available()
 }
 
 thread_local! {

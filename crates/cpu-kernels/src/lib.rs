@@ -42,6 +42,8 @@ mod attention_avx512;
 pub use attention::{attention, attention_into, exp_nonpositive, AttentionGeometry};
 
 mod dense;
+#[cfg(target_arch = "x86_64")]
+mod gemm_avx512;
 pub use dense::{
     erf, geglu, gelu_erf, layer_norm, linear, matmul, pixels_to_tokens, tokens_to_pixels, MatrixRef,
 };
