@@ -963,12 +963,15 @@ impl Pipeline {
         &self,
         request: &GenerationRequest,
     ) -> Result<TextConditioning, PipelineError> {
-        self.prompts.encode_prompt(
+        let encoded = self.prompts.encode_prompt(
             &request.prompt,
             request.clip_skip,
             &self.prompt_context,
             "prompt",
-        )
+        )?;
+        // GPU work is queued asynchronously: wait for it, or the timing stops early.
+        self.device.synchronize()?;
+        Ok(encoded)
     }
 
     /// Benchmark hook: one UNet forward at the request's size with `batch` latents
@@ -993,6 +996,7 @@ impl Pipeline {
             _ => None,
         };
         self.unet.forward(&sample, 500.0, &context, added.as_ref())?;
+        self.device.synchronize()?;
         Ok(())
     }
 
