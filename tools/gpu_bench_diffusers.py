@@ -22,14 +22,19 @@ from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 PROMPT = "a photo of an astronaut riding a horse"
 
 
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(repeats, run):
     run()
-    torch.cuda.synchronize()
+    synchronize()
     seconds = []
     for _ in range(max(repeats, 1)):
         started = time.perf_counter()
         run()
-        torch.cuda.synchronize()
+        synchronize()
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds), min(seconds), max(seconds)
 
@@ -48,17 +53,19 @@ def main():
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only to try the script on a tiny model)")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     torch.set_grad_enabled(False)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
 
     loading = time.perf_counter()
     pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     sdxl = hasattr(pipe, "text_encoder_2")
-    print(f"diffusers {type(pipe).__name__} dtype {args.dtype} on {torch.cuda.get_device_name()}, "
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"diffusers {type(pipe).__name__} dtype {args.dtype} on {gpu}, "
           f"torch {torch.__version__}, loaded in {time.perf_counter() - loading:.1f} s", flush=True)
 
     def encode():
@@ -103,7 +110,8 @@ def main():
             report(f"request {size}x{size}, {args.steps} steps, cfg", timed(1, request))
         if upcast_vae:
             decode_vae = vae.to(torch.float32)
-    print(f"peak GPU memory allocated by torch {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    if device.type == "cuda":
+        print(f"peak GPU memory allocated by torch {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":
