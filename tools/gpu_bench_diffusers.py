@@ -2,8 +2,8 @@
 that tools/gpu_check.sh can put both side by side.
 
 Parts (as `sdserve bench`): text encoder (one prompt, both encoders for SDXL), one UNet
-step at batch 1 and 2 (2 = one image with guidance), VAE decode (in float32 when the VAE
-config says force_upcast and the pipeline is float16, as diffusers' pipelines do), and a
+step at batch 1 and 2 (2 = one image with guidance), VAE decode (float32 when an SDXL
+pipeline in float16 has a force_upcast VAE, as diffusers' SDXL pipeline does), and a
 whole request (Euler, --steps steps, guidance, CPU generator seeded 0 as sdserve's
 torch-compatible generator). Each part: one warm-up, then --repeats timed runs with
 torch.cuda.synchronize() around each; the request is timed once after its warm-up.
@@ -79,7 +79,8 @@ def main():
     context = encoded[0]
     pooled = encoded[2] if sdxl else None
     unet, vae = pipe.unet, pipe.vae
-    upcast_vae = vae.dtype == torch.float16 and vae.config.force_upcast
+    # As the pipelines decode: SDXL's upcast a force_upcast VAE from fp16, SD 1.x/2.x's never.
+    upcast_vae = sdxl and vae.dtype == torch.float16 and vae.config.force_upcast
     decode_vae = vae.to(torch.float32) if upcast_vae else vae
     for size in args.size or [512]:
         latent = size // 8

@@ -64,8 +64,11 @@ export LD_LIBRARY_PATH="$lib_dirs:/usr/local/nvidia/lib64:/usr/local/nvidia/lib:
 if [ ! -x "$SDSERVE" ]; then
     echo "NO SDSERVE BINARY at $SDSERVE: run tools/gpu_prepare.sh and carry .gpu"
     SDSERVE=""
-elif ldd "$SDSERVE" | grep 'not found'; then
-    echo "sdserve is missing libraries above (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
+else
+    ldd "$SDSERVE" | grep -E 'libcu|not found'
+    if ldd "$SDSERVE" | grep -q 'not found'; then
+        echo "sdserve is missing the libraries above (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
+    fi
 fi
 
 # Runs "$@" while sampling the GPU's used memory; prints the peak afterwards.
@@ -158,3 +161,4 @@ for name in ("sd15", "sdxl"):
         print(f"{name}: {part:<34} {a:>9.3f} {b:>10.3f} {a / b if b else float('nan'):>7.2f}")
 EOF
 stamp "done"
+sleep 1 # let tee write the last lines
