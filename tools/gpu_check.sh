@@ -90,7 +90,8 @@ if [ -n "$SDSERVE" ]; then
     for family in sd1 sdxl; do
         generate() {
             "$SDSERVE" generate --model "tests/fixtures/$family" --prompt "a red cube on a table" \
-                --steps 8 --seed 42 --sampler euler --width 64 --height 64 "$@"
+                --steps 8 --seed 42 --sampler euler --width 64 --height 64 "$@" 2>&1 |
+                grep -v '^step '
         }
         generate --device cpu --dtype f32 --output "$WORK/$family-cpu-f32.png" || true
         for dtype in f32 f16 bf16; do
