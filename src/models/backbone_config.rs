@@ -39,7 +39,8 @@ pub struct BackboneConfig {
     pub num_attention_heads: Option<PerBlock>,
     #[serde(default)]
     pub use_linear_projection: bool,
-    #[serde(default)]
+    /// `null` in the real SDXL base and refiner configs: false, as diffusers reads it.
+    #[serde(default, deserialize_with = "false_when_null")]
     pub upcast_attention: bool,
     #[serde(default)]
     pub only_cross_attention: serde_json::Value,
@@ -51,6 +52,11 @@ pub struct BackboneConfig {
     pub addition_time_embed_dim: Option<usize>,
     #[serde(default)]
     pub projection_class_embeddings_input_dim: Option<usize>,
+}
+
+/// A boolean that a config may also give as `null` (meaning false).
+fn false_when_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(deserializer)?.unwrap_or(false))
 }
 
 fn default_in_channels() -> usize {
@@ -158,5 +164,23 @@ mod tests {
         assert!(error.to_string().contains("cross_attention_dim"), "{error}");
         let controlnet: ControlNetConfig = serde_json::from_value(without_context).unwrap();
         assert_eq!(controlnet.context_width(), Some(1280));
+    }
+
+    /// The real configs embedded for single files (SDXL's say `"upcast_attention": null`).
+    #[test]
+    fn embedded_real_unet_configs_parse() {
+        for (family, upcast) in [
+            ("sd1", false),
+            ("sd2", true),
+            ("sd2_base", false),
+            ("sdxl", false),
+            ("sdxl_refiner", false),
+        ] {
+            let path = format!("{}/assets/configs/{family}/unet.json", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let unet: UNetConfig =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(unet.upcast_attention, upcast, "{family}");
+        }
     }
 }

@@ -476,7 +476,7 @@ impl Linear {
         self.count_flops(x);
         match self.forward_cpu_f32(x, Some(residual))? {
             Some(output) => Ok(output),
-            None => self.inner.forward(x)? + residual,
+            None => self.inner.forward(&x.contiguous()?)? + residual,
         }
     }
 
@@ -541,7 +541,9 @@ impl Module for Linear {
         self.count_flops(x);
         match self.forward_cpu_f32(x, None)? {
             Some(output) => Ok(output),
-            None => self.inner.forward(x),
+            // candle_nn's linear mis-reads some strided inputs in candle 0.11 (see
+            // `linear_matches_candle`); `contiguous` costs nothing when already so.
+            None => self.inner.forward(&x.contiguous()?),
         }
     }
 }
@@ -847,6 +849,25 @@ mod tests {
         let weight = Tensor::randn(0f32, 0.3, (4, 6), &device)?;
         let want = candle_nn::Linear::new(weight.clone(), None).forward(&x.contiguous()?)?;
         assert!(max_abs_diff(&Linear::new(weight, None).forward(&x)?, &want) < 1e-5);
+        Ok(())
+    }
+
+    /// The candle fallback (GPU, f16, bf16, kernels off) gives a strided input the same
+    /// result as its contiguous copy.
+    #[test]
+    fn linear_fallback_reads_strided_inputs() -> Result<()> {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 5), &device)?.transpose(1, 2)?;
+        let weight = Tensor::randn(0f32, 0.3, (4, 6), &device)?;
+        let bias = Tensor::randn(0f32, 1.0, 4, &device)?;
+        let layer = Linear::new(weight.to_dtype(DType::F16)?, Some(bias.to_dtype(DType::F16)?));
+        let strided = layer.forward(&x.to_dtype(DType::F16)?)?.to_dtype(DType::F32)?;
+        let contiguous =
+            layer.forward(&x.contiguous()?.to_dtype(DType::F16)?)?.to_dtype(DType::F32)?;
+        assert_eq!(max_abs_diff(&strided, &contiguous), 0.0);
+        let residual = Tensor::zeros((2, 5, 4), DType::F16, &device)?;
+        let added = layer.forward_add(&x.to_dtype(DType::F16)?, &residual)?;
+        assert_eq!(max_abs_diff(&added.to_dtype(DType::F32)?, &contiguous), 0.0);
         Ok(())
     }
 

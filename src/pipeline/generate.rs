@@ -963,12 +963,15 @@ impl Pipeline {
         &self,
         request: &GenerationRequest,
     ) -> Result<TextConditioning, PipelineError> {
-        self.prompts.encode_prompt(
+        let encoded = self.prompts.encode_prompt(
             &request.prompt,
             request.clip_skip,
             &self.prompt_context,
             "prompt",
-        )
+        )?;
+        // GPU work is queued asynchronously: wait for it, or the timing stops early.
+        self.device.synchronize()?;
+        Ok(encoded)
     }
 
     /// Benchmark hook: one UNet forward at the request's size with `batch` latents
@@ -993,6 +996,7 @@ impl Pipeline {
             _ => None,
         };
         self.unet.forward(&sample, 500.0, &context, added.as_ref())?;
+        self.device.synchronize()?;
         Ok(())
     }
 
@@ -1180,16 +1184,49 @@ pub fn parse_device(name: &str) -> Result<Device, ModelError> {
         }
         None => (name.clone(), 0),
     };
-    match kind.as_str() {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            Device::new_cuda(ordinal).map_err(|e| ModelError::BadDevice(format!("{name}: {e}")))
+    let make: fn(usize) -> candle_core::Result<Device> = match kind.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => Device::new_cuda,
+        "metal" => Device::new_metal,
+        _ => {
+            return Err(ModelError::BadDevice(format!(
+                "unknown device {name:?}; use cpu, cuda[:N] or metal[:N]"
+            )))
         }
-        "metal" => {
-            Device::new_metal(ordinal).map_err(|e| ModelError::BadDevice(format!("{name}: {e}")))
+    };
+    // One `Device` per GPU for the whole process: candle gives each `new_cuda`/`new_metal`
+    // its own device id (cuBLAS handle, loaded kernels), tensors of two ids cannot meet in
+    // one op, and the ControlNet / T2I-Adapter caches hand a model loaded for one pipeline
+    // to every pipeline on the same GPU (they key by `DeviceLocation`). CUDA work still
+    // runs on each calling thread's own stream.
+    type Gpus = std::collections::HashMap<(String, usize), Device>;
+    static GPUS: std::sync::OnceLock<std::sync::Mutex<Gpus>> = std::sync::OnceLock::new();
+    let mut gpus =
+        GPUS.get_or_init(Default::default).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(device) = gpus.get(&(kind.clone(), ordinal)) {
+        return Ok(device.clone());
+    }
+    let device = make(ordinal).map_err(|e| ModelError::BadDevice(format!("{name}: {e}")))?;
+    gpus.insert((kind, ordinal), device.clone());
+    Ok(device)
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_gpus_are_shared() {
+        assert!(parse_device(" CPU ").unwrap().is_cpu());
+        for bad in ["cuda:x", "tpu", "cuda:-1"] {
+            assert!(matches!(parse_device(bad), Err(ModelError::BadDevice(_))), "{bad}");
         }
-        _ => Err(ModelError::BadDevice(format!(
-            "unknown device {name:?}; use cpu, cuda[:N] or metal[:N]"
-        ))),
+        // Without a GPU (or the cuda feature) a clean error each time, nothing cached; with
+        // one, `cuda` and `cuda:0` are the same device, which tensors can share.
+        match (parse_device("cuda:0"), parse_device("cuda")) {
+            (Ok(first), Ok(second)) => assert!(first.same_device(&second)),
+            (Err(_), Err(_)) => {}
+            _ => panic!("cuda and cuda:0 name the same GPU"),
+        }
     }
 }
