@@ -15,7 +15,7 @@ pub struct MatrixRef<'a> {
 
 impl MatrixRef<'_> {
     /// Panics unless every element of a `rows × cols` matrix lies inside `data`.
-    fn check(&self, rows: usize, cols: usize, what: &str) {
+    pub(crate) fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows == 0 || cols == 0 {
             return;
         }
@@ -54,6 +54,11 @@ pub fn matmul(
     );
     lhs.check(m, k, "matmul lhs");
     rhs.check(k, n, "matmul rhs");
+    if crate::bf16::use_bf16(m, n, k, dst_col_stride) {
+        let (lhs, rhs) = (crate::bf16::Lhs::Strided(lhs), crate::bf16::Rhs::Strided(rhs));
+        crate::bf16::matmul(dst, dst_row_stride, lhs, rhs, (m, n, k), accumulate, threads);
+        return;
+    }
     let parallelism =
         if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: all three matrices were checked to lie inside their slices, and `dst` is a

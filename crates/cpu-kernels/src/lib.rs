@@ -39,6 +39,9 @@
 mod attention;
 pub use attention::{attention, attention_into, exp_nonpositive, AttentionGeometry};
 
+pub mod bf16;
+pub use bf16::{bf16_supported, matmul_precision, set_matmul_precision, MatmulPrecision};
+
 mod dense;
 pub use dense::{
     erf, geglu, gelu_erf, layer_norm, linear, matmul, pixels_to_tokens, tokens_to_pixels, MatrixRef,
@@ -147,8 +150,6 @@ pub fn conv2d(
     if output.is_empty() {
         return output;
     }
-    let parallelism =
-        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let pointwise = g.kernel_h == 1 && g.kernel_w == 1 && g.stride == 1 && g.padding == 0;
     let rows_per_tile = (COLUMN_TILE_FLOATS / (depth * out_w).max(1)).clamp(1, out_h);
 
@@ -161,21 +162,16 @@ pub fn conv2d(
             }
         }
         if pointwise {
-            // SAFETY: lengths checked above; dst rows are `pixels` apart, rhs is the image.
-            unsafe {
-                matmul_into(
-                    out_image.as_mut_ptr(),
-                    pixels,
-                    weight,
-                    image.as_ptr(),
-                    pixels,
-                    g.out_channels,
-                    pixels,
-                    depth,
-                    bias.is_some(),
-                    parallelism,
-                )
-            };
+            matmul(
+                out_image,
+                pixels,
+                1,
+                MatrixRef { data: weight, row_stride: depth, col_stride: 1 },
+                MatrixRef { data: image, row_stride: pixels, col_stride: 1 },
+                (g.out_channels, pixels, depth),
+                bias.is_some(),
+                threads,
+            );
             continue;
         }
         COLUMN_SCRATCH.with(|scratch| {
@@ -189,64 +185,22 @@ pub fn conv2d(
                 }
                 let columns = &mut scratch[..depth * tile_pixels];
                 fill_columns(image, g, out_w, row0, rows, columns, threads);
-                // SAFETY: the tile's output starts at pixel row0·out_w of each channel row;
-                // rows are `pixels` apart and `tile_pixels` wide, inside `out_image`.
-                unsafe {
-                    matmul_into(
-                        out_image.as_mut_ptr().add(row0 * out_w),
-                        pixels,
-                        weight,
-                        columns.as_ptr(),
-                        tile_pixels,
-                        g.out_channels,
-                        tile_pixels,
-                        depth,
-                        bias.is_some(),
-                        parallelism,
-                    )
-                };
+                // The tile's output starts at pixel row0·out_w of each channel row.
+                matmul(
+                    &mut out_image[row0 * out_w..],
+                    pixels,
+                    1,
+                    MatrixRef { data: weight, row_stride: depth, col_stride: 1 },
+                    MatrixRef { data: columns, row_stride: tile_pixels, col_stride: 1 },
+                    (g.out_channels, tile_pixels, depth),
+                    bias.is_some(),
+                    threads,
+                );
                 row0 += rows;
             }
         });
     }
     output
-}
-
-/// `dst (m × n, row stride dst_rs) [+]= lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_into(
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: &[f32],
-    rhs: *const f32,
-    rhs_rs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs,
-        1,
-        rhs_rs as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    )
 }
 
 /// im2col for output rows `row0 .. row0 + rows` of one image into `columns`
