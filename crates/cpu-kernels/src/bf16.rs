@@ -83,15 +83,28 @@ pub fn matmul_precision() -> MatmulPrecision {
     }
 }
 
-/// Whether a product of this shape should take the bf16 path in bf16 mode: big enough that
-/// packing pays, and a destination with contiguous rows (every caller's).
+/// Whether a product whose operands are both packed per call should take the bf16 path in
+/// bf16 mode: each operand's packing (about a nanosecond per element) is spread over the
+/// other's extent, so both need enough rows/columns for the faster products to pay for it
+/// (measured with `examples/bf16_bench.rs`); the destination must have contiguous rows
+/// (every caller's does).
 pub(crate) fn use_bf16(m: usize, n: usize, k: usize, dst_col_stride: usize) -> bool {
     matmul_precision() == MatmulPrecision::Bf16
         && dst_col_stride == 1
-        && k >= 16
-        && m * n >= 256
+        && k >= 32
+        && m.min(n) >= MIN_UNPACKED_EXTENT
         && bf16_supported()
 }
+
+/// Whether, in bf16 mode, a product with a weight packed once (`rows` rows of output per
+/// register tile column) should use it: yes unless the 12-row register tile would be mostly
+/// empty (the 3- and 4-channel image convolutions), and only on CPUs that can.
+pub fn packed_weight_pays(rows: usize) -> bool {
+    matmul_precision() == MatmulPrecision::Bf16 && rows >= MR && bf16_supported()
+}
+
+/// See [`use_bf16`].
+const MIN_UNPACKED_EXTENT: usize = 128;
 
 /// `x` rounded to bf16, round to nearest even (NaN stays a quiet NaN).
 #[inline(always)]
@@ -155,6 +168,116 @@ impl std::fmt::Debug for PackedRhs {
     }
 }
 
+/// One depth block of one panel of an operand being packed: `rows` rows (of `width`) from
+/// `first_row`, pairs `first_pair ..` of the depth `k`.
+struct Panel<'a> {
+    matrix: MatrixRef<'a>,
+    k: usize,
+    first_pair: usize,
+    pairs: usize,
+    first_row: usize,
+    rows: usize,
+    width: usize,
+}
+
+impl Panel<'_> {
+    /// Element `(row, depth)` of the panel's matrix, 0 past the depth (the odd pair's pad).
+    #[inline(always)]
+    fn at(&self, row: usize, depth: usize) -> f32 {
+        let m = &self.matrix;
+        if depth < self.k {
+            m.data[(self.first_row + row) * m.row_stride + depth * m.col_stride]
+        } else {
+            0.0
+        }
+    }
+
+    /// Portable packing: `target[p · width + r]` is the pair of row r at pair p.
+    fn fill(&self, target: &mut [u32]) {
+        for r in 0..self.rows {
+            for p in 0..self.pairs {
+                let d = 2 * (self.first_pair + p);
+                target[p * self.width + r] = pair(self.at(r, d), self.at(r, d + 1));
+            }
+        }
+    }
+
+    /// [`Panel::fill`] with AVX-512 conversions (`vcvtneps2bf16`: round to nearest even,
+    /// like [`to_bf16_bits`] except that it flushes subnormals to zero) for the two layouts
+    /// the kernels use: rows contiguous (a right-hand operand read along its columns) and
+    /// depth contiguous (row-major left operands, linear weights).
+    ///
+    /// # Safety
+    /// AVX512-F/BW/BF16 present; the panel lies inside its (checked) matrix; one of the
+    /// matrix's strides is 1.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn fill_avx512(&self, target: &mut [u32]) {
+        use std::arch::x86_64::*;
+        let m = &self.matrix;
+        let base = m.data.as_ptr();
+        let mask = |count: usize| -> __mmask16 {
+            if count >= 16 {
+                0xffff
+            } else {
+                (1u16 << count) - 1
+            }
+        };
+        if m.row_stride == 1 {
+            // Pair p of 16 rows: two 16-float loads (depths d, d + 1), each rounded to 16
+            // bf16, widened to 32-bit words and merged (second value in the high half).
+            for p in 0..self.pairs {
+                let d = 2 * (self.first_pair + p);
+                let mut r = 0;
+                while r < self.rows {
+                    let lanes = mask(self.rows - r);
+                    let first = base.add(d * m.col_stride + self.first_row + r);
+                    let x = _mm512_maskz_loadu_ps(lanes, first);
+                    let y = if d + 1 < self.k {
+                        _mm512_maskz_loadu_ps(lanes, first.add(m.col_stride))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let low = _mm512_cvtepu16_epi32(std::mem::transmute(_mm512_cvtneps_pbh(x)));
+                    let high = _mm512_cvtepu16_epi32(std::mem::transmute(_mm512_cvtneps_pbh(y)));
+                    let words = _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
+                    _mm512_mask_storeu_epi32(
+                        target.as_mut_ptr().add(p * self.width + r).cast(),
+                        lanes,
+                        words,
+                    );
+                    r += 16;
+                }
+            }
+        } else {
+            // Depth contiguous: 32 floats (16 pairs) of a row round to 32 bf16 in memory
+            // order, i.e. 16 pair words, spread over the panel with stride `width`.
+            let first_depth = 2 * self.first_pair;
+            let depth_here = (2 * self.pairs).min(self.k - first_depth);
+            let mut words = [0u32; 16];
+            for r in 0..self.rows {
+                let row = base.add((self.first_row + r) * m.row_stride + first_depth);
+                let mut p = 0;
+                while p < self.pairs {
+                    let done = 2 * p;
+                    let low = _mm512_maskz_loadu_ps(mask(depth_here - done), row.add(done));
+                    let high = if depth_here > done + 16 {
+                        _mm512_maskz_loadu_ps(mask(depth_here - done - 16), row.add(done + 16))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(high, low));
+                    _mm512_storeu_si512(words.as_mut_ptr().cast(), packed);
+                    for (q, &word) in words.iter().enumerate().take(self.pairs - p) {
+                        *target.get_unchecked_mut((p + q) * self.width + r) = word;
+                    }
+                    p += 16;
+                }
+            }
+        }
+    }
+}
+
 /// Packs `rows × k` of `matrix` (element `(row, depth)`) into `[block][panel][pair][width]`
 /// words in `out` (resized), `width` rows per panel; panels are packed in parallel when
 /// `threads > 1`. Shared by both operands: the right-hand one is packed as its transpose.
@@ -171,40 +294,26 @@ fn pack(
     let blocks = pairs.div_ceil(KCP);
     out.clear();
     out.resize(panels * width * pairs, 0);
-    let (rs, cs, data) = (matrix.row_stride, matrix.col_stride, matrix.data);
     // One task per (block, panel): `[pairs_in_block][width]` words.
+    let fast = bf16_supported();
     let fill = |block: usize, panel: usize, target: &mut [u32]| {
         let (_, block_pairs) = block_span(block, pairs, panels, width);
-        let first_pair = block * KCP;
-        let rows_here = width.min(rows - panel * width);
-        let first_row = panel * width;
-        if rs == 1 {
-            // Rows contiguous (a transposed or column-major operand): read along rows.
-            for (p, words) in target.chunks_exact_mut(width).enumerate() {
-                let d = 2 * (first_pair + p);
-                let first = &data[d * cs + first_row..][..rows_here];
-                if d + 1 < k {
-                    let second = &data[(d + 1) * cs + first_row..][..rows_here];
-                    for ((word, &x), &y) in words.iter_mut().zip(first).zip(second) {
-                        *word = pair(x, y);
-                    }
-                } else {
-                    for (word, &x) in words.iter_mut().zip(first) {
-                        *word = pair(x, 0.0);
-                    }
-                }
-            }
-        } else {
-            for r in 0..rows_here {
-                let row = &data[(first_row + r) * rs..];
-                for p in 0..block_pairs {
-                    let d = 2 * (first_pair + p);
-                    let first = row[d * cs];
-                    let second = if d + 1 < k { row[(d + 1) * cs] } else { 0.0 };
-                    target[p * width + r] = pair(first, second);
-                }
-            }
+        let panel = Panel {
+            matrix,
+            k,
+            first_pair: block * KCP,
+            pairs: block_pairs,
+            first_row: panel * width,
+            rows: width.min(rows - panel * width),
+            width,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if fast && (matrix.row_stride == 1 || matrix.col_stride == 1) {
+            // SAFETY: the instructions were detected; the panel lies inside the checked matrix.
+            return unsafe { panel.fill_avx512(target) };
         }
+        let _ = fast;
+        panel.fill(target);
     };
     let mut tasks: Vec<(usize, usize, &mut [u32])> = Vec::with_capacity(blocks * panels);
     let mut rest = out.as_mut_slice();
@@ -412,12 +521,12 @@ impl Job<'_> {
             let load = self.accumulate || block > 0;
             let mut col = col0;
             while col < cols_end {
-                let rhs_panel = &self.rhs[rhs_start + (col / NR) * block_pairs * NR..]
-                    [..block_pairs * NR];
+                let rhs_panel =
+                    &self.rhs[rhs_start + (col / NR) * block_pairs * NR..][..block_pairs * NR];
                 let mut row = row0;
                 while row < rows_end {
-                    let lhs_panel = &self.lhs[lhs_start + (row / MR) * block_pairs * MR..]
-                        [..block_pairs * MR];
+                    let lhs_panel =
+                        &self.lhs[lhs_start + (row / MR) * block_pairs * MR..][..block_pairs * MR];
                     let tile = Tile {
                         dst: dst.0.add(row * self.dst_row_stride + col),
                         row_stride: self.dst_row_stride,

@@ -3,6 +3,7 @@
 //! and residual pre-filled into the output, weights and transposes read through strides),
 //! layer normalisation, and GEGLU with an accurate erf.
 
+use crate::bf16::{Lhs, PackedRhs, Rhs};
 use rayon::prelude::*;
 
 /// A read-only matrix over a slice: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
@@ -131,6 +132,27 @@ pub fn linear(
     residual: Option<&[f32]>,
     threads: usize,
 ) -> Vec<f32> {
+    linear_with_packed(input, batch, rows, in_features, weight, None, bias, residual, threads)
+}
+
+/// [`linear`] that, in bf16 mode ([`crate::set_matmul_precision`]), multiplies with
+/// `packed`: `weightᵀ` (`in × out`) packed once by the caller ([`PackedRhs::new`]), so
+/// that only the input rows are rounded per call.
+///
+/// # Panics
+/// As [`linear`], and when `packed` has another shape than `weightᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_with_packed(
+    input: &[f32],
+    batch: usize,
+    rows: usize,
+    in_features: usize,
+    weight: &[f32],
+    packed: Option<&PackedRhs>,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    threads: usize,
+) -> Vec<f32> {
     assert_eq!(input.len(), batch * rows * in_features, "linear input length");
     assert!(in_features > 0 && weight.len().is_multiple_of(in_features), "linear weight length");
     let out_features = weight.len() / in_features;
@@ -145,7 +167,23 @@ pub fn linear(
     if rows == 0 || out_features == 0 {
         return output;
     }
+    let packed = packed.filter(|_| crate::bf16::packed_weight_pays(rows));
     let item = |(block, out_block): (&[f32], &mut [f32]), threads: usize| {
+        if let Some(packed) = packed {
+            let lhs =
+                Lhs::Strided(MatrixRef { data: block, row_stride: in_features, col_stride: 1 });
+            let shape = (rows, out_features, in_features);
+            let rhs = Rhs::Packed(packed);
+            return crate::bf16::matmul(
+                out_block,
+                out_features,
+                lhs,
+                rhs,
+                shape,
+                accumulate,
+                threads,
+            );
+        }
         matmul(
             out_block,
             out_features,

@@ -44,7 +44,8 @@ pub use bf16::{bf16_supported, matmul_precision, set_matmul_precision, MatmulPre
 
 mod dense;
 pub use dense::{
-    erf, geglu, gelu_erf, layer_norm, linear, matmul, pixels_to_tokens, tokens_to_pixels, MatrixRef,
+    erf, geglu, gelu_erf, layer_norm, linear, linear_with_packed, matmul, pixels_to_tokens,
+    tokens_to_pixels, MatrixRef,
 };
 
 use rayon::prelude::*;
@@ -133,6 +134,23 @@ pub fn conv2d(
     geometry: &Conv2dGeometry,
     threads: usize,
 ) -> Vec<f32> {
+    conv2d_with_packed(input, weight, None, bias, geometry, threads)
+}
+
+/// [`conv2d`] that, in bf16 mode ([`set_matmul_precision`]), multiplies with `packed`: the
+/// weight as an `out × in·kh·kw` matrix packed once by the caller
+/// ([`bf16::PackedLhs::new`]), so that only the image's columns are rounded per call.
+///
+/// # Panics
+/// As [`conv2d`], and when `packed` has another shape than the weight matrix.
+pub fn conv2d_with_packed(
+    input: &[f32],
+    weight: &[f32],
+    packed: Option<&bf16::PackedLhs>,
+    bias: Option<&[f32]>,
+    geometry: &Conv2dGeometry,
+    threads: usize,
+) -> Vec<f32> {
     let g = geometry;
     let (out_h, out_w) = (
         g.out_h().expect("conv2d kernel larger than padded input: this is a bug"),
@@ -150,6 +168,30 @@ pub fn conv2d(
     if output.is_empty() {
         return output;
     }
+    let weight_matrix = MatrixRef { data: weight, row_stride: depth, col_stride: 1 };
+    let packed = packed.filter(|_| bf16::packed_weight_pays(g.out_channels));
+    // dst (out × n, rows `pixels` apart) [+]= weight · rhs (depth × n).
+    let product = |dst: &mut [f32], rhs: MatrixRef, n: usize| match packed {
+        Some(packed) => bf16::matmul(
+            dst,
+            pixels,
+            bf16::Lhs::Packed(packed),
+            bf16::Rhs::Strided(rhs),
+            (g.out_channels, n, depth),
+            bias.is_some(),
+            threads,
+        ),
+        None => matmul(
+            dst,
+            pixels,
+            1,
+            weight_matrix,
+            rhs,
+            (g.out_channels, n, depth),
+            bias.is_some(),
+            threads,
+        ),
+    };
     let pointwise = g.kernel_h == 1 && g.kernel_w == 1 && g.stride == 1 && g.padding == 0;
     let rows_per_tile = (COLUMN_TILE_FLOATS / (depth * out_w).max(1)).clamp(1, out_h);
 
@@ -162,15 +204,10 @@ pub fn conv2d(
             }
         }
         if pointwise {
-            matmul(
+            product(
                 out_image,
-                pixels,
-                1,
-                MatrixRef { data: weight, row_stride: depth, col_stride: 1 },
                 MatrixRef { data: image, row_stride: pixels, col_stride: 1 },
-                (g.out_channels, pixels, depth),
-                bias.is_some(),
-                threads,
+                pixels,
             );
             continue;
         }
@@ -186,16 +223,8 @@ pub fn conv2d(
                 let columns = &mut scratch[..depth * tile_pixels];
                 fill_columns(image, g, out_w, row0, rows, columns, threads);
                 // The tile's output starts at pixel row0·out_w of each channel row.
-                matmul(
-                    &mut out_image[row0 * out_w..],
-                    pixels,
-                    1,
-                    MatrixRef { data: weight, row_stride: depth, col_stride: 1 },
-                    MatrixRef { data: columns, row_stride: tile_pixels, col_stride: 1 },
-                    (g.out_channels, tile_pixels, depth),
-                    bias.is_some(),
-                    threads,
-                );
+                let rhs = MatrixRef { data: columns, row_stride: tile_pixels, col_stride: 1 };
+                product(&mut out_image[row0 * out_w..], rhs, tile_pixels);
                 row0 += rows;
             }
         });
