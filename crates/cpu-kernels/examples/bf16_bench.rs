@@ -5,7 +5,10 @@
 //! `cargo run -p sdserve-cpu-kernels --example bf16_bench` (THREADS, default 2).
 
 use sdserve_cpu_kernels::bf16::{self, Lhs, PackedLhs, PackedRhs, Rhs};
-use sdserve_cpu_kernels::{matmul, set_matmul_precision, MatmulPrecision, MatrixRef};
+use sdserve_cpu_kernels::winograd::{conv2d_3x3, WinogradVariant, WinogradWeight};
+use sdserve_cpu_kernels::{
+    conv2d_with_packed, matmul, set_matmul_precision, Conv2dGeometry, MatmulPrecision, MatrixRef,
+};
 use std::time::Instant;
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
@@ -31,12 +34,72 @@ fn median_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
+/// 3×3 stride-1 convolutions at SD shapes: wall seconds (median) of im2col and Winograd
+/// F(2×2)/F(4×4) in f32 and bf16 mode, and each one's max |Δ| / rms against f32 im2col.
+fn convolutions(threads: usize, repeats: usize) {
+    println!("3x3 convolutions: median wall ms (max |Δ| / rms vs f32 im2col)");
+    for (name, batch, channels, side) in [
+        ("UNet 320@32² b2", 2, 320, 32),
+        ("UNet 640@16² b2", 2, 640, 16),
+        ("UNet 1280@8² b2", 2, 1280, 8),
+        ("VAE 512@32²", 1, 512, 32),
+        ("VAE 256@128²", 1, 256, 128),
+        ("VAE 128@256²", 1, 128, 256),
+    ] {
+        let g = Conv2dGeometry {
+            batch,
+            in_channels: channels,
+            height: side,
+            width: side,
+            out_channels: channels,
+            kernel_h: 3,
+            kernel_w: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let depth = channels * 9;
+        let input = pseudo_random(batch * channels * side * side, 3);
+        let weight: Vec<f32> =
+            pseudo_random(channels * depth, 4).iter().map(|v| v / (depth as f32).sqrt()).collect();
+        let matrix = MatrixRef { data: &weight, row_stride: depth, col_stride: 1 };
+        let packed = PackedLhs::new(matrix, channels, depth, threads);
+        let f4 = WinogradWeight::new(&weight, channels, channels, WinogradVariant::F4x4);
+        let f2 = WinogradWeight::new(&weight, channels, channels, WinogradVariant::F2x2);
+        let mut line = format!("{name:<18}");
+        let mut reference: Option<Vec<f32>> = None;
+        for (label, precision) in [("f32", MatmulPrecision::F32), ("bf16", MatmulPrecision::Bf16)] {
+            set_matmul_precision(precision);
+            for (kind, run) in [
+                (
+                    "im2col",
+                    &(|| conv2d_with_packed(&input, &weight, Some(&packed), None, &g, threads))
+                        as &dyn Fn() -> Vec<f32>,
+                ),
+                ("F2", &|| conv2d_3x3(&input, &f2, None, batch, side, side, threads)),
+                ("F4", &|| conv2d_3x3(&input, &f4, None, batch, side, side, threads)),
+            ] {
+                let mut out = Vec::new();
+                let seconds = median_seconds(repeats, || out = run());
+                let reference = reference.get_or_insert_with(|| out.clone());
+                let rms = (reference.iter().map(|v| v * v).sum::<f32>() / out.len() as f32).sqrt();
+                let worst =
+                    out.iter().zip(reference.iter()).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                line += &format!("  {kind} {label} {:6.1} ({:.1e})", seconds * 1e3, worst / rms);
+            }
+        }
+        println!("{line}");
+    }
+}
+
 fn main() {
     let env = |name: &str, default: usize| {
         std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
     };
     let (threads, repeats) = (env("THREADS", 2), env("REPEATS", 7));
     assert!(bf16::bf16_supported(), "this CPU has no AVX512-BF16");
+    if std::env::args().any(|a| a == "conv") {
+        return convolutions(threads, repeats);
+    }
     // (name, m, n, k, lhs is the weight?) — dst m × n = lhs m × k · rhs k × n.
     let cases = [
         ("im2col conv 320@32², k=2880", 320, 1024, 2880, true),

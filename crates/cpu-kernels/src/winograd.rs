@@ -37,6 +37,17 @@ impl WinogradVariant {
         self.tile() + 2
     }
 
+    /// Whether bf16 mode rounds this variant's transform-domain products to bf16. F(2×2):
+    /// yes (max |Δ| / rms of a layer 2e-2, against 1.1e-2 for direct bf16 products).
+    /// F(4×4): no, its products stay f32. Its transforms amplify the operands' rounding
+    /// about tenfold (1.2e-1 per layer, `examples/bf16_bench.rs conv`); on the full-size
+    /// SD 1.5 architecture (random weights, 256², 2 steps) that doubled bf16 mode's image
+    /// error against f32 mode (max 14/255, mean 1.4, instead of 7/255, mean 0.85) for
+    /// 12 % (UNet) to 22 % (VAE) less CPU time.
+    fn products_in_bf16(self) -> bool {
+        self == WinogradVariant::F2x2
+    }
+
     /// `G` (alpha × 3), the filter transform.
     fn filter_matrix(self) -> &'static [[f64; 3]] {
         match self {
@@ -91,13 +102,24 @@ pub fn preferred_variant(geometry: &crate::Conv2dGeometry) -> Option<WinogradVar
     // Per image, not over the batch: the choice (and so each image's rounding) must not
     // depend on what the image is batched with.
     let tiles = |side: usize| g.height.div_ceil(side) * g.width.div_ceil(side);
-    if tiles(4) >= MIN_TILES {
-        Some(WinogradVariant::F4x4)
+    let variant = if tiles(4) >= MIN_TILES {
+        WinogradVariant::F4x4
     } else if tiles(2) >= MIN_TILES {
-        Some(WinogradVariant::F2x2)
+        WinogradVariant::F2x2
     } else {
-        None
+        return None;
+    };
+    // In bf16 mode, im2col's bf16 products beat an F(2×2) whose products stay f32 for lack
+    // of tiles and equal an F(4×4) on few tiles (`examples/bf16_bench.rs conv`, 2 threads:
+    // 1280@8² batch 2, im2col bf16 40 ms, F(2×2) 66 ms; 640@16², im2col bf16 29 ms, F(4×4)
+    // 30 ms); F(4×4) on more tiles stays ahead (320@32²: 23 ms against 32 ms).
+    if bf16::matmul_precision() == bf16::MatmulPrecision::Bf16
+        && bf16::bf16_supported()
+        && tiles(variant.tile()) < MIN_BF16_TILES
+    {
+        return None;
     }
+    Some(variant)
 }
 
 /// A 3×3 convolution weight in the Winograd domain: `alpha²` matrices of `out × in`
@@ -512,6 +534,7 @@ fn multiply(
     if bf16::matmul_precision() == bf16::MatmulPrecision::Bf16
         && tiles >= MIN_BF16_TILES
         && bf16::bf16_supported()
+        && weight.variant.products_in_bf16()
     {
         let packed = weight.packed_bf16();
         let run = |(position, product): (usize, &mut [f32])| {
