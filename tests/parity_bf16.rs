@@ -15,13 +15,14 @@ use sdserve_cpu_kernels::MatmulPrecision;
 use serde_json::Value;
 
 /// bf16 mode's bar on the final latents (f32 mode: 1e-3; these latents reach |20|, std 7).
-/// Measured here (Zen 4): 0.34-0.55. diffusers itself under `torch.autocast("cpu",
+/// Measured here (Zen 4): 0.29-0.44. diffusers itself under `torch.autocast("cpu",
 /// bfloat16)` is off its own f32 references by 0.66-1.05 on the same cases
-/// (tools/bf16_reference_error.py): guidance 7.5 amplifies the products' rounding.
-const LATENT_TOLERANCE: f32 = 0.8;
-/// bf16 mode's bar on the RGB8 image (f32 mode: 2/255). Measured: 8-13/255; diffusers'
+/// (tools/bf16_reference_error.py): guidance 7.5 amplifies the products' rounding. The
+/// margin is for other AVX512-BF16 CPUs, whose `vdpbf16ps` may round its pair sums apart.
+const LATENT_TOLERANCE: f32 = 0.6;
+/// bf16 mode's bar on the RGB8 image (f32 mode: 2/255). Measured: 5-9/255; diffusers'
 /// bf16 autocast: 13-20/255.
-const IMAGE_TOLERANCE: u8 = 20;
+const IMAGE_TOLERANCE: u8 = 12;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

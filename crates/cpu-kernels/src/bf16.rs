@@ -238,8 +238,12 @@ impl Panel<'_> {
                     } else {
                         _mm512_setzero_ps()
                     };
-                    let low = _mm512_cvtepu16_epi32(std::mem::transmute(_mm512_cvtneps_pbh(x)));
-                    let high = _mm512_cvtepu16_epi32(std::mem::transmute(_mm512_cvtneps_pbh(y)));
+                    let widen = |v: __m512| {
+                        let bf16: __m256i =
+                            std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+                        _mm512_cvtepu16_epi32(bf16)
+                    };
+                    let (low, high) = (widen(x), widen(y));
                     let words = _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
                     _mm512_mask_storeu_epi32(
                         target.as_mut_ptr().add(p * self.width + r).cast(),
