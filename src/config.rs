@@ -739,6 +739,20 @@ mod tests {
     }
 
     #[test]
+    fn cpu_matmul_comes_from_the_file_or_the_flag() {
+        assert_eq!(Settings::builtin().unwrap().cpu_matmul, CpuMatmul::F32);
+        let mut table = parse_toml("test", DEFAULT_CONFIG_TOML).unwrap();
+        merge_tables(&mut table, parse_toml("test", "cpu_matmul = \"bf16\"").unwrap());
+        let parsed: Settings = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(parsed.cpu_matmul, CpuMatmul::Bf16);
+        let args = ServeArgs { cpu_matmul: Some(CpuMatmul::Bf16), ..Default::default() };
+        assert_eq!(Settings::load(&args).unwrap().cpu_matmul, CpuMatmul::Bf16);
+        let mut table = parse_toml("test", DEFAULT_CONFIG_TOML).unwrap();
+        merge_tables(&mut table, parse_toml("test", "cpu_matmul = \"fp8\"").unwrap());
+        assert!(toml::Value::Table(table).try_into::<Settings>().is_err());
+    }
+
+    #[test]
     fn unknown_keys_in_a_file_are_errors() {
         let mut table = parse_toml("test", DEFAULT_CONFIG_TOML).unwrap();
         merge_tables(&mut table, parse_toml("test", "queue_capacityy = 3").unwrap());

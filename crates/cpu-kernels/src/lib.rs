@@ -2,7 +2,9 @@
 //! to the `gemm` crate, written straight into NCHW output; Winograd for 3×3 stride-1
 //! padding-1 layers in [`winograd`]) and group normalisation with an optional fused SiLU.
 //! They live in their own crate so that dev and test builds optimise them (the main crate
-//! builds at opt-level 1) and so they can be tested without candle.
+//! builds at opt-level 1) and so they can be tested without candle. On CPUs with
+//! AVX512-BF16 the matrix products can instead take bf16 operands with f32 accumulation,
+//! process-wide and off by default ([`bf16`], [`set_matmul_precision`]).
 //!
 //! # Winograd
 //!
