@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Module, Result, Storage, StorageRef, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use sdserve_cpu_kernels::bf16::{PackedLhs, PackedRhs};
+use sdserve_cpu_kernels::bf16::{packed_weight_pays, PackedLhs, PackedRhs};
 use sdserve_cpu_kernels::winograd::{self, WinogradVariant, WinogradWeight};
 use sdserve_cpu_kernels::{Conv2dGeometry, MatmulPrecision, MatrixRef};
 use std::sync::{Arc, OnceLock};
@@ -233,7 +233,8 @@ impl Conv2d {
                 })
             })
         });
-        let packed = (transformed.is_none() && cpu_matmul() == MatmulPrecision::Bf16).then(|| {
+        let bf16_pays = cpu_matmul() == MatmulPrecision::Bf16 && packed_weight_pays(out_channels);
+        let packed = (transformed.is_none() && bf16_pays).then(|| {
             self.packed_bf16.get_or_init(|| {
                 shared_by_tensor(self.inner.weight(), || {
                     let depth = in_channels * kh * kw;
@@ -539,7 +540,8 @@ impl Linear {
         let bias = bias.as_ref().map(values_of).transpose()?;
         let residual = residual.as_ref().map(values_of).transpose()?;
         let weight_values = weight_values.values()?;
-        let packed = (cpu_matmul() == MatmulPrecision::Bf16).then(|| {
+        let bf16_pays = cpu_matmul() == MatmulPrecision::Bf16 && packed_weight_pays(rows);
+        let packed = bf16_pays.then(|| {
             self.packed_bf16.get_or_init(|| {
                 shared_by_tensor(self.weight(), || {
                     // weightᵀ (in × out) read in place through strides.

@@ -1,15 +1,17 @@
 //! Matrix products with bf16 operands and f32 accumulation on CPUs with AVX512-BF16
-//! (`vdpbf16ps`): the optional fast path of [`crate::matmul`] and of the convolutions, chosen
-//! process-wide with [`set_matmul_precision`]. Everything outside the products stays f32.
+//! (`vdpbf16ps`): the optional fast path of [`crate::matmul`], the convolutions, the linear
+//! layers and attention, chosen process-wide with [`set_matmul_precision`]. Everything
+//! outside the products stays f32.
 //!
 //! Operands are rounded to bf16 (round to nearest even, as torch's `.to(torch.bfloat16)`)
-//! while they are packed into panels; each `vdpbf16ps` multiplies two bf16 pairs exactly and
-//! adds them into 16 f32 accumulators, so the only extra error is the operands' rounding:
-//! relative 2⁻⁸ at most per operand (8 significant bits), so a dot product of length k is off
-//! by about 2⁻⁸·√k times its terms' magnitude (random signs). The packing and blocking follow the usual Goto/BLIS scheme
-//! (Goto & van de Geijn 2008, "Anatomy of high-performance matrix multiplication"): a
-//! register tile of [`MR`] × [`NR`] outputs, depth blocks of [`KC`] that keep one right-hand
-//! micro-panel in the 32 KiB L1 and a left-hand block in the 1 MiB L2 of a Zen 4 core.
+//! while they are packed into panels; each `vdpbf16ps` multiplies bf16 pairs (exactly: the
+//! products fit an f32) and adds them to 16 f32 accumulators, so the extra error is mostly
+//! the operands' rounding: at most 2⁻⁸ relative per operand (8 significant bits), so a dot
+//! product of length k is off by about 2⁻⁸·√k times its terms' magnitude (random signs).
+//! The packing and blocking follow the usual Goto/BLIS scheme (Goto & van de Geijn 2008,
+//! "Anatomy of high-performance matrix multiplication"): a register tile of [`MR`] × [`NR`]
+//! outputs, depth blocks of [`KC`] that keep one right-hand micro-panel in the 32 KiB L1
+//! and a left-hand block in the 1 MiB L2 of a Zen 4 core.
 //!
 //! Per-element arithmetic depends only on `k` (the depth blocking), never on `m`, `n` or the
 //! thread count, so a batch item's result is the same alone or batched.
@@ -96,9 +98,9 @@ pub(crate) fn use_bf16(m: usize, n: usize, k: usize, dst_col_stride: usize) -> b
         && bf16_supported()
 }
 
-/// Whether, in bf16 mode, a product with a weight packed once (`rows` rows of output per
-/// register tile column) should use it: yes unless the 12-row register tile would be mostly
-/// empty (the 3- and 4-channel image convolutions), and only on CPUs that can.
+/// Whether, in bf16 mode, a product with a weight packed once and `rows` output rows should
+/// use it: yes unless the 12-row register tile would be mostly empty (the 3- and 4-channel
+/// convolutions, the time embedding's single row), and only on CPUs that can.
 pub fn packed_weight_pays(rows: usize) -> bool {
     matmul_precision() == MatmulPrecision::Bf16 && rows >= MR && bf16_supported()
 }
