@@ -87,6 +87,10 @@ pub struct GenerateArgs {
     /// Device: cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Precision of the CPU matrix products: f32 or bf16 (AVX512-BF16 CPUs: bf16 operands,
+    /// f32 accumulation; faster, less exact).
+    #[arg(long, env = "SDSERVE_CPU_MATMUL", value_enum, default_value = "f32")]
+    pub cpu_matmul: crate::config::CpuMatmul,
     /// Output file; its extension picks the format (png, jpg, webp). With n > 1,
     /// `out.png` becomes out-0.png, out-1.png, ...
     #[arg(long, default_value = "out.png")]
@@ -367,6 +371,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
         bail!("--output: unknown image extension {extension:?}; use .png, .jpg or .webp");
     };
     let device = crate::pipeline::parse_device(&args.device).context("--device")?;
+    apply_cpu_matmul(args.cpu_matmul);
     let name = args.model.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
     let loading = Instant::now();
     let options = LoadOptions { device, dtype: args.dtype };
@@ -484,6 +489,15 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies `--cpu-matmul` process-wide, warning when the CPU cannot do bf16.
+fn apply_cpu_matmul(wanted: crate::config::CpuMatmul) -> crate::config::CpuMatmul {
+    let effective = wanted.apply();
+    if effective != wanted {
+        eprintln!("sdserve: --cpu-matmul bf16 needs AVX512-BF16, which this CPU lacks: using f32");
+    }
+    effective
+}
+
 /// `sdserve bench`: times the parts of one generation on a model.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -502,6 +516,10 @@ pub struct BenchArgs {
     /// Device: cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Precision of the CPU matrix products: f32 or bf16 (AVX512-BF16 CPUs: bf16 operands,
+    /// f32 accumulation; faster, less exact).
+    #[arg(long, env = "SDSERVE_CPU_MATMUL", value_enum, default_value = "f32")]
+    pub cpu_matmul: crate::config::CpuMatmul,
     /// Steps of the timed whole request (with guidance); 0 skips it.
     #[arg(long, default_value_t = 20)]
     pub request_steps: u32,
@@ -616,6 +634,7 @@ fn reset_peak_memory() -> bool {
 
 /// Runs `sdserve bench`, printing one line per timed part.
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let cpu_matmul = apply_cpu_matmul(args.cpu_matmul);
     if let Some(jobs) = args.jobs {
         return crate::bench_service::run(args, jobs);
     }
@@ -631,7 +650,8 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         ..Default::default()
     });
     println!(
-        "model {} ({}), dtype {:?}, device {}, threads {}, loaded in {:.1} s",
+        "model {} ({}), dtype {:?}, device {}, cpu matmul {cpu_matmul:?}, threads {}, loaded \
+         in {:.1} s",
         args.model.display(),
         pipeline.defaults().family.id(),
         args.dtype,

@@ -60,6 +60,34 @@ impl Dtype {
     }
 }
 
+/// Precision of the CPU kernels' matrix products (convolutions, linear layers, attention),
+/// process-wide: `bf16` rounds their operands to bf16 and accumulates in f32 on CPUs with
+/// AVX512-BF16 (faster, less exact; tensors between layers stay f32); elsewhere, and with
+/// `f32` (the default), the products are f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuMatmul {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl CpuMatmul {
+    /// Makes this the process's setting; returns the one in effect (f32 where the CPU
+    /// cannot do bf16).
+    pub fn apply(self) -> CpuMatmul {
+        use sdserve_cpu_kernels::MatmulPrecision;
+        let wanted = match self {
+            CpuMatmul::F32 => MatmulPrecision::F32,
+            CpuMatmul::Bf16 => MatmulPrecision::Bf16,
+        };
+        match crate::models::layers::set_cpu_matmul(wanted) {
+            MatmulPrecision::F32 => CpuMatmul::F32,
+            MatmulPrecision::Bf16 => CpuMatmul::Bf16,
+        }
+    }
+}
+
 /// An API key; never printed.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
@@ -156,6 +184,9 @@ pub struct Settings {
     /// `vae_tiling: "auto"` tiles the VAE for images of at least this many pixels.
     #[serde(default = "default_vae_tiling_auto_pixels")]
     pub vae_tiling_auto_pixels: u64,
+    /// Precision of the CPU matrix products: `f32` or `bf16` (see [`CpuMatmul`]).
+    #[serde(default)]
+    pub cpu_matmul: CpuMatmul,
 }
 
 fn default_lora_cache_mb() -> usize {
@@ -298,6 +329,10 @@ pub struct ServeArgs {
     /// `vae_tiling: "auto"` tiles the VAE for images of at least this many pixels.
     #[arg(long, env = "SDSERVE_VAE_TILING_AUTO_PIXELS", value_name = "PIXELS")]
     pub vae_tiling_auto_pixels: Option<u64>,
+    /// Precision of the CPU matrix products: f32 (default) or bf16 (AVX512-BF16 CPUs:
+    /// bf16 operands, f32 accumulation; faster, less exact).
+    #[arg(long, env = "SDSERVE_CPU_MATMUL", value_enum)]
+    pub cpu_matmul: Option<CpuMatmul>,
 }
 
 impl Settings {
@@ -409,6 +444,9 @@ impl Settings {
         }
         if let Some(pixels) = args.vae_tiling_auto_pixels {
             self.vae_tiling_auto_pixels = pixels;
+        }
+        if let Some(precision) = args.cpu_matmul {
+            self.cpu_matmul = precision;
         }
         Ok(())
     }
@@ -698,6 +736,20 @@ mod tests {
             Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "t2i_adapter_dirs"),
             other => panic!("expected an error for t2i_adapter_dirs, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn cpu_matmul_comes_from_the_file_or_the_flag() {
+        assert_eq!(Settings::builtin().unwrap().cpu_matmul, CpuMatmul::F32);
+        let mut table = parse_toml("test", DEFAULT_CONFIG_TOML).unwrap();
+        merge_tables(&mut table, parse_toml("test", "cpu_matmul = \"bf16\"").unwrap());
+        let parsed: Settings = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(parsed.cpu_matmul, CpuMatmul::Bf16);
+        let args = ServeArgs { cpu_matmul: Some(CpuMatmul::Bf16), ..Default::default() };
+        assert_eq!(Settings::load(&args).unwrap().cpu_matmul, CpuMatmul::Bf16);
+        let mut table = parse_toml("test", DEFAULT_CONFIG_TOML).unwrap();
+        merge_tables(&mut table, parse_toml("test", "cpu_matmul = \"fp8\"").unwrap());
+        assert!(toml::Value::Table(table).try_into::<Settings>().is_err());
     }
 
     #[test]

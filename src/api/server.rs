@@ -251,6 +251,9 @@ pub async fn shutdown_signal() {
 /// Runs the service with the real models until ctrl-c or SIGTERM, then shuts down
 /// gracefully. A second ctrl-c exits at once.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.cpu_matmul.apply() != settings.cpu_matmul {
+        tracing::warn!("cpu_matmul = bf16 needs AVX512-BF16, which this CPU lacks: using f32");
+    }
     let backend = CandleBackend {
         embeddings: settings.embedding_library()?,
         t2i_adapters: Some(settings.t2i_adapter_library()),

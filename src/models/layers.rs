@@ -5,8 +5,9 @@
 
 use candle_core::{DType, Module, Result, Storage, StorageRef, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use sdserve_cpu_kernels::bf16::{packed_weight_pays, PackedLhs, PackedRhs};
 use sdserve_cpu_kernels::winograd::{self, WinogradVariant, WinogradWeight};
-use sdserve_cpu_kernels::Conv2dGeometry;
+use sdserve_cpu_kernels::{Conv2dGeometry, MatmulPrecision, MatrixRef};
 use std::sync::{Arc, OnceLock};
 
 use super::profile::{self, LayerKind};
@@ -61,10 +62,37 @@ fn kernels_enabled() -> bool {
 }
 
 /// The kernels' thread count: candle's, asked once (candle 0.11 re-reads /proc/cpuinfo on
-/// each call unless `RAYON_NUM_THREADS` is set).
+/// each call unless `RAYON_NUM_THREADS` is set). Every kernel call asks for it, so it also
+/// settles the products' precision before the first one (see [`cpu_matmul`]).
 fn kernel_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    cpu_matmul();
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// Settled once the products' precision was set or read from the environment.
+static CPU_MATMUL_SETTLED: std::sync::Once = std::sync::Once::new();
+
+/// Precision of the CPU kernels' matrix products (convolutions, linear layers, projections,
+/// attention): [`set_cpu_matmul`] if it came first, else `SDSERVE_CPU_MATMUL` (`f32`, the
+/// default, or `bf16`) read on first use. bf16 rounds the products' operands to bf16 and
+/// accumulates in f32 (AVX512-BF16 CPUs only; elsewhere it stays f32); every tensor between
+/// layers stays f32.
+pub fn cpu_matmul() -> MatmulPrecision {
+    CPU_MATMUL_SETTLED.call_once(|| {
+        if std::env::var("SDSERVE_CPU_MATMUL").as_deref() == Ok("bf16") {
+            sdserve_cpu_kernels::set_matmul_precision(MatmulPrecision::Bf16);
+        }
+    });
+    sdserve_cpu_kernels::matmul_precision()
+}
+
+/// Sets the precision of the CPU kernels' products for the whole process (the `--cpu-matmul`
+/// option) and returns the one in effect: bf16 needs AVX512-BF16, else f32 stays. Call it
+/// before the first generation; `SDSERVE_CPU_MATMUL` is then not read.
+pub fn set_cpu_matmul(precision: MatmulPrecision) -> MatmulPrecision {
+    CPU_MATMUL_SETTLED.call_once(|| {});
+    sdserve_cpu_kernels::set_matmul_precision(precision)
 }
 
 /// Which Winograd algorithms 3×3 convolutions may use (when the kernels run at all), from
@@ -100,41 +128,44 @@ pub struct Conv2d {
     /// layers that use it pay). Later calls use it whichever variant they would prefer: one
     /// transform per layer bounds the memory. Clones share it, as they share the weight.
     winograd: Arc<OnceLock<Arc<WinogradWeight>>>,
+    /// The weight as an `out × in·kh·kw` matrix packed for bf16 products, made on the first
+    /// im2col call in bf16 mode (half the weight's memory); shared like `winograd`.
+    packed_bf16: Arc<OnceLock<Arc<PackedLhs>>>,
 }
 
-/// Winograd-domain weights by the id of the weight tensor they were made from, so that
-/// layers rebuilt around the same tensor share them: a request with LoRAs rebuilds the
-/// networks from the base tensors plus its merged copies, and without this every 3×3
-/// layer would be transformed again (≈ 0.35 CPU-s for one 1280-channel layer). Entries are
-/// weak; the memory goes with the last layer holding it.
-fn shared_winograd_weight(
-    weight: &Tensor,
-    make: impl FnOnce() -> WinogradWeight,
-) -> Arc<WinogradWeight> {
-    type Registry =
-        std::collections::HashMap<candle_core::TensorId, std::sync::Weak<WinogradWeight>>;
+/// Values derived from a weight tensor (its Winograd transform, its bf16 packing) by the id
+/// of that tensor and their type, so that layers rebuilt around the same tensor share them:
+/// a request with LoRAs rebuilds the networks from the base tensors plus its merged copies,
+/// and without this every 3×3 layer would be transformed again (≈ 0.35 CPU-s for one
+/// 1280-channel layer). Entries are weak; the memory goes with the last layer holding it.
+fn shared_by_tensor<T: Send + Sync + 'static>(weight: &Tensor, make: impl FnOnce() -> T) -> Arc<T> {
+    type Entry = std::sync::Weak<dyn std::any::Any + Send + Sync>;
+    type Registry = std::collections::HashMap<(candle_core::TensorId, std::any::TypeId), Entry>;
     static REGISTRY: OnceLock<std::sync::Mutex<Registry>> = OnceLock::new();
     let registry = REGISTRY.get_or_init(Default::default);
+    let key = (weight.id(), std::any::TypeId::of::<T>());
     if let Some(shared) = registry
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .get(&weight.id())
+        .get(&key)
         .and_then(std::sync::Weak::upgrade)
+        .and_then(|shared| shared.downcast::<T>().ok())
     {
         return shared;
     }
-    // Transformed outside the lock; two layers racing on one tensor both transform once.
+    // Made outside the lock; two layers racing on one tensor both make it once.
     let made = Arc::new(make());
     let mut registry = registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     registry.retain(|_, entry| entry.strong_count() > 0);
-    registry.insert(weight.id(), Arc::downgrade(&made));
+    let any: Arc<dyn std::any::Any + Send + Sync> = made.clone();
+    registry.insert(key, Arc::downgrade(&any));
     made
 }
 
 impl Conv2d {
     /// Wraps candle's layer (whose forward is the fallback).
     pub fn new(inner: candle_nn::Conv2d) -> Self {
-        Conv2d { inner, winograd: Arc::default() }
+        Conv2d { inner, winograd: Arc::default(), packed_bf16: Arc::default() }
     }
 
     /// The weight tensor `[out, in / groups, kh, kw]`.
@@ -199,8 +230,19 @@ impl Conv2d {
         };
         let transformed = variant.map(|variant| {
             self.winograd.get_or_init(|| {
-                shared_winograd_weight(self.inner.weight(), || {
+                shared_by_tensor(self.inner.weight(), || {
                     WinogradWeight::new(weight_values, out_channels, in_channels, variant)
+                })
+            })
+        });
+        let bf16_pays = cpu_matmul() == MatmulPrecision::Bf16 && packed_weight_pays(out_channels);
+        let packed = (transformed.is_none() && bf16_pays).then(|| {
+            self.packed_bf16.get_or_init(|| {
+                shared_by_tensor(self.inner.weight(), || {
+                    let depth = in_channels * kh * kw;
+                    let matrix =
+                        MatrixRef { data: weight_values, row_stride: depth, col_stride: 1 };
+                    PackedLhs::new(matrix, out_channels, depth, threads)
                 })
             })
         });
@@ -223,9 +265,10 @@ impl Conv2d {
                         width,
                         threads,
                     ),
-                    None => sdserve_cpu_kernels::conv2d(
+                    None => sdserve_cpu_kernels::conv2d_with_packed(
                         image,
                         weight_values,
+                        packed.map(|packed| packed.as_ref()),
                         bias_values,
                         &one_image,
                         threads,
@@ -452,12 +495,15 @@ fn values_of(tensor: &Tensor) -> Result<CpuF32<'_>> {
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// `weightᵀ` packed for bf16 products, made on the first call in bf16 mode; shared by
+    /// clones and by layers over the same tensor (see [`shared_by_tensor`]).
+    packed_bf16: Arc<OnceLock<Arc<PackedRhs>>>,
 }
 
 impl Linear {
     /// A layer over `weight` (`[out, in]`) and `bias` (`[out]`).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { inner: candle_nn::Linear::new(weight, bias) }
+        Linear { inner: candle_nn::Linear::new(weight, bias), packed_bf16: Arc::default() }
     }
 
     /// The weight tensor `[out, in]`.
@@ -516,17 +562,30 @@ impl Linear {
         let (input, weight_values) = (values_of(&x)?, values_of(&weight)?);
         let bias = bias.as_ref().map(values_of).transpose()?;
         let residual = residual.as_ref().map(values_of).transpose()?;
-        let (input, weight_values) = (input.values()?, weight_values.values()?);
+        let weight_values = weight_values.values()?;
+        let bf16_pays = cpu_matmul() == MatmulPrecision::Bf16 && packed_weight_pays(rows);
+        let packed = bf16_pays.then(|| {
+            self.packed_bf16.get_or_init(|| {
+                shared_by_tensor(self.weight(), || {
+                    // weightᵀ (in × out) read in place through strides.
+                    let transposed =
+                        MatrixRef { data: weight_values, row_stride: 1, col_stride: in_features };
+                    PackedRhs::new(transposed, in_features, out_features, kernel_threads())
+                })
+            })
+        });
+        let input = input.values()?;
         let bias = bias.as_ref().map(CpuF32::values).transpose()?;
         let residual = residual.as_ref().map(CpuF32::values).transpose()?;
         let flops = 2 * (batch * rows * in_features * out_features) as u64;
         let output = profile::timed(LayerKind::Linear, flops, || {
-            sdserve_cpu_kernels::linear(
+            sdserve_cpu_kernels::linear_with_packed(
                 input,
                 batch,
                 rows,
                 in_features,
                 weight_values,
+                packed.map(|packed| packed.as_ref()),
                 bias,
                 residual,
                 kernel_threads(),
@@ -551,13 +610,13 @@ impl Module for Linear {
 /// A linear layer loaded from `vb` (`weight`, `bias`), as `candle_nn::linear`.
 pub fn linear(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
     let inner = candle_nn::linear(in_features, out_features, vb)?;
-    Ok(Linear { inner })
+    Ok(Linear { inner, packed_bf16: Arc::default() })
 }
 
 /// A linear layer without bias loaded from `vb` (`weight`), as `candle_nn::linear_no_bias`.
 pub fn linear_no_bias(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
     let inner = candle_nn::linear_no_bias(in_features, out_features, vb)?;
-    Ok(Linear { inner })
+    Ok(Linear { inner, packed_bf16: Arc::default() })
 }
 
 /// torch's `LayerNorm` over the last dimension (with affine weight and bias).

@@ -15,6 +15,8 @@
 //! so memory traffic, allocation and page faults disappear. The arithmetic is the same
 //! softmax(QKᵀ/√d)V; results differ from the unblocked form by float rounding only.
 
+use crate::bf16::{self, Lhs, PackedRhs, Rhs};
+use crate::MatrixRef;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -94,6 +96,12 @@ pub fn attention_into(
     assert_eq!(output.len(), query.len(), "attention output length");
     if output.is_empty() || g.key_tokens == 0 {
         return;
+    }
+    if bf16::matmul_precision() == bf16::MatmulPrecision::Bf16
+        && bf16::bf16_supported()
+        && g.key_tokens >= MIN_BF16_KEYS
+    {
+        return attention_bf16(output, output_scale, query, key, value, &g, scale, weight, threads);
     }
     #[cfg(target_arch = "x86_64")]
     if crate::attention_avx512::available() {
@@ -225,6 +233,112 @@ fn attention_into_gemm(
                     gemm::Parallelism::None,
                 );
             }
+            for (r, (values, sum)) in
+                block_out.chunks_exact(g.head_dim).take(rows).zip(&sums).enumerate()
+            {
+                let start = (batch * g.query_tokens + row0 + r) * width + column;
+                // SAFETY: this task alone writes this row's head window, inside `output`.
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        (output_address as *mut f32).add(start),
+                        g.head_dim,
+                    )
+                };
+                let factor = weight / sum;
+                if output_scale == 0.0 {
+                    for (o, &x) in out.iter_mut().zip(values) {
+                        *o = x * factor;
+                    }
+                } else {
+                    for (o, &x) in out.iter_mut().zip(values) {
+                        *o = *o * output_scale + x * factor;
+                    }
+                }
+            }
+        });
+    };
+    if threads > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
+    }
+}
+
+/// Fewest keys for which the bf16 products pay for packing the keys and values.
+const MIN_BF16_KEYS: usize = 32;
+
+/// Query rows per task of [`attention_bf16`]: four of the bf16 kernel's 12-row tiles.
+const BF16_BLOCK_ROWS: usize = 4 * bf16::MR;
+
+/// [`attention_into`] with both products in bf16 (f32 accumulation; see [`crate::bf16`]):
+/// per (batch, head) the keys, pre-multiplied by `scale`, and the values are rounded and
+/// packed once; each task packs its query rows and its softmax numerators. The softmax
+/// itself and the normalisation stay f32.
+#[allow(clippy::too_many_arguments)]
+fn attention_bf16(
+    output: &mut [f32],
+    output_scale: f32,
+    query: &[f32],
+    key: &[f32],
+    value: &[f32],
+    g: &AttentionGeometry,
+    scale: f32,
+    weight: f32,
+    threads: usize,
+) {
+    let width = g.width();
+    let pack = |pair: usize| {
+        let (batch, head) = (pair / g.heads, pair % g.heads);
+        let first = batch * g.key_tokens * width + head * g.head_dim;
+        let mut scaled_keys = vec![0f32; g.key_tokens * g.head_dim];
+        for (row, token) in scaled_keys.chunks_exact_mut(g.head_dim).zip(key[first..].chunks(width))
+        {
+            for (k, &x) in row.iter_mut().zip(&token[..g.head_dim]) {
+                *k = x * scale;
+            }
+        }
+        // Kᵀ (head_dim × key_tokens) and V (key_tokens × head_dim), read through strides.
+        let keys = MatrixRef { data: &scaled_keys, row_stride: 1, col_stride: g.head_dim };
+        let values = MatrixRef { data: &value[first..], row_stride: width, col_stride: 1 };
+        (
+            PackedRhs::new(keys, g.head_dim, g.key_tokens, 1),
+            PackedRhs::new(values, g.key_tokens, g.head_dim, 1),
+        )
+    };
+    let pairs = g.batch * g.heads;
+    let packed: Vec<(PackedRhs, PackedRhs)> = if threads > 1 {
+        (0..pairs).into_par_iter().map(pack).collect()
+    } else {
+        (0..pairs).map(pack).collect()
+    };
+    let block_rows = BF16_BLOCK_ROWS.min(g.query_tokens);
+    let blocks_per_head = g.query_tokens.div_ceil(block_rows);
+    let tasks = pairs * blocks_per_head;
+    // As in `attention_into`: each task writes its own rows × head-column window.
+    let output_address = output.as_mut_ptr() as usize;
+    let run = |task: usize| {
+        let pair = task / blocks_per_head;
+        let (batch, head) = (pair / g.heads, pair % g.heads);
+        let row0 = (task % blocks_per_head) * block_rows;
+        let rows = block_rows.min(g.query_tokens - row0);
+        let column = head * g.head_dim;
+        let q = &query[(batch * g.query_tokens + row0) * width + column..];
+        let (keys, values) = &packed[pair];
+        SCRATCH.with(|scratch| {
+            let (scores, block_out) = &mut *scratch.borrow_mut();
+            scores.resize(block_rows * g.key_tokens, 0.0);
+            block_out.resize(block_rows * g.head_dim, 0.0);
+            let q = Lhs::Strided(MatrixRef { data: q, row_stride: width, col_stride: 1 });
+            let shape = (rows, g.key_tokens, g.head_dim);
+            bf16::matmul(scores, g.key_tokens, q, Rhs::Packed(keys), shape, false, 1);
+            let mut sums = [0f32; BF16_BLOCK_ROWS];
+            for (row, sum) in scores.chunks_exact_mut(g.key_tokens).take(rows).zip(&mut sums) {
+                *sum = softmax_numerators(row);
+            }
+            let numerators =
+                Lhs::Strided(MatrixRef { data: scores, row_stride: g.key_tokens, col_stride: 1 });
+            let shape = (rows, g.head_dim, g.key_tokens);
+            bf16::matmul(block_out, g.head_dim, numerators, Rhs::Packed(values), shape, false, 1);
             for (r, (values, sum)) in
                 block_out.chunks_exact(g.head_dim).take(rows).zip(&sums).enumerate()
             {

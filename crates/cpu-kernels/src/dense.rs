@@ -3,6 +3,7 @@
 //! and residual pre-filled into the output, weights and transposes read through strides),
 //! layer normalisation, and GEGLU with an accurate erf.
 
+use crate::bf16::{Lhs, PackedRhs, Rhs};
 use rayon::prelude::*;
 
 /// A read-only matrix over a slice: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
@@ -15,7 +16,7 @@ pub struct MatrixRef<'a> {
 
 impl MatrixRef<'_> {
     /// Panics unless every element of a `rows × cols` matrix lies inside `data`.
-    fn check(&self, rows: usize, cols: usize, what: &str) {
+    pub(crate) fn check(&self, rows: usize, cols: usize, what: &str) {
         if rows == 0 || cols == 0 {
             return;
         }
@@ -54,6 +55,11 @@ pub fn matmul(
     );
     lhs.check(m, k, "matmul lhs");
     rhs.check(k, n, "matmul rhs");
+    if crate::bf16::use_bf16(m, n, k, dst_col_stride) {
+        let (lhs, rhs) = (crate::bf16::Lhs::Strided(lhs), crate::bf16::Rhs::Strided(rhs));
+        crate::bf16::matmul(dst, dst_row_stride, lhs, rhs, (m, n, k), accumulate, threads);
+        return;
+    }
     let parallelism =
         if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: all three matrices were checked to lie inside their slices, and `dst` is a
@@ -130,6 +136,27 @@ pub fn linear(
     residual: Option<&[f32]>,
     threads: usize,
 ) -> Vec<f32> {
+    linear_with_packed(input, batch, rows, in_features, weight, None, bias, residual, threads)
+}
+
+/// [`linear`] that, in bf16 mode ([`crate::set_matmul_precision`]), multiplies with
+/// `packed`: `weightᵀ` (`in × out`) packed once by the caller ([`PackedRhs::new`]), so
+/// that only the input rows are rounded per call.
+///
+/// # Panics
+/// As [`linear`], and when `packed` has another shape than `weightᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_with_packed(
+    input: &[f32],
+    batch: usize,
+    rows: usize,
+    in_features: usize,
+    weight: &[f32],
+    packed: Option<&PackedRhs>,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    threads: usize,
+) -> Vec<f32> {
     assert_eq!(input.len(), batch * rows * in_features, "linear input length");
     assert!(in_features > 0 && weight.len().is_multiple_of(in_features), "linear weight length");
     let out_features = weight.len() / in_features;
@@ -144,17 +171,26 @@ pub fn linear(
     if rows == 0 || out_features == 0 {
         return output;
     }
+    let packed = packed.filter(|_| crate::bf16::packed_weight_pays(rows));
     let item = |(block, out_block): (&[f32], &mut [f32]), threads: usize| {
         let input = MatrixRef { data: block, row_stride: in_features, col_stride: 1 };
         let weight_t = MatrixRef { data: weight, row_stride: 1, col_stride: in_features };
         let shape = (rows, out_features, in_features);
-        // The transposed weight is the right matrix; on AVX-512 the own kernel packs it per
-        // call and then beats the gemm crate's AVX2 kernels by 15-40% (see `gemm_avx512`),
-        // once there are enough rows to pay for the packing: below 2048 rows (measured at
-        // SD 1.5 256², 64-1024 tokens) the packing cost more than the kernel gained.
-        // Convolutions' products stay on the gemm crate, where it was no faster.
+        if let Some(packed) = packed {
+            let (lhs, rhs) = (Lhs::Strided(input), Rhs::Packed(packed));
+            let stride = out_features;
+            return crate::bf16::matmul(out_block, stride, lhs, rhs, shape, accumulate, threads);
+        }
+        // The transposed weight is the right matrix; on AVX-512 the own f32 kernel packs it
+        // per call and then beats the gemm crate's AVX2 kernels by 15-40% (see
+        // `gemm_avx512`), once there are enough rows to pay for the packing: below 2048 rows
+        // (measured at SD 1.5 256², 64-1024 tokens) the packing cost more than the kernel
+        // gained. Convolutions' products stay on the gemm crate, where it was no faster.
         #[cfg(target_arch = "x86_64")]
-        if rows >= OWN_KERNEL_MIN_ROWS && crate::gemm_avx512::available() {
+        if rows >= OWN_KERNEL_MIN_ROWS
+            && crate::bf16::matmul_precision() == crate::bf16::MatmulPrecision::F32
+            && crate::gemm_avx512::available()
+        {
             let out_stride = out_features;
             crate::gemm_avx512::matmul(
                 out_block, out_stride, input, weight_t, shape, accumulate, threads,

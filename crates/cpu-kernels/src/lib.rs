@@ -2,7 +2,9 @@
 //! to the `gemm` crate, written straight into NCHW output; Winograd for 3×3 stride-1
 //! padding-1 layers in [`winograd`]) and group normalisation with an optional fused SiLU.
 //! They live in their own crate so that dev and test builds optimise them (the main crate
-//! builds at opt-level 1) and so they can be tested without candle.
+//! builds at opt-level 1) and so they can be tested without candle. On CPUs with
+//! AVX512-BF16 the matrix products can instead take bf16 operands with f32 accumulation,
+//! process-wide and off by default ([`bf16`], [`set_matmul_precision`]).
 //!
 //! # Winograd
 //!
@@ -41,11 +43,15 @@ mod attention;
 mod attention_avx512;
 pub use attention::{attention, attention_into, exp_nonpositive, AttentionGeometry};
 
+pub mod bf16;
+pub use bf16::{bf16_supported, matmul_precision, set_matmul_precision, MatmulPrecision};
+
 mod dense;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx512;
 pub use dense::{
-    erf, geglu, gelu_erf, layer_norm, linear, matmul, pixels_to_tokens, tokens_to_pixels, MatrixRef,
+    erf, geglu, gelu_erf, layer_norm, linear, linear_with_packed, matmul, pixels_to_tokens,
+    tokens_to_pixels, MatrixRef,
 };
 
 use rayon::prelude::*;
@@ -134,6 +140,23 @@ pub fn conv2d(
     geometry: &Conv2dGeometry,
     threads: usize,
 ) -> Vec<f32> {
+    conv2d_with_packed(input, weight, None, bias, geometry, threads)
+}
+
+/// [`conv2d`] that, in bf16 mode ([`set_matmul_precision`]), multiplies with `packed`: the
+/// weight as an `out × in·kh·kw` matrix packed once by the caller
+/// ([`bf16::PackedLhs::new`]), so that only the image's columns are rounded per call.
+///
+/// # Panics
+/// As [`conv2d`], and when `packed` has another shape than the weight matrix.
+pub fn conv2d_with_packed(
+    input: &[f32],
+    weight: &[f32],
+    packed: Option<&bf16::PackedLhs>,
+    bias: Option<&[f32]>,
+    geometry: &Conv2dGeometry,
+    threads: usize,
+) -> Vec<f32> {
     let g = geometry;
     let (out_h, out_w) = (
         g.out_h().expect("conv2d kernel larger than padded input: this is a bug"),
@@ -151,8 +174,30 @@ pub fn conv2d(
     if output.is_empty() {
         return output;
     }
-    let parallelism =
-        if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let weight_matrix = MatrixRef { data: weight, row_stride: depth, col_stride: 1 };
+    let packed = packed.filter(|_| bf16::packed_weight_pays(g.out_channels));
+    // dst (out × n, rows `pixels` apart) [+]= weight · rhs (depth × n).
+    let product = |dst: &mut [f32], rhs: MatrixRef, n: usize| match packed {
+        Some(packed) => bf16::matmul(
+            dst,
+            pixels,
+            bf16::Lhs::Packed(packed),
+            bf16::Rhs::Strided(rhs),
+            (g.out_channels, n, depth),
+            bias.is_some(),
+            threads,
+        ),
+        None => matmul(
+            dst,
+            pixels,
+            1,
+            weight_matrix,
+            rhs,
+            (g.out_channels, n, depth),
+            bias.is_some(),
+            threads,
+        ),
+    };
     let pointwise = g.kernel_h == 1 && g.kernel_w == 1 && g.stride == 1 && g.padding == 0;
     let rows_per_tile = (COLUMN_TILE_FLOATS / (depth * out_w).max(1)).clamp(1, out_h);
 
@@ -165,21 +210,11 @@ pub fn conv2d(
             }
         }
         if pointwise {
-            // SAFETY: lengths checked above; dst rows are `pixels` apart, rhs is the image.
-            unsafe {
-                matmul_into(
-                    out_image.as_mut_ptr(),
-                    pixels,
-                    weight,
-                    image.as_ptr(),
-                    pixels,
-                    g.out_channels,
-                    pixels,
-                    depth,
-                    bias.is_some(),
-                    parallelism,
-                )
-            };
+            product(
+                out_image,
+                MatrixRef { data: image, row_stride: pixels, col_stride: 1 },
+                pixels,
+            );
             continue;
         }
         COLUMN_SCRATCH.with(|scratch| {
@@ -193,64 +228,14 @@ pub fn conv2d(
                 }
                 let columns = &mut scratch[..depth * tile_pixels];
                 fill_columns(image, g, out_w, row0, rows, columns, threads);
-                // SAFETY: the tile's output starts at pixel row0·out_w of each channel row;
-                // rows are `pixels` apart and `tile_pixels` wide, inside `out_image`.
-                unsafe {
-                    matmul_into(
-                        out_image.as_mut_ptr().add(row0 * out_w),
-                        pixels,
-                        weight,
-                        columns.as_ptr(),
-                        tile_pixels,
-                        g.out_channels,
-                        tile_pixels,
-                        depth,
-                        bias.is_some(),
-                        parallelism,
-                    )
-                };
+                // The tile's output starts at pixel row0·out_w of each channel row.
+                let rhs = MatrixRef { data: columns, row_stride: tile_pixels, col_stride: 1 };
+                product(&mut out_image[row0 * out_w..], rhs, tile_pixels);
                 row0 += rows;
             }
         });
     }
     output
-}
-
-/// `dst (m × n, row stride dst_rs) [+]= lhs (m × k, row-major) · rhs (k × n, row stride rhs_rs)`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_into(
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: &[f32],
-    rhs: *const f32,
-    rhs_rs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-    parallelism: gemm::Parallelism,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.as_ptr(),
-        1,
-        k as isize,
-        rhs,
-        1,
-        rhs_rs as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    )
 }
 
 /// im2col for output rows `row0 .. row0 + rows` of one image into `columns`

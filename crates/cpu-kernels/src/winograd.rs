@@ -9,6 +9,8 @@
 //! accurate than their {0, ±1, ±2}, see `F4_G`); the 2-D transform is the 1-D one nested (`Bᵀ d B`,
 //! `G g Gᵀ`, `Aᵀ m A`). Accuracy and speed measured on this machine are in the crate docs.
 
+use crate::bf16::{self, Lhs, PackedLhs, Rhs};
+use crate::MatrixRef;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -33,6 +35,17 @@ impl WinogradVariant {
     /// Input tile side `m + 2`.
     pub fn alpha(self) -> usize {
         self.tile() + 2
+    }
+
+    /// Whether bf16 mode rounds this variant's transform-domain products to bf16. F(2×2):
+    /// yes (max |Δ| / rms of a layer 2e-2, against 1.1e-2 for direct bf16 products).
+    /// F(4×4): no, its products stay f32. Its transforms amplify the operands' rounding
+    /// about tenfold (1.2e-1 per layer, `examples/bf16_bench.rs conv`); on the full-size
+    /// SD 1.5 architecture (random weights, 256², 2 steps) that doubled bf16 mode's image
+    /// error against f32 mode (max 14/255, mean 1.4, instead of 7/255, mean 0.85) for
+    /// 12 % (UNet) to 22 % (VAE) less CPU time.
+    fn products_in_bf16(self) -> bool {
+        self == WinogradVariant::F2x2
     }
 
     /// `G` (alpha × 3), the filter transform.
@@ -89,13 +102,24 @@ pub fn preferred_variant(geometry: &crate::Conv2dGeometry) -> Option<WinogradVar
     // Per image, not over the batch: the choice (and so each image's rounding) must not
     // depend on what the image is batched with.
     let tiles = |side: usize| g.height.div_ceil(side) * g.width.div_ceil(side);
-    if tiles(4) >= MIN_TILES {
-        Some(WinogradVariant::F4x4)
+    let variant = if tiles(4) >= MIN_TILES {
+        WinogradVariant::F4x4
     } else if tiles(2) >= MIN_TILES {
-        Some(WinogradVariant::F2x2)
+        WinogradVariant::F2x2
     } else {
-        None
+        return None;
+    };
+    // In bf16 mode, im2col's bf16 products beat an F(2×2) whose products stay f32 for lack
+    // of tiles and equal an F(4×4) on few tiles (`examples/bf16_bench.rs conv`, 2 threads:
+    // 1280@8² batch 2, im2col bf16 40 ms, F(2×2) 66 ms; 640@16², im2col bf16 29 ms, F(4×4)
+    // 30 ms); F(4×4) on more tiles stays ahead (320@32²: 23 ms against 32 ms).
+    if bf16::matmul_precision() == bf16::MatmulPrecision::Bf16
+        && bf16::bf16_supported()
+        && tiles(variant.tile()) < MIN_BF16_TILES
+    {
+        return None;
     }
+    Some(variant)
 }
 
 /// A 3×3 convolution weight in the Winograd domain: `alpha²` matrices of `out × in`
@@ -106,6 +130,9 @@ pub struct WinogradWeight {
     out_channels: usize,
     in_channels: usize,
     transformed: Vec<f32>,
+    /// The per-position matrices rounded to bf16 and packed for [`crate::bf16::matmul`],
+    /// made on the first product in bf16 mode (half the f32 transform's memory again).
+    packed_bf16: std::sync::OnceLock<Vec<PackedLhs>>,
 }
 
 impl std::fmt::Debug for WinogradWeight {
@@ -160,7 +187,31 @@ impl WinogradWeight {
                 }
             }
         });
-        WinogradWeight { variant, out_channels, in_channels, transformed }
+        WinogradWeight {
+            variant,
+            out_channels,
+            in_channels,
+            transformed,
+            packed_bf16: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The per-position weight matrices packed for the bf16 products (made once).
+    fn packed_bf16(&self) -> &[PackedLhs] {
+        self.packed_bf16.get_or_init(|| {
+            let (m, k) = (self.out_channels, self.in_channels);
+            self.transformed
+                .par_chunks_exact(m * k)
+                .map(|matrix| {
+                    PackedLhs::new(
+                        MatrixRef { data: matrix, row_stride: k, col_stride: 1 },
+                        m,
+                        k,
+                        1,
+                    )
+                })
+                .collect()
+        })
     }
 
     /// The algorithm this weight was transformed for.
@@ -178,9 +229,13 @@ impl WinogradWeight {
         self.in_channels
     }
 
-    /// Bytes held by the transformed weight.
+    /// Bytes held by the transformed weight (and its bf16 packing, once made).
     pub fn size_bytes(&self) -> usize {
         self.transformed.len() * std::mem::size_of::<f32>()
+            + self
+                .packed_bf16
+                .get()
+                .map_or(0, |packed| packed.iter().map(PackedLhs::size_bytes).sum())
     }
 }
 
@@ -192,6 +247,10 @@ type Lanes = [f32; LANES];
 /// Target number of tiles per block: wide enough that each GEMM's right-hand matrix is
 /// efficient for `gemm`, small enough that the block's buffers stay near the caches.
 const BLOCK_TILES: usize = 256;
+
+/// Fewest tiles per block for which the bf16 products beat f32 (the 32-column register
+/// tile is half empty at 16; measured with `examples/bf16_bench.rs`).
+const MIN_BF16_TILES: usize = 64;
 
 /// Upper bound on the block buffers (transformed input + products), in floats (24 MiB).
 const BLOCK_FLOATS: usize = 6 << 20;
@@ -472,6 +531,26 @@ fn multiply(
     threads: usize,
 ) {
     let (m, k) = (weight.out_channels, weight.in_channels);
+    if bf16::matmul_precision() == bf16::MatmulPrecision::Bf16
+        && tiles >= MIN_BF16_TILES
+        && bf16::bf16_supported()
+        && weight.variant.products_in_bf16()
+    {
+        let packed = weight.packed_bf16();
+        let run = |(position, product): (usize, &mut [f32])| {
+            let rhs = &transformed[position * k * tiles..][..k * tiles];
+            let rhs = MatrixRef { data: rhs, row_stride: tiles, col_stride: 1 };
+            let lhs = Lhs::Packed(&packed[position]);
+            bf16::matmul(product, tiles, lhs, Rhs::Strided(rhs), (m, tiles, k), false, 1);
+        };
+        let products = &mut products[..positions * m * tiles];
+        if threads > 1 {
+            products.par_chunks_mut(m * tiles).enumerate().for_each(run);
+        } else {
+            products.chunks_mut(m * tiles).enumerate().for_each(run);
+        }
+        return;
+    }
     let run = |(position, product): (usize, &mut [f32])| {
         let lhs = &weight.transformed[position * m * k..][..m * k];
         let rhs = &transformed[position * k * tiles..][..k * tiles];
