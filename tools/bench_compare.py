@@ -9,6 +9,9 @@ Parts: text encoder (one prompt), UNet step at batch 1 and 2 (2 = one image with
 guidance) and VAE decode, at each --size. Nothing is downloaded; the model folder comes
 from tools/make_random_sd15.py (random weights are fine for timing).
 
+With --bf16 a further sdserve side runs with `--cpu-matmul bf16` (bf16 products, f32
+accumulation; see README) in the same rounds, reported in its own labelled columns.
+
 With --candle-bench PATH (the binary of tools/candle_sd_bench, candle-transformers' own
 SD 1.5 UNet and VAE) a third side joins the same rounds (UNet steps and VAE decodes only;
 it has no text encoder part) and the table adds its times and its ratios to diffusers.
@@ -36,13 +39,14 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2, help="threads for both sides")
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--skip-sdserve", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also time sdserve with --cpu-matmul bf16 (labelled columns)")
     parser.add_argument("--candle-bench", help="tools/candle_sd_bench binary: adds candle-transformers as a third side")
     return parser.parse_args()
 
 
-def sdserve_round(args, sizes):
+def sdserve_round(args, sizes, extra=()):
     """One `sdserve bench --repeats 1` run; returns {part: (wall, cpu)}."""
-    command = [args.sdserve, "bench", "--model", args.model, "--repeats", "1", "--request-steps", "0"]
+    command = [args.sdserve, "bench", "--model", args.model, "--repeats", "1", "--request-steps", "0", *extra]
     return bench_lines_round(command, args.threads, sizes)
 
 
@@ -136,7 +140,7 @@ class Diffusers:
 def main():
     args = parse_args()
     sizes = args.size or [256]
-    results = {"sdserve": {}, "diffusers": {}, "candle": {}}
+    results = {"sdserve": {}, "diffusers": {}, "candle": {}, "bf16": {}}
     diffusers = None
     if not args.skip_diffusers:
         diffusers = Diffusers(args.model, args.threads)
@@ -149,6 +153,8 @@ def main():
             sides.append(("diffusers", lambda: diffusers.round(sizes)))
         if args.candle_bench:
             sides.append(("candle", lambda: candle_round(args, sizes)))
+        if args.bf16:
+            sides.append(("bf16", lambda: sdserve_round(args, sizes, ("--cpu-matmul", "bf16"))))
         if round_index % 2 == 1:
             sides.reverse()
         for side, run in sides:
@@ -164,13 +170,18 @@ def main():
     if args.candle_bench:
         print_three_sides(results, parts)
         return
-    print(f"{'part':<28} {'sdserve wall':>12} {'sdserve cpu':>12} {'diffusers wall':>15} {'diffusers cpu':>14} {'ratio wall':>11} {'ratio cpu':>10}")
+    bf16_header = f" {'bf16 wall':>10} {'bf16 cpu':>9} {'bf16/diff wall':>15}" if args.bf16 else ""
+    print(f"{'part':<28} {'sdserve wall':>12} {'sdserve cpu':>12} {'diffusers wall':>15} {'diffusers cpu':>14} {'ratio wall':>11} {'ratio cpu':>10}{bf16_header}")
     for part in parts:
         ours = results["sdserve"].get(part)
         theirs = results["diffusers"].get(part)
         med = lambda runs, i: statistics.median(r[i] for r in runs) if runs else float("nan")
         ow, oc, tw, tc = med(ours, 0), med(ours, 1), med(theirs, 0), med(theirs, 1)
-        print(f"{part:<28} {ow:>12.3f} {oc:>12.3f} {tw:>15.3f} {tc:>14.3f} {ow / tw:>11.2f} {oc / tc:>10.2f}")
+        bf16 = ""
+        if args.bf16:
+            bw, bc = med(results["bf16"].get(part), 0), med(results["bf16"].get(part), 1)
+            bf16 = f" {bw:>10.3f} {bc:>9.3f} {bw / tw:>15.2f}"
+        print(f"{part:<28} {ow:>12.3f} {oc:>12.3f} {tw:>15.3f} {tc:>14.3f} {ow / tw:>11.2f} {oc / tc:>10.2f}{bf16}")
 
 
 def print_three_sides(results, parts):
