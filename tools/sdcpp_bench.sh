@@ -22,7 +22,8 @@
 # folder (sd.cpp reads unet/, vae/, text_encoder/ itself) or a single-file checkpoint (see
 # tools/sdcpp_model.py). Environment: SIZES (default "256 512"), STEPS (default "2 4"),
 # THREADS (default 2), CMAKE (default cmake), SDCPP_EXTRA (extra sd-cli arguments, e.g.
-# --diffusion-fa).
+# --diffusion-fa), CMAKE_EXTRA (extra configure options, e.g. -DGGML_LLAMAFILE=ON: ggml's
+# tinyBLAS matrix products, off by default in sd.cpp's build and in the measured one).
 set -euo pipefail
 
 SIZES=${SIZES:-"256 512"}
@@ -30,6 +31,7 @@ STEPS=${STEPS:-"2 4"}
 THREADS=${THREADS:-2}
 CMAKE=${CMAKE:-cmake}
 SDCPP_EXTRA=${SDCPP_EXTRA:-}
+CMAKE_EXTRA=${CMAKE_EXTRA:-}
 
 build() {
     local src=$1 build=$2
@@ -53,7 +55,7 @@ build() {
         fi
     done
     "$CMAKE" -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-        -DSD_WEBP=OFF -DSD_WEBM=OFF
+        -DSD_WEBP=OFF -DSD_WEBM=OFF $CMAKE_EXTRA
     "$CMAKE" --build "$build" -j"$(nproc)" --target sd-cli
     "$build/bin/sd-cli" --version 2>/dev/null || true
 }
@@ -152,7 +154,7 @@ all)
     summary "$5"
     ;;
 *)
-    sed -n '2,26p' "$0"
+    sed -n '2,28p' "$0"
     exit 2
     ;;
 esac
