@@ -154,7 +154,7 @@ all)
     summary "$5"
     ;;
 *)
-    sed -n '2,28p' "$0"
+    sed -n '2,26p' "$0"
     exit 2
     ;;
 esac
