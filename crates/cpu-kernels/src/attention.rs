@@ -163,9 +163,7 @@ fn attention_into_gemm(
     .min(g.query_tokens);
     let blocks_per_head = g.query_tokens.div_ceil(block_rows);
     let tasks = g.batch * g.heads * blocks_per_head;
-    // Each task writes its own rows × head-column window of the output; the pointer is
-    // passed as an address because those windows interleave in memory.
-    let output_address = output.as_mut_ptr() as usize;
+    let window = OutputWindow::new(output, &g, output_scale, weight);
     let run = |task: usize| {
         let batch = task / (g.heads * blocks_per_head);
         let head = (task / blocks_per_head) % g.heads;
@@ -233,30 +231,75 @@ fn attention_into_gemm(
                     gemm::Parallelism::None,
                 );
             }
-            for (r, (values, sum)) in
-                block_out.chunks_exact(g.head_dim).take(rows).zip(&sums).enumerate()
-            {
-                let start = (batch * g.query_tokens + row0 + r) * width + column;
-                // SAFETY: this task alone writes this row's head window, inside `output`.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (output_address as *mut f32).add(start),
-                        g.head_dim,
-                    )
-                };
-                let factor = weight / sum;
-                if output_scale == 0.0 {
-                    for (o, &x) in out.iter_mut().zip(values) {
-                        *o = x * factor;
-                    }
-                } else {
-                    for (o, &x) in out.iter_mut().zip(values) {
-                        *o = *o * output_scale + x * factor;
-                    }
-                }
-            }
+            // SAFETY: this task alone writes these rows of this head.
+            unsafe { window.write_rows(batch, head, row0, block_out, g.head_dim, &sums[..rows]) };
         });
     };
+    for_each_task(tasks, threads, run);
+}
+
+/// Where attention tasks put their finished rows: `output` held as an address, because the
+/// tasks' (rows × head columns) windows interleave in memory, with the blend of
+/// [`attention_into`]: `output = output_scale · output + weight · values / softmax sum`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutputWindow {
+    address: usize,
+    len: usize,
+    geometry: AttentionGeometry,
+    output_scale: f32,
+    weight: f32,
+}
+
+impl OutputWindow {
+    pub(crate) fn new(
+        output: &mut [f32],
+        geometry: &AttentionGeometry,
+        output_scale: f32,
+        weight: f32,
+    ) -> Self {
+        let address = output.as_mut_ptr() as usize;
+        OutputWindow { address, len: output.len(), geometry: *geometry, output_scale, weight }
+    }
+
+    /// Blends one task's rows into the output: `values` holds one row of `head_dim`
+    /// weighted values every `values_stride` floats, `sums` their softmax sums (one per
+    /// row), for query rows `row0..row0 + sums.len()` of `head` in item `batch`.
+    ///
+    /// # Safety
+    /// No other task writes those rows of that head while this runs, and the output slice
+    /// given to [`OutputWindow::new`] is still borrowed for the tasks.
+    pub(crate) unsafe fn write_rows(
+        &self,
+        batch: usize,
+        head: usize,
+        row0: usize,
+        values: &[f32],
+        values_stride: usize,
+        sums: &[f32],
+    ) {
+        let g = &self.geometry;
+        for (r, (row_values, sum)) in values.chunks(values_stride).zip(sums).enumerate() {
+            let start = (batch * g.query_tokens + row0 + r) * g.width() + head * g.head_dim;
+            assert!(start + g.head_dim <= self.len, "attention output row out of range");
+            let out =
+                std::slice::from_raw_parts_mut((self.address as *mut f32).add(start), g.head_dim);
+            let factor = self.weight / sum;
+            if self.output_scale == 0.0 {
+                for (o, &x) in out.iter_mut().zip(row_values) {
+                    *o = x * factor;
+                }
+            } else {
+                for (o, &x) in out.iter_mut().zip(row_values) {
+                    *o = *o * self.output_scale + x * factor;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `run` for every task index, on rayon's pool when there are threads and tasks to
+/// share.
+pub(crate) fn for_each_task(tasks: usize, threads: usize, run: impl Fn(usize) + Sync + Send) {
     if threads > 1 && tasks > 1 {
         (0..tasks).into_par_iter().for_each(run);
     } else {
@@ -314,8 +357,7 @@ fn attention_bf16(
     let block_rows = BF16_BLOCK_ROWS.min(g.query_tokens);
     let blocks_per_head = g.query_tokens.div_ceil(block_rows);
     let tasks = pairs * blocks_per_head;
-    // As in `attention_into`: each task writes its own rows × head-column window.
-    let output_address = output.as_mut_ptr() as usize;
+    let window = OutputWindow::new(output, g, output_scale, weight);
     let run = |task: usize| {
         let pair = task / blocks_per_head;
         let (batch, head) = (pair / g.heads, pair % g.heads);
@@ -339,35 +381,11 @@ fn attention_bf16(
                 Lhs::Strided(MatrixRef { data: scores, row_stride: g.key_tokens, col_stride: 1 });
             let shape = (rows, g.head_dim, g.key_tokens);
             bf16::matmul(block_out, g.head_dim, numerators, Rhs::Packed(values), shape, false, 1);
-            for (r, (values, sum)) in
-                block_out.chunks_exact(g.head_dim).take(rows).zip(&sums).enumerate()
-            {
-                let start = (batch * g.query_tokens + row0 + r) * width + column;
-                // SAFETY: this task alone writes this row's head window, inside `output`.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (output_address as *mut f32).add(start),
-                        g.head_dim,
-                    )
-                };
-                let factor = weight / sum;
-                if output_scale == 0.0 {
-                    for (o, &x) in out.iter_mut().zip(values) {
-                        *o = x * factor;
-                    }
-                } else {
-                    for (o, &x) in out.iter_mut().zip(values) {
-                        *o = *o * output_scale + x * factor;
-                    }
-                }
-            }
+            // SAFETY: this task alone writes these rows of this head.
+            unsafe { window.write_rows(batch, head, row0, block_out, g.head_dim, &sums[..rows]) };
         });
     };
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(run);
-    } else {
-        (0..tasks).for_each(run);
-    }
+    for_each_task(tasks, threads, run);
 }
 
 /// Replaces `row` by `exp(row − max(row))` and returns the sum of those values: the

@@ -20,7 +20,7 @@
 //! over a chunk of keys. Padded key columns are never read back (softmax and
 //! `P V` stop at the real key count) and padded query rows are never written out.
 
-use super::attention::AttentionGeometry;
+use super::attention::{for_each_task, AttentionGeometry, OutputWindow};
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
@@ -103,7 +103,6 @@ pub(crate) fn attention_into(
     weight: f32,
     threads: usize,
 ) {
-    use rayon::prelude::*;
     let g = *g;
     let width = g.heads * g.head_dim;
     let packed = pack_heads(key, value, &g, threads);
@@ -114,9 +113,7 @@ pub(crate) fn attention_into(
     let block_rows = block_rows.min(g.query_tokens.div_ceil(ROW_QUANTUM) * ROW_QUANTUM);
     let blocks_per_head = g.query_tokens.div_ceil(block_rows);
     let tasks = g.batch * g.heads * blocks_per_head;
-    // Each task writes its own rows × head-column window of the output; the pointer is
-    // passed as an address because those windows interleave in memory.
-    let output_address = output.as_mut_ptr() as usize;
+    let window = OutputWindow::new(output, &g, output_scale, weight);
     let run = |task: usize| {
         let pair = task / blocks_per_head;
         let (batch, head) = (pair / g.heads, pair % g.heads);
@@ -211,35 +208,12 @@ pub(crate) fn attention_into(
                     column += vectors * 16 + if half { 8 } else { 0 };
                 }
             }
-            for (r, (values, sum)) in
-                accumulators.chunks_exact(packed.padded_dim).take(rows).zip(&sums).enumerate()
-            {
-                let start = (batch * g.query_tokens + row0 + r) * width + head * g.head_dim;
-                // SAFETY: this task alone writes this row's head window, inside `output`.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (output_address as *mut f32).add(start),
-                        g.head_dim,
-                    )
-                };
-                let factor = weight / sum;
-                if output_scale == 0.0 {
-                    for (o, &x) in out.iter_mut().zip(values) {
-                        *o = x * factor;
-                    }
-                } else {
-                    for (o, &x) in out.iter_mut().zip(values) {
-                        *o = *o * output_scale + x * factor;
-                    }
-                }
-            }
+            let (stride, sums) = (packed.padded_dim, &sums[..rows]);
+            // SAFETY: this task alone writes these rows of this head.
+            unsafe { window.write_rows(batch, head, row0, accumulators, stride, sums) };
         });
     };
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(run);
-    } else {
-        (0..tasks).for_each(run);
-    }
+    for_each_task(tasks, threads, run);
 }
 
 /// Scores of 6 packed query rows (`[6][depth]`, already scaled) against one key tile
